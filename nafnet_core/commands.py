@@ -1,0 +1,53 @@
+"""CLI commands of nafnet_core: ``info``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .checkpoint import load_checkpoint
+from .cli_common import preset_option, train_size_option
+from .config import DEFAULT_TRAIN_SIZE, PRESETS, get_config
+from .flops import model_gflops
+from .model import NAFNet, count_parameters
+from .tlc import tlc_kernels
+
+
+@click.command()
+@click.argument("model", metavar="PRESET_OR_CHECKPOINT")
+@preset_option
+@train_size_option
+def info(model: str, preset: str | None, train_size: int | None) -> None:
+    """Print a model's architecture, parameters, GFLOP and TLC kernels.
+
+    \b
+    Examples:
+      python cli.py info nafnet-gopro-width32
+      python cli.py info runs/demo/best.pt
+      python cli.py info NAFNet-GoPro-width32.pth --preset nafnet-gopro-width32
+    """
+    if model in PRESETS and not Path(model).exists():
+        config, name, source, stored_size = get_config(model), model, "preset", DEFAULT_TRAIN_SIZE
+        n_params = count_parameters(NAFNet(config))
+    else:
+        ckpt = load_checkpoint(model, preset=preset)
+        config, name, source, stored_size = ckpt.config, ckpt.preset, f"{ckpt.source} checkpoint {model}", ckpt.train_size
+        n_params = count_parameters(ckpt.model)
+    train_size = train_size or stored_size
+    rows = [
+        ("model", name or "(custom)"),
+        ("source", source),
+        ("width", config.width),
+        ("blocks", f"enc {list(config.enc_blk_nums)} mid {config.middle_blk_num} dec {list(config.dec_blk_nums)}"),
+        ("gate", config.gate),
+        ("parameters", f"{n_params:,}"),
+        ("GFLOP 256x256", f"{model_gflops(config, 256, 256):.2f}"),
+        ("GFLOP 720x1280", f"{model_gflops(config, 720, 1280):.2f}"),
+        ("pad multiple", config.pad_multiple),
+        ("train size", train_size),
+        ("TLC kernels", ", ".join(f"L{i}: {k[0]}x{k[1]}" for i, k in enumerate(tlc_kernels(config, train_size)))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")

@@ -1,0 +1,23 @@
+"""Model cost: GFLOP of one forward pass, counted on the meta device (no memory, no compute)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import ModelConfig
+from .model import NAFNet
+
+
+def model_gflops(config: ModelConfig, height: int, width: int) -> float:
+    """GFLOP (2 x multiply-adds of the convolutions) of one forward at ``height`` x ``width``, batch 1.
+
+    Element-wise ops and the TLC pooling are not counted (they are memory-bound, and the usual
+    NAFNet figures, 32 GFLOP at 256x256 for width 32, leave them out too).
+    """
+    with torch.device("meta"):
+        model = NAFNet(config)
+        x = torch.empty(1, config.img_channel, height, width)
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    return counter.get_total_flops() / 1e9

@@ -1,0 +1,175 @@
+"""NAFNet (Chen et al., "Simple Baselines for Image Restoration", ECCV 2022).
+
+Reads top-down: LayerNorm2d -> gates -> channel pooling -> NAFBlock -> NAFNet.
+Module and parameter names are the official ones (``intro``, ``encoders.i.j.conv1``,
+``sca.1``, ``norm1``, ``beta``, ...), so official ``{'params': state_dict}`` files
+load without remapping.
+
+Mixed precision: the channel LayerNorm and the pooling reductions always compute
+in FP32, whatever the module's dtype (a residual stream reaching |x| ~ 175 makes
+the channel sums overflow FP16). A ``model.half()`` therefore runs with the same
+FP32 islands as the exported FP16 ONNX graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over channels at every pixel (biased variance), per-channel affine.
+
+    Args:
+        channels: number of channels.
+        eps: added to the variance.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
+        dtype = x.dtype
+        x = x.float()
+        mu = x.mean(1, keepdim=True)
+        var = (x - mu).pow(2).mean(1, keepdim=True)
+        y = (x - mu) / (var + self.eps).sqrt()
+        y = self.weight.float().view(1, -1, 1, 1) * y + self.bias.float().view(1, -1, 1, 1)
+        return y.to(dtype)
+
+
+class Gate(nn.Module):
+    """Splits channels in halves (a, b) and returns act(a) * b; ``simple`` is NAFNet's SimpleGate a * b.
+
+    Args:
+        kind: one of ``simple``, ``reglu``, ``geglu``, ``swiglu``.
+    """
+
+    _ACTS = {"simple": None, "reglu": F.relu, "geglu": F.gelu, "swiglu": F.silu}
+
+    def __init__(self, kind: str = "simple"):
+        super().__init__()
+        self.kind = kind
+        self.act = self._ACTS[kind]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 2C, H, W) -> (N, C, H, W)
+        a, b = x.chunk(2, dim=1)
+        return (a if self.act is None else self.act(a)) * b
+
+    def extra_repr(self) -> str:
+        return self.kind
+
+
+class GlobalAvgPool2d(nn.Module):
+    """Mean over H and W, computed in FP32 (the official ``nn.AdaptiveAvgPool2d(1)``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C, 1, 1)
+        return x.float().mean((2, 3), keepdim=True).to(x.dtype)
+
+
+class NAFBlock(nn.Module):
+    """NAFNet's block: a gated depthwise branch with channel attention, then a gated FFN.
+
+    Args:
+        c: channels in and out.
+        dw_expand: expansion of the depthwise branch.
+        ffn_expand: expansion of the feed-forward branch.
+        drop_out_rate: dropout after conv3 and conv5.
+        gate: gate kind (see :class:`Gate`).
+    """
+
+    def __init__(self, c: int, dw_expand: int = 2, ffn_expand: int = 2, drop_out_rate: float = 0.0, gate: str = "simple"):
+        super().__init__()
+        dw = c * dw_expand
+        ffn = c * ffn_expand
+        self.conv1 = nn.Conv2d(c, dw, 1)
+        self.conv2 = nn.Conv2d(dw, dw, 3, padding=1, groups=dw)
+        self.conv3 = nn.Conv2d(dw // 2, c, 1)
+        # Simplified Channel Attention: x * conv1x1(avgpool(x)). TLC swaps sca[0] for a local mean.
+        self.sca = nn.Sequential(GlobalAvgPool2d(), nn.Conv2d(dw // 2, dw // 2, 1))
+        self.sg = Gate(gate)
+        self.conv4 = nn.Conv2d(c, ffn, 1)
+        self.conv5 = nn.Conv2d(ffn // 2, c, 1)
+        self.norm1 = LayerNorm2d(c)
+        self.norm2 = LayerNorm2d(c)
+        self.dropout1 = nn.Dropout(drop_out_rate) if drop_out_rate > 0 else nn.Identity()
+        self.dropout2 = nn.Dropout(drop_out_rate) if drop_out_rate > 0 else nn.Identity()
+        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.conv1(self.norm1(inp)))
+        x = self.sg(x)
+        x = x * self.sca(x)
+        x = self.dropout1(self.conv3(x))
+        y = inp + x * self.beta
+
+        x = self.sg(self.conv4(self.norm2(y)))
+        x = self.dropout2(self.conv5(x))
+        return y + x * self.gamma
+
+
+class NAFNet(nn.Module):
+    """U-shaped NAFNet with additive skips and a global residual.
+
+    Args:
+        config: the architecture (see :class:`~nafnet_core.config.ModelConfig`).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config.width
+
+        def blocks(ch: int, n: int) -> nn.Sequential:
+            return nn.Sequential(*[
+                NAFBlock(ch, config.dw_expand, config.ffn_expand, config.drop_out_rate, config.gate) for _ in range(n)
+            ])
+
+        self.intro = nn.Conv2d(config.img_channel, c, 3, padding=1)
+        self.encoders = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        for n in config.enc_blk_nums:
+            self.encoders.append(blocks(c, n))
+            self.downs.append(nn.Conv2d(c, 2 * c, 2, stride=2))
+            c *= 2
+        self.middle_blks = blocks(c, config.middle_blk_num)
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for n in config.dec_blk_nums:
+            self.ups.append(nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.PixelShuffle(2)))
+            c //= 2
+            self.decoders.append(blocks(c, n))
+        self.ending = nn.Conv2d(config.width, config.img_channel, 3, padding=1)
+        self.padder_size = config.pad_multiple
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C, H, W)
+        h, w = inp.shape[-2:]
+        inp = self.pad_input(inp)
+        x = self.intro(inp)
+        skips = []
+        for encoder, down in zip(self.encoders, self.downs):
+            x = encoder(x)
+            skips.append(x)
+            x = down(x)
+        x = self.middle_blks(x)
+        for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips)):
+            x = decoder(up(x) + skip)
+        x = self.ending(x) + inp
+        return x[:, :, :h, :w]
+
+    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero-pads right and bottom to a multiple of ``padder_size`` (the official check_image_size)."""
+        h, w = x.shape[-2:]
+        m = self.padder_size
+        return F.pad(x, (0, (m - w % m) % m, 0, (m - h % m) % m))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

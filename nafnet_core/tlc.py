@@ -1,0 +1,133 @@
+"""TLC, the Test-time Local Converter (Chu et al., ECCV 2022), with the official semantics.
+
+A model trained on 256-px crops pools every SCA over a 256-px window. At test time a
+1280x720 frame pooled globally sees other statistics; TLC replaces each global mean by
+the mean over a local window of the training-time extent:
+
+    kernel(level) = feature size at that level during training * base // train,
+    base = int(train * base_ratio)            (384, 192, 96, 48, 24 for train 256)
+
+The window is clamped to the map (k1 = min(h, kh), k2 = min(w, kw)), the mean is taken
+over every k1 x k2 window with stride 1 and no padding, and the result is
+replicate-padded back to h x w (left/top ``d // 2``, right/bottom ``(d + 1) // 2``).
+
+Windows are summed with 1-D cumulative sums, first along W then along H: O(1) per output
+whatever the kernel (a pooling over 384x384 windows costs more than the whole network),
+smaller magnitudes than a 2-D integral image, and always in FP32 (in FP16 the sums pass
+65504 and give inf/NaN). The same code serves two exportable forms: with symbolic shapes
+(torch.export dynamic dims) the bounds stay symbolic; with a fixed shape every window
+size and slice bound is a Python int, so the graph carries them as constants.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import DEFAULT_BASE_RATIO, DEFAULT_TRAIN_SIZE, ModelConfig
+from .model import GlobalAvgPool2d, NAFNet
+
+
+def _sym_min(a, b):
+    # torch.sym_min keeps min() symbolic under torch.export instead of guarding on one branch.
+    return torch.sym_min(a, b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else min(a, b)
+
+
+def local_mean(x: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
+    """TLC local mean of ``x`` (N, C, H, W) over ``kernel`` = (kh, kw) windows; same shape out, same dtype.
+
+    When the shape is concrete and the window covers the whole map this is exactly the global
+    mean (returned as (N, C, 1, 1), which broadcasts like the official ``adaptive_avg_pool2d``).
+    """
+    h, w = x.shape[-2:]
+    kh, kw = kernel
+    if isinstance(h, int) and isinstance(w, int) and h <= kh and w <= kw:
+        return x.float().mean((2, 3), keepdim=True).to(x.dtype)
+    dtype = x.dtype
+    k1, k2 = _sym_min(h, kh), _sym_min(w, kw)
+    s = F.pad(x.float().cumsum(-1), (1, 0))  # (N, C, H, W + 1), s[..., j] = sum of x[..., :j]
+    s = s[..., k2:] - s[..., : w + 1 - k2]  # (N, C, H, W - k2 + 1): sums over k2 columns
+    s = F.pad(s.cumsum(-2), (0, 0, 1, 0))  # (N, C, H + 1, W - k2 + 1)
+    s = s[..., k1:, :] - s[..., : h + 1 - k1, :]  # (N, C, H - k1 + 1, W - k2 + 1)
+    out = s / (k1 * k2)
+    dh, dw = k1 - 1, k2 - 1  # = h - out_h, w - out_w
+    out = F.pad(out, (dw // 2, (dw + 1) // 2, dh // 2, (dh + 1) // 2), mode="replicate")
+    return out.to(dtype)
+
+
+class LocalAvgPool2d(nn.Module):
+    """Drop-in for the SCA's global pooling: the TLC local mean with a fixed kernel.
+
+    Args:
+        kernel: (kh, kw) window at this level, fixed from the training size.
+    """
+
+    def __init__(self, kernel: tuple[int, int]):
+        super().__init__()
+        self.kernel = (int(kernel[0]), int(kernel[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return local_mean(x, self.kernel)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel}"
+
+
+def _padded(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
+
+
+def tlc_kernels(
+    config: ModelConfig, train_size: int | tuple[int, int] = DEFAULT_TRAIN_SIZE, base_ratio: float = DEFAULT_BASE_RATIO
+) -> list[tuple[int, int]]:
+    """TLC kernels per level, encoder level 0 first and the middle level last.
+
+    Follows the official ``Local_Base.convert``: features are measured on a padded
+    ``train_size`` input, ``base = int(train * base_ratio)`` and ``kernel = feature * base // train``.
+    Decoder level i uses encoder level i's kernel (same feature size).
+    """
+    th, tw = (train_size, train_size) if isinstance(train_size, int) else train_size
+    if th < 1 or tw < 1:
+        raise ValueError(f"train_size must be positive, got {train_size}")
+    if base_ratio <= 0:
+        raise ValueError(f"base_ratio must be positive, got {base_ratio}")
+    bh, bw = int(th * base_ratio), int(tw * base_ratio)
+    fh, fw = _padded(th, config.pad_multiple), _padded(tw, config.pad_multiple)
+    kernels = []
+    for level in range(len(config.enc_blk_nums) + 1):
+        h, w = fh >> level, fw >> level
+        kernels.append((h * bh // th, w * bw // tw))
+    return kernels
+
+
+def convert_to_tlc(
+    model: NAFNet, train_size: int | tuple[int, int] = DEFAULT_TRAIN_SIZE, base_ratio: float = DEFAULT_BASE_RATIO
+) -> NAFNet:
+    """A copy of ``model`` whose every SCA pooling is the TLC local mean; ``model`` is left untouched.
+
+    Args:
+        model: a NAFNet with global SCA pooling.
+        train_size: crop size the model was trained on (int or (h, w)).
+        base_ratio: TLC window / training feature size (official 1.5).
+    """
+    if not isinstance(model, NAFNet):
+        raise TypeError(f"convert_to_tlc expects a NAFNet, got {type(model).__name__}")
+    kernels = tlc_kernels(model.config, train_size, base_ratio)
+    new = copy.deepcopy(model)
+    levels = [(enc, i) for i, enc in enumerate(new.encoders)]
+    levels.append((new.middle_blks, len(new.encoders)))
+    levels += [(dec, len(new.decoders) - 1 - i) for i, dec in enumerate(new.decoders)]
+    for stage, level in levels:
+        for block in stage:
+            if not isinstance(block.sca[0], GlobalAvgPool2d):
+                raise ValueError("model already has TLC pooling; convert the original model instead")
+            block.sca[0] = LocalAvgPool2d(kernels[level])
+    new.tlc = {"train_size": train_size, "base_ratio": base_ratio, "kernels": kernels}
+    return new
+
+
+def is_tlc(model: nn.Module) -> bool:
+    return any(isinstance(m, LocalAvgPool2d) for m in model.modules())

@@ -1,0 +1,1 @@
+"""Runtime: one Runner interface over torch / onnxruntime / TensorRT, tiling, inference, parity, bench."""

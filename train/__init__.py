@@ -1,0 +1,1 @@
+"""Training: GoPro data, the embedded synthetic set, the training loop, evaluation, DDP."""
