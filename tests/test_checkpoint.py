@@ -121,7 +121,7 @@ def test_malicious_pickle_is_refused_not_executed(tmp_path):
         nc.load_checkpoint(path, preset="tiny")
     assert not _Evil.marker.exists()
     # plain pickle (not a torch zip) is refused too
-    path.write_bytes(pickle.dumps({"params": _Evil()}))
+    path.write_bytes(pickle.dumps({"params": _Evil()}, protocol=2))
     with pytest.raises(CheckpointError):
         nc.load_checkpoint(path, preset="tiny")
     assert not _Evil.marker.exists()
