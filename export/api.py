@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -132,11 +133,12 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
                 bar.set_postfix_str(fmt.artifact_name(spec))
                 rec = {"format": fmt.name, "precision": fmt.precision, "runtime": fmt.runtime,
                        "shape": spec.to_dict()}
+                start = time.perf_counter()
                 proto = to_onnx_proto(graph_model, spec, opset=opset)
                 set_metadata(proto, onnx_metadata(data, rec))
                 path = save_onnx(proto, out_dir / fmt.file_name(spec))
                 del proto
-                rec = {**file_record(path), **rec}
+                rec = {**file_record(path), **rec, "export_seconds": round(time.perf_counter() - start, 1)}
                 bar.update()
                 if check:
                     rec["check"] = check_onnx(path, deploy, spec)

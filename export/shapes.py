@@ -7,9 +7,9 @@ its onnxruntime CPU cost per pixel is within a few percent of a whole 720x1280 f
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from nafnet_core.cli_common import parse_size
 from nafnet_core.errors import UserError
 
 DEFAULT_TILE = (512, 512)
@@ -81,21 +81,12 @@ class ShapeSpec:
         return cls.tile(d["height"], d["width"], d.get("batch", 1))
 
 
-_HW = re.compile(r"^\s*(\d+)\s*[xX×,]\s*(\d+)\s*$")
-
-
 def parse_hw(text: str) -> tuple[int, int]:
     """``"720x1280"`` -> (720, 1280); ``"512"`` -> (512, 512)."""
-    text = str(text).strip()
-    if text.isdigit():
-        n = int(text)
-        if n < 1:
-            raise ShapeError(f"size must be positive, got {text!r}")
-        return n, n
-    m = _HW.match(text)
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise ShapeError(f"expected HEIGHTxWIDTH such as 512x512 or 720x1280, got {text!r}")
-    return int(m.group(1)), int(m.group(2))
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise ShapeError(str(e)) from None
 
 
 @dataclass(frozen=True)
