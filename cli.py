@@ -11,6 +11,7 @@ import click
 from nafnet_core import __version__
 from nafnet_core.cli_common import Group
 from nafnet_core.commands import info
+from train.commands import data, eval_cmd, train_cmd
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -26,6 +27,9 @@ def main() -> None:
 
 
 main.add_command(info)
+main.add_command(data)
+main.add_command(train_cmd)
+main.add_command(eval_cmd)
 
 if __name__ == "__main__":
     main()
