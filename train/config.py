@@ -193,7 +193,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "weight_decay": 0.0, "betas": [0.9, 0.999], "lr": 1e-3, "lr_min": 1e-7, "batch": 8, "epochs": 50,
              "schedule": "cosine_epoch", "grad_clip": 0.0, "early_stop": 5, "val_every": 263},
     # Demo and tests: the tiny model on the embedded synthetic set; about two minutes on 2 CPU cores.
-    "tiny": {"model": "tiny", "crop": 64, "batch": 8, "steps": 1000, "lr": 2e-3, "val_every": 250,
+    "tiny": {"model": "tiny", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3, "val_every": 250,
              "save_every": 250, "log_every": 10, "workers": 0},
 }
 

@@ -111,13 +111,13 @@ def draw_params(rng: np.random.Generator, photo: np.ndarray, name: str, size: tu
         if best is None or score > best[0]:
             best = (score, scale, top, left)
     _, scale, top, left = best
-    length = rng.uniform(6.0, 18.0)  # end-to-end extent of the straight part, pixels
+    length = rng.uniform(4.0, 12.0)  # end-to-end extent of the straight part, pixels
     angle = rng.uniform(0, 2 * math.pi)
     a1 = [length / 2 * math.cos(angle), length / 2 * math.sin(angle)]
     a2 = list(rng.normal(0, length / 8, 2))
     a3 = list(rng.normal(0, length / 12, 2))
-    rotation = [float(rng.uniform(-1, 1) * math.radians(1.5)), float(rng.normal(0, math.radians(0.4)))]
-    zoom = float(rng.uniform(-0.02, 0.02))
+    rotation = [float(rng.uniform(-1, 1) * math.radians(1.0)), float(rng.normal(0, math.radians(0.3)))]
+    zoom = float(rng.uniform(-0.015, 0.015))
     center = [float(rng.uniform(0, w)), float(rng.uniform(0, h))]
     params = BlurParams(photo=name, scale=scale, top=top, left=left, mirror=bool(rng.random() < 0.5),
                         translation=[a1, [float(v) for v in a2], [float(v) for v in a3]], rotation=rotation,
