@@ -12,6 +12,7 @@ from nafnet_core import __version__
 from nafnet_core.cli_common import Group
 from nafnet_core.commands import info
 from export.commands import export
+from train.commands import data, eval_cmd, train_cmd
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -27,6 +28,9 @@ def main() -> None:
 
 
 main.add_command(info)
+main.add_command(data)
+main.add_command(train_cmd)
+main.add_command(eval_cmd)
 main.add_command(export)
 
 if __name__ == "__main__":

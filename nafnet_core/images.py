@@ -57,6 +57,33 @@ def read_rgb8(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
         raise ImageError(f"{path}: cannot decode image (truncated or corrupt): {e}") from None
 
 
+def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) of an image file from its header, without decoding the pixels (fast).
+
+    Checks what can be checked cheaply: the file exists, is an image format Pillow knows, its
+    header is intact and its size is within ``max_pixels``. A file truncated after its header
+    passes; :func:`read_rgb8` (a full decode) finds that.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not an image") from None
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not a readable image (unknown format or not an image file)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: cannot read image header (truncated or corrupt): {e}") from None
+    if w * h > max_pixels:
+        raise ImageError(f"{path}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+                         "(possible decompression bomb); raise --max-pixels if the image is genuine")
+    return h, w
+
+
 def write_rgb8(path: str | Path, rgb: np.ndarray) -> Path:
     """Atomically encodes uint8 HWC RGB to ``path`` (format from the suffix)."""
     path = Path(path)

@@ -1,0 +1,172 @@
+"""CLI commands of the training package: ``train``, ``eval``, ``data check``, ``data synth``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from nafnet_core.cli_common import preset_option, train_size_option
+
+
+@click.group(name="data")
+def data() -> None:
+    """Check a GoPro-style data set, or make the embedded synthetic one.
+
+    \b
+    Examples:
+      python cli.py data check ~/datasets/DBlur/Gopro
+      python cli.py data synth data/synth --seed 0 --count 24
+    """
+
+
+@data.command(name="check")
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("--full", is_flag=True, help="Decode every image (finds files truncated after their header; slower).")
+@click.option("--crop", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Report training images smaller than this crop.")
+@click.option("--blur-dir", type=click.Choice(["blur", "blur_gamma"]), default="blur", show_default=True,
+              help="Blurry folder of the GOPRO_Large layout.")
+def data_check(root: Path, full: bool, crop: int, blur_dir: str) -> None:
+    """Pairs per split, missing partners, size mismatches, unreadable files; exit code 1 if anything is wrong.
+
+    Reads ROOT/{train,test}/{blur,sharp}/ (DBlur) or ROOT/{train,test}/SEQUENCE/{blur,sharp}/ (GOPRO_Large).
+    The test folder is split into val (first half in sorted order) and test (second half).
+
+    \b
+    Example:
+      python cli.py data check ~/datasets/GOPRO_Large --full
+    """
+    from .data import check_dataset
+
+    report = check_dataset(root, full=full, min_size=crop, blur_dir=blur_dir, progress=True)
+    click.echo(report.summary(max_problems=200))
+    if not report.ok:
+        sys.exit(1)
+
+
+@data.command(name="synth")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
+@click.option("--count", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Training pairs (the test folder gets max(2, count // 3) pairs of other photos).")
+@click.option("--size", default="192x256", show_default=True, metavar="HxW", help="Height x width of every pair.")
+def data_synth(out: Path, seed: int, count: int, size: str) -> None:
+    """Write a GoPro-style synthetic set made from scikit-image's bundled photos (no downloads).
+
+    Blur = average, in linear light, of sub-frames along a random smooth camera path (translation, small
+    rotation and zoom); sharp = the middle sub-frame.
+
+    \b
+    Example:
+      python cli.py data synth data/synth --seed 1 --count 48
+    """
+    from nafnet_core.errors import UserError
+
+    from .synth import synthesize
+
+    try:
+        h, w = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size must look like 192x256 (height x width), got {size!r}") from None
+    synthesize(out, seed=seed, count=count, size=(h, w))
+    click.echo(f"wrote {out} (seed {seed}, {count} train pairs); check it with: python cli.py data check {out}")
+
+
+@click.command(name="train")
+@click.option("--preset", type=click.Choice(["gopro", "gopro-width64", "seed", "tiny"]), default=None,
+              help="Training preset [default: gopro, the official NAFNet GoPro recipe].")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML or JSON file of config keys, applied over the preset.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override one config key (repeatable), e.g. --set lr=2e-4 --set loss=charbonnier.")
+@click.option("--data", "data_root", type=click.Path(file_okay=False, path_type=Path),
+              help="Dataset folder (DBlur or GOPRO_Large layout). Default: the embedded synthetic set.")
+@click.option("--name", default=None, help="Run name: the run directory is RUNS/NAME [default: the preset].")
+@click.option("--runs", "runs_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
+              show_default=True, help="Parent folder of run directories.")
+@click.option("--resume", is_flag=True, help="Continue RUNS/NAME/last.pt exactly where it stopped.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 [default: CUDA when available].")
+@click.option("--bench", is_flag=True, help="Only measure training throughput (images/s) for this config.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+def train_cmd(preset, config_file, sets, data_root, name, runs_dir, resume, device, bench, progress) -> None:
+    """Train NAFNet (one process, or several under torchrun) with validation, checkpoints and exact resume.
+
+    \b
+    Examples:
+      python cli.py train --preset tiny                          # ~2 min on 2 CPU cores, synthetic data
+      python cli.py train --data ~/datasets/DBlur/Gopro --name w32
+      python cli.py train --preset seed --set batch=16 --data ~/datasets/DBlur/Gopro
+      python cli.py train --name w32 --resume
+      torchrun --nproc_per_node=2 cli.py train --data ~/datasets/GOPRO_Large --name w32-ddp
+      python cli.py train --preset tiny --set crop=256 --set batch=4 --bench
+    """
+    from nafnet_core.checkpoint import read_checkpoint
+
+    from .config import ConfigError, build_config, parse_sets
+
+    overrides = parse_sets(sets)
+    if data_root is not None:
+        overrides["data"] = str(data_root)
+    run_dir = runs_dir / (name or preset or "gopro")
+    if resume:
+        if preset:
+            raise ConfigError("--preset cannot be combined with --resume: the run's config is stored in last.pt "
+                              "(use --set to change a key, e.g. --set steps=2000)")
+        last = run_dir / "last.pt"
+        if not last.exists():
+            raise ConfigError(f"{last}: nothing to resume; check --name / --runs")
+        base = read_checkpoint(last).get("extra", {}).get("train_config")
+        cfg = build_config(base=base, file=config_file, sets=overrides)
+    else:
+        cfg = build_config(preset or "gopro", file=config_file, sets=overrides)
+    if bench:
+        from .bench import train_throughput
+
+        click.echo(json.dumps(train_throughput(cfg, device=device or "cpu")))
+        return
+    from .loop import train
+
+    result = train(cfg, run_dir, resume=resume, progress=progress, device=device)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary line
+        click.echo(f"{result.status}: step {result.step}/{result.total_steps}, best val PSNR "
+                   f"{result.best_psnr:.2f} dB at step {result.best_step}; run directory {run_dir}")
+
+
+@click.command(name="eval")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@preset_option
+@train_size_option
+@click.option("--data", "data_root", type=click.Path(file_okay=False, path_type=Path),
+              help="Dataset folder [default: the run's data set, else the embedded synthetic set].")
+@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
+@click.option("--tlc/--no-tlc", default=True, show_default=True, help="Test-time local converter.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the means here.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the per-image table here.")
+@click.option("--max-images", type=click.IntRange(min=0), default=0, help="Only the first N pairs (0 = all).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 [default: CUDA when available].")
+def eval_cmd(checkpoint, preset, train_size, data_root, split, tlc, json_path, csv_path, max_images, device) -> None:
+    """Score a checkpoint on full-resolution images: per-image PSNR/SSIM and the blurry input's, and the mean.
+
+    \b
+    Examples:
+      python cli.py eval runs/tiny/best.pt --json runs/tiny/test.json
+      python cli.py eval NAFNet-GoPro-width32.pth --preset nafnet-gopro-width32 --data ~/datasets/GOPRO_Large
+    """
+    from .evaluate import evaluate_checkpoint
+
+    result, meta = evaluate_checkpoint(checkpoint, preset=preset, train_size=train_size, data=data_root,
+                                       split=split, tlc=tlc, max_images=max_images, device=device)
+    click.echo(result.csv_text(), nl=False)
+    s = result.summary()
+    click.echo(f"mean over {s['images']} {split} images of {meta['data']} (TLC {'on' if tlc else 'off'}, "
+               f"train size {meta['train_size']}): PSNR {s['psnr']:.3f} dB, SSIM {s['ssim']:.4f}; "
+               f"blurry input {s['input_psnr']:.3f} dB, {s['input_ssim']:.4f}")
+    if csv_path:
+        result.write_csv(csv_path)
+    if json_path:
+        result.write_json(json_path, **meta)

@@ -1,0 +1,149 @@
+"""Evaluation on whole images: PSNR/SSIM of the output and of the blurry input, per image and mean.
+
+Used by validation during training and by ``python cli.py eval``. Outputs are rounded to uint8 before
+scoring (DESIGN.md §5), so the figures are those of the PNG files the model would write.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from nafnet_core.fileio import atomic_write_text
+from nafnet_core.images import read_rgb8
+from nafnet_core.metrics import psnr, quantize, ssim
+from nafnet_core.model import NAFNet
+from nafnet_core.tlc import convert_to_tlc, is_tlc
+
+from .data import Pair, to_chw
+
+COLUMNS = ("name", "height", "width", "psnr", "ssim", "input_psnr", "input_ssim", "seconds")
+
+
+@dataclass
+class EvalResult:
+    """Per-image rows (dicts with :data:`COLUMNS`) and their means; ``samples`` holds (blur, out, sharp) uint8."""
+
+    rows: list[dict]
+    tlc: bool
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def mean(self, key: str) -> float:
+        values = [r[key] for r in self.rows]
+        return float(np.mean(values)) if values else math.nan
+
+    def summary(self) -> dict:
+        return {"psnr": self.mean("psnr"), "ssim": self.mean("ssim"), "input_psnr": self.mean("input_psnr"),
+                "input_ssim": self.mean("input_ssim"), "images": len(self.rows), "tlc": self.tlc,
+                "seconds_per_image": self.mean("seconds")}
+
+    def csv_text(self) -> str:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+        return buf.getvalue()
+
+    def write_csv(self, path: str | Path) -> None:
+        atomic_write_text(path, self.csv_text())
+
+    def write_json(self, path: str | Path, **extra) -> None:
+        atomic_write_text(path, json.dumps({**self.summary(), **extra, "per_image": self.rows}, indent=1) + "\n")
+
+
+def prepare_model(model: NAFNet, tlc: bool, train_size: int) -> NAFNet:
+    """The model as evaluated: TLC-converted copy (train size = crop) or the model itself."""
+    if tlc and not is_tlc(model):
+        return convert_to_tlc(model, train_size=train_size)
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: NAFNet, pairs: Sequence[Pair], *, tlc: bool = True, train_size: int = 256,
+             device: torch.device | str = "cpu", max_images: int = 0, keep_samples: int = 0,
+             images: Sequence[tuple[np.ndarray, np.ndarray]] | None = None, progress: bool = False) -> EvalResult:
+    """Restores every pair at full resolution and scores it.
+
+    Args:
+        model: the network (global pooling; converted to TLC here when ``tlc``).
+        pairs: the pairs to score.
+        tlc: evaluate with TLC at ``train_size``.
+        train_size: the crop size the model was trained on.
+        device: where to run.
+        max_images: evaluate only the first N pairs (0 = all).
+        keep_samples: keep (blur, output, sharp) of the first N images for a sample grid.
+        images: already decoded (blur, sharp) uint8 arrays for ``pairs`` (skips decoding).
+        progress: show a progress bar on stderr.
+    """
+    pairs = list(pairs)[:max_images] if max_images else list(pairs)
+    was_training = model.training
+    net = prepare_model(model, tlc, train_size).to(device).eval()
+    result = EvalResult(rows=[], tlc=tlc)
+    it = range(len(pairs))
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="evaluating", unit="img", leave=False)
+    try:
+        for i in it:
+            pair = pairs[i]
+            blur8, sharp8 = images[i] if images is not None else (read_rgb8(pair.blur), read_rgb8(pair.sharp))
+            blur, sharp = to_chw(blur8)[None].to(device), to_chw(sharp8)[None].to(device)
+            if device != "cpu" and torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = net(blur)
+            out_q = quantize(out)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            sharp_q, blur_q = quantize(sharp), quantize(blur)
+            result.rows.append({
+                "name": pair.name, "height": int(blur8.shape[0]), "width": int(blur8.shape[1]),
+                "psnr": float(psnr(out_q, sharp_q)[0]), "ssim": float(ssim(out_q, sharp_q)[0]),
+                "input_psnr": float(psnr(blur_q, sharp_q)[0]), "input_ssim": float(ssim(blur_q, sharp_q)[0]),
+                "seconds": seconds,
+            })
+            if i < keep_samples:
+                result.samples.append((blur8, out_q[0].permute(1, 2, 0).cpu().numpy(), sharp8))
+    finally:
+        model.train(was_training)
+    return result
+
+
+def evaluate_checkpoint(path: str | Path, *, preset: str | None = None, train_size: int | None = None,
+                        data: str | Path | None = None, split: str = "test", tlc: bool = True, max_images: int = 0,
+                        device: str | None = None, progress: bool = True) -> tuple[EvalResult, dict]:
+    """Loads a checkpoint (project file, or official .pth with ``preset``) and scores it on ``split``.
+
+    The data set defaults to the one the run trained on (stored in the checkpoint), else the embedded
+    synthetic set. Returns the result and a dict describing what was evaluated (for the JSON file).
+    """
+    from nafnet_core.checkpoint import load_checkpoint
+
+    from .data import load_pairs
+    from .synth import ensure_synthetic
+
+    ckpt = load_checkpoint(path, preset=preset)
+    tcfg = ckpt.extra.get("train_config") or {}
+    if data is None:
+        data = tcfg.get("data") or ensure_synthetic(tcfg.get("synth_seed", 0), tcfg.get("synth_count", 24),
+                                                     progress=progress)
+    pairs = load_pairs(data, blur_dir=tcfg.get("blur_dir", "blur"))[split]
+    size = train_size or ckpt.train_size
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = evaluate(ckpt.model, pairs, tlc=tlc, train_size=size, device=dev, max_images=max_images,
+                      progress=progress)
+    meta = {"checkpoint": str(path), "data": str(data), "split": split, "train_size": size,
+            "preset": ckpt.preset, "step": ckpt.extra.get("step")}
+    return result, meta

@@ -1,0 +1,61 @@
+"""Losses and the learning-rate schedule: pure functions, pinned by unit tests.
+
+Losses take ``(N, C, H, W)`` float tensors and return a scalar to minimise:
+
+- ``psnr``: the official NAFNet PSNR loss (``nafnet_core.psnr_loss``, = -PSNR of each image, batch mean);
+- ``l1``: mean absolute error;
+- ``charbonnier``: ``mean(sqrt((pred - gt)^2 + eps^2))`` with eps = 1e-3.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from nafnet_core.metrics import psnr_loss
+
+
+def l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred - target).abs().mean()
+
+
+def charbonnier_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    return torch.sqrt((pred - target).pow(2) + eps * eps).mean()
+
+
+LOSS_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "psnr": psnr_loss,
+    "l1": l1_loss,
+    "charbonnier": charbonnier_loss,
+}
+
+
+def lr_at(step: int, *, lr: float, lr_min: float, total_steps: int, schedule: str = "cosine", warmup: int = 0,
+          steps_per_epoch: float = 1.0, total_epochs: int = 1) -> float:
+    """Learning rate for optimizer step ``step`` (0-based).
+
+    Args:
+        step: the step about to be taken.
+        lr / lr_min: peak and final rate.
+        total_steps: steps of the whole run.
+        schedule: ``cosine`` (per step, the official TrueCosineAnnealingLR: ``lr_min`` reached at
+            ``total_steps``), ``cosine_epoch`` (the rate changes once per epoch, like torch's
+            CosineAnnealingLR stepped per epoch with ``T_max = total_epochs``), or ``constant``.
+        warmup: linear warm-up steps from ``lr / warmup`` to ``lr``; the cosine then spans the remaining steps.
+        steps_per_epoch: training pairs / global batch (fractional allowed).
+        total_epochs: epochs of the run (``cosine_epoch``).
+    """
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        span = max(1, total_steps - warmup)
+        t = min(1.0, (step - warmup) / span)
+    elif schedule == "cosine_epoch":
+        t = min(1.0, math.floor(step / steps_per_epoch) / max(1, total_epochs))
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * t))

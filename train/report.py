@@ -1,0 +1,104 @@
+"""What a run writes besides checkpoints: ``metrics.csv``, ``curves.png`` and ``samples.png``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+
+from nafnet_core.fileio import atomic_path, atomic_write_text
+from nafnet_core.images import write_rgb8
+
+from .data import resize_bicubic
+
+METRIC_COLUMNS = ("step", "epoch", "kind", "lr", "loss", "train_psnr", "val_psnr", "val_ssim", "val_input_psnr",
+                  "val_input_ssim", "images_per_s", "elapsed_s")
+
+
+class MetricsLog:
+    """Rows of ``metrics.csv`` (``kind`` = train | val), rewritten atomically on every :meth:`flush`.
+
+    On resume, :meth:`load` keeps only the rows up to the resumed step, so the file never holds the
+    steps an interrupted run took after its last checkpoint twice.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+
+    def load(self, up_to_step: int) -> None:
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= up_to_step]
+
+    def add(self, **row) -> None:
+        self.rows.append({k: row.get(k, "") for k in METRIC_COLUMNS})
+
+    def flush(self) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+        atomic_write_text(self.path, buf.getvalue())
+
+    def series(self, kind: str, key: str) -> tuple[list[int], list[float]]:
+        xs, ys = [], []
+        for r in self.rows:
+            if r["kind"] == kind and r[key] not in ("", None):
+                value = float(r[key])
+                if math.isfinite(value):
+                    xs.append(int(r["step"]))
+                    ys.append(value)
+        return xs, ys
+
+
+def plot_curves(log: MetricsLog, path: str | Path, title: str = "") -> None:
+    """Loss, PSNR (train and validation, with the blurry input's as a reference) and SSIM vs step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(*log.series("train", "loss"), lw=1)
+    axes[0].set(title="training loss", xlabel="step")
+    axes[1].plot(*log.series("train", "train_psnr"), lw=1, alpha=0.6, label="train (crops)")
+    axes[1].plot(*log.series("val", "val_psnr"), "o-", label="validation")
+    axes[1].plot(*log.series("val", "val_input_psnr"), "--", color="gray", label="blurry input")
+    axes[1].set(title="PSNR (dB)", xlabel="step")
+    axes[1].legend()
+    axes[2].plot(*log.series("val", "val_ssim"), "o-", label="validation")
+    axes[2].plot(*log.series("val", "val_input_ssim"), "--", color="gray", label="blurry input")
+    axes[2].set(title="SSIM", xlabel="step")
+    axes[2].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def sample_grid(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], max_width: int = 1536) -> np.ndarray:
+    """One row per image: blur | output | sharp (each row scaled so it fits ``max_width``)."""
+    rows = []
+    for triple in samples:
+        row = np.concatenate(triple, axis=1)
+        if row.shape[1] > max_width:
+            h = round(row.shape[0] * max_width / row.shape[1])
+            row = resize_bicubic(row, h, max_width)
+        rows.append(row)
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    return np.concatenate(rows, axis=0)
+
+
+def write_sample_grid(samples, path: str | Path) -> None:
+    if samples:
+        write_rgb8(path, sample_grid(samples))
