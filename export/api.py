@@ -40,10 +40,9 @@ def prepare_model(model: NAFNet, *, tlc: bool = True, fold: bool = True, train_s
 
 
 def _shape_specs(tiles: Iterable[tuple[int, int]] | tuple[int, int] | None, dynamic: bool, batch: int) -> list[ShapeSpec]:
-    if tiles is None:
-        tiles = []
-    elif len(tiles) == 2 and all(isinstance(v, int) for v in tiles):
-        tiles = [tiles]
+    tiles = [] if tiles is None else list(tiles)
+    if len(tiles) == 2 and all(isinstance(v, int) for v in tiles):  # one (h, w) pair
+        tiles = [tuple(tiles)]
     specs = ([ShapeSpec.dynamic()] if dynamic else []) + [ShapeSpec.tile(h, w, batch) for h, w in tiles]
     if not specs:
         raise UserError("nothing to export: ask for --dynamic and/or at least one --tile")

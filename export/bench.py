@@ -1,16 +1,18 @@
 """Export benchmarks: export time, artifact sizes, onnxruntime CPU latency folded vs unfolded, tile sizes.
 
     python -m export.bench --preset nafnet-gopro-width32 --size 720x1280 --repeats 5 --out runs/bench-export
+    python -m export.bench --reuse --repeats 9 --tiles ''     # re-time the same files
 
 Weights are random (with non-zero beta/gamma so no block is skipped): latency does not depend on
 their values. Each latency is the median of ``--repeats`` runs after one warm-up run; the machine's
-other load makes single runs noisy.
+other load makes single runs noisy, so the compared graphs take turns run by run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 import nafnet_core as nc
 
 from .api import export_model
+from .manifest import load_manifest
 from .shapes import parse_hw
 
 
@@ -33,22 +36,26 @@ def _randomise(model: nc.NAFNet, seed: int = 0) -> nc.NAFNet:
     return model.eval()
 
 
-def ort_latency(path: Path, shape: tuple[int, ...], repeats: int, threads: int = 0) -> float:
+def ort_latency(path: Path, shape: tuple[int, ...], repeats: int) -> float:
     """Median seconds of ``repeats`` onnxruntime CPU runs after one warm-up."""
+    return ort_latencies({"x": path}, shape, repeats)["x"]
+
+
+def ort_latencies(paths: dict[str, Path], shape: tuple[int, ...], repeats: int) -> dict[str, float]:
+    """Median seconds per graph; the graphs take turns run by run, so background load hits all alike."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in paths.items()}
     x = torch.rand(shape).numpy()
-    sess.run(None, {"input": x})
-    times = []
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for sess in sessions.values():
+        sess.run(None, {"input": x})  # warm-up
     for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, {"input": x})
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for k, sess in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, {"input": x})
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiles", default="256,384,512,768", help="square tile sides for the tile-size sweep ('' skips)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="runs/bench-export")
+    ap.add_argument("--reuse", action="store_true", help="reuse the exports of a previous run in --out")
     args = ap.parse_args(argv)
     out = Path(args.out)
     h, w = parse_hw(args.size)
@@ -65,25 +73,29 @@ def main(argv: list[str] | None = None) -> None:
     rows: dict = {"preset": args.preset, "size": [h, w], "repeats": args.repeats}
 
     # 1. Full export (folded, TLC): dynamic + frame-sized tile, fp32 + fp16: export time and sizes.
-    man = export_model(model, out / "folded", tiles=[(h, w)], dynamic=True, fp16=True, check=False)
-    rows["artifacts"] = {k: {"bytes": r["bytes"], "export_seconds": r["export_seconds"]} for k, r in man.artifacts.items()}
+    if args.reuse:
+        man, unf = load_manifest(out / "folded"), load_manifest(out / "unfolded")
+    else:
+        man = export_model(model, out / "folded", tiles=[(h, w)], dynamic=True, fp16=True, check=False)
+        unf = export_model(model, out / "unfolded", tiles=[(h, w)], dynamic=False, fold=False, check=False)
+    rows["artifacts"] = {k: {"bytes": r["bytes"], "export_seconds": r["export_seconds"]}
+                         for k, r in [*man.artifacts.items(), *(("unfolded " + k, r) for k, r in unf.artifacts.items())]}
     print(json.dumps(rows["artifacts"], indent=1), flush=True)
-    unf = export_model(model, out / "unfolded", tiles=[(h, w)], dynamic=False, fold=False, check=False)
 
     # 2. onnxruntime CPU latency at the frame size: folded vs unfolded (static graph), and the dynamic graph.
     shape = (1, 3, h, w)
-    lat = {
-        "fp32 folded, static": ort_latency(man.path(f"onnx-fp32-{h}x{w}"), shape, args.repeats),
-        "fp32 unfolded, static": ort_latency(unf.path(f"onnx-fp32-{h}x{w}"), shape, args.repeats),
-        "fp32 folded, dynamic": ort_latency(man.path("onnx-fp32-dynamic"), shape, args.repeats),
-    }
+    lat = ort_latencies({"fp32 folded, static": man.path(f"onnx-fp32-{h}x{w}"),
+                         "fp32 unfolded, static": unf.path(f"onnx-fp32-{h}x{w}"),
+                         "fp32 folded, dynamic": man.path("onnx-fp32-dynamic")}, shape, args.repeats)
+    rows["load_average_1min"] = os.getloadavg()[0]
     rows["latency_s"] = lat
     print(json.dumps(lat, indent=1), flush=True)
 
     # 3. Tile-size sweep: seconds per megapixel of the static folded fp32 graph.
     sweep = {}
     for side in [int(s) for s in args.tiles.split(",") if s.strip()]:
-        m = export_model(model, out / f"tile{side}", tiles=[(side, side)], dynamic=False, check=False)
+        d = out / f"tile{side}"
+        m = load_manifest(d) if args.reuse else export_model(model, d, tiles=[(side, side)], dynamic=False, check=False)
         sec = ort_latency(m.path(f"onnx-fp32-{side}x{side}"), (1, 3, side, side), args.repeats)
         sweep[side] = {"seconds": sec, "s_per_mpix": sec / (side * side / 1e6)}
         print(side, sweep[side], flush=True)

@@ -8,6 +8,7 @@ import click
 
 from nafnet_core.cli_common import SIZE, Group, preset_option, train_size_option
 
+from .formats import FORMATS
 from .onnx_export import DEFAULT_OPSET
 from .shapes import DEFAULT_PROFILE, DEFAULT_TILE
 
@@ -63,8 +64,8 @@ def _profile(ctx, param, value):
                    f"{DEFAULT_TILE[0]}x{DEFAULT_TILE[1]} plus the dynamic graph.")
 @click.option("--dynamic", is_flag=True, help="Export the dynamic batch/height/width graph (default when no --tile).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch of the fixed-tile graphs.")
-@click.option("--fp16", is_flag=True, help="Also write the mixed-precision FP16 ONNX (FP32 LayerNorm/pooling/CumSum/I/O).")
-@click.option("--trt", is_flag=True, help="Also build TensorRT FP16 engines from the FP16 ONNX (needs TensorRT and a GPU).")
+@click.option("--fp16", is_flag=True, help=f"Also write onnx-fp16: {FORMATS['onnx-fp16'].description}.")
+@click.option("--trt", is_flag=True, help=f"Also build trt-fp16 (needs TensorRT and a GPU): {FORMATS['trt-fp16'].description}.")
 @click.option("--tlc/--no-tlc", default=True, show_default=True, help="TLC local pooling (kernels from --train-size).")
 @click.option("--fold/--no-fold", default=True, show_default=True,
               help="Fold LayerNorm affine and beta/gamma into convs (exact; faster).")
