@@ -9,6 +9,12 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import UserError
+
+
+class WriteError(UserError):
+    """An output file that cannot be created (its folder is missing, a file, or not writable)."""
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
@@ -18,9 +24,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     (default: the final suffix) lets writers that pick a format from the name keep working.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(path.suffix if suffix is None else suffix) + ".part",
-                               dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.",
+                                   suffix=(path.suffix if suffix is None else suffix) + ".part", dir=path.parent)
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write ({_why(path, e)}); choose another output path") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -28,12 +37,22 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; final files get the usual permissions
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except IsADirectoryError:
+            raise WriteError(f"{path}: cannot write, a folder of that name exists") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
     _fsync_dir(path.parent)
+
+
+def _why(path: Path, e: OSError) -> str:
+    existing = next((p for p in path.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    return e.strerror or str(e)
 
 
 def _umask() -> int:

@@ -170,3 +170,8 @@ def eval_cmd(checkpoint, preset, train_size, data_root, split, tlc, json_path, c
         result.write_csv(csv_path)
     if json_path:
         result.write_json(json_path, **meta)
+    if result.failed:
+        for reason in result.failed.values():
+            click.echo(f"failed: {reason}", err=True)
+        raise click.ClickException(f"{len(result.failed)} of {len(result.failed) + s['images']} pairs could not be "
+                                   "scored (listed above; the means exclude them)")

@@ -18,9 +18,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from nafnet_core.errors import UserError
 from nafnet_core.fileio import atomic_write_text
 from nafnet_core.images import read_rgb8
-from nafnet_core.metrics import psnr, quantize, ssim
+from nafnet_core.metrics import SSIM_WINDOW, psnr, quantize, ssim
 from nafnet_core.model import NAFNet
 from nafnet_core.tlc import convert_to_tlc, is_tlc
 
@@ -31,11 +32,16 @@ COLUMNS = ("name", "height", "width", "psnr", "ssim", "input_psnr", "input_ssim"
 
 @dataclass
 class EvalResult:
-    """Per-image rows (dicts with :data:`COLUMNS`) and their means; ``samples`` holds (blur, out, sharp) uint8."""
+    """Per-image rows (dicts with :data:`COLUMNS`) and their means; ``samples`` holds (blur, out, sharp) uint8.
+
+    ``failed`` maps each pair that could not be scored (unreadable file, size mismatch, smaller than the
+    SSIM window) to a one-line reason naming the file; the means are over the scored pairs only.
+    """
 
     rows: list[dict]
     tlc: bool
     samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
 
     def mean(self, key: str) -> float:
         values = [r[key] for r in self.rows]
@@ -44,7 +50,7 @@ class EvalResult:
     def summary(self) -> dict:
         return {"psnr": self.mean("psnr"), "ssim": self.mean("ssim"), "input_psnr": self.mean("input_psnr"),
                 "input_ssim": self.mean("input_ssim"), "images": len(self.rows), "tlc": self.tlc,
-                "seconds_per_image": self.mean("seconds")}
+                "seconds_per_image": self.mean("seconds"), "failed": len(self.failed)}
 
     def csv_text(self) -> str:
         buf = io.StringIO()
@@ -58,7 +64,18 @@ class EvalResult:
         atomic_write_text(path, self.csv_text())
 
     def write_json(self, path: str | Path, **extra) -> None:
-        atomic_write_text(path, json.dumps({**self.summary(), **extra, "per_image": self.rows}, indent=1) + "\n")
+        atomic_write_text(path, json.dumps({**self.summary(), **extra, "per_image": self.rows,
+                                            "failures": self.failed}, indent=1) + "\n")
+
+
+def _check_pair(pair: Pair, blur8: np.ndarray, sharp8: np.ndarray) -> None:
+    """Raises a UserError naming the file if the pair cannot be scored."""
+    if blur8.shape != sharp8.shape:
+        raise UserError(f"{pair.blur}: size {blur8.shape[1]}x{blur8.shape[0]} differs from its partner "
+                        f"{pair.sharp} ({sharp8.shape[1]}x{sharp8.shape[0]})")
+    if min(blur8.shape[:2]) < SSIM_WINDOW:
+        raise UserError(f"{pair.blur}: {blur8.shape[1]}x{blur8.shape[0]} is too small to score (SSIM needs at "
+                        f"least {SSIM_WINDOW}x{SSIM_WINDOW} pixels)")
 
 
 def prepare_model(model: NAFNet, tlc: bool, train_size: int) -> NAFNet:
@@ -73,6 +90,9 @@ def evaluate(model: NAFNet, pairs: Sequence[Pair], *, tlc: bool = True, train_si
              device: torch.device | str = "cpu", max_images: int = 0, keep_samples: int = 0,
              images: Sequence[tuple[np.ndarray, np.ndarray]] | None = None, progress: bool = False) -> EvalResult:
     """Restores every pair at full resolution and scores it.
+
+    A pair that cannot be scored (unreadable, sizes differ, too small) is recorded in ``failed`` and the
+    others are still scored.
 
     Args:
         model: the network (global pooling; converted to TLC here when ``tlc``).
@@ -97,7 +117,12 @@ def evaluate(model: NAFNet, pairs: Sequence[Pair], *, tlc: bool = True, train_si
     try:
         for i in it:
             pair = pairs[i]
-            blur8, sharp8 = images[i] if images is not None else (read_rgb8(pair.blur), read_rgb8(pair.sharp))
+            try:
+                blur8, sharp8 = images[i] if images is not None else (read_rgb8(pair.blur), read_rgb8(pair.sharp))
+                _check_pair(pair, blur8, sharp8)
+            except UserError as e:
+                result.failed[pair.name] = str(e)
+                continue
             blur, sharp = to_chw(blur8)[None].to(device), to_chw(sharp8)[None].to(device)
             if device != "cpu" and torch.device(device).type == "cuda":
                 torch.cuda.synchronize()
