@@ -204,6 +204,8 @@ def parse_value(text: str) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text  # YAML 1.1 reads on/off/yes/no as booleans: --set cache=off means the string "off"
     if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string; numbers should be numbers
         try:
             return float(value) if any(c in value for c in ".eE") else int(value)

@@ -298,7 +298,15 @@ def _train(cfg: TrainConfig, run_dir: Path, info: ddp.DistInfo, *, resume: bool,
             opt.zero_grad(set_to_none=True)
             loss_sum, psnr_sum = 0.0, 0.0
             for micro in range(cfg.accum):
-                blur, sharp = next(loader)
+                try:
+                    blur, sharp = next(loader)
+                except UserError as e:  # a file unreadable past its header (the pre-check reads headers only)
+                    if pbar:
+                        pbar.close()
+                    save_last()
+                    raise TrainingError(f"{e}; saved {last_path} at step {step}. Fix or remove the file "
+                                        f"(python cli.py data check {root} --full lists them all), then --resume"
+                                        ) from None
                 blur, sharp = blur.to(dev, non_blocking=True), sharp.to(dev, non_blocking=True)
                 sync = net.no_sync() if info.enabled and micro < cfg.accum - 1 else contextlib.nullcontext()
                 autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
