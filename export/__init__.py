@@ -12,13 +12,14 @@ TensorRT is imported only when an engine is built (``trt=True``).
 from .api import check_onnx, export_model, prepare_model
 from .fold import fold_for_deploy, is_folded
 from .formats import FORMATS, Format
-from .manifest import Manifest, ManifestError, load_manifest, verify
+from .manifest import Manifest, ManifestError, engine_mismatch, load_manifest, verify, verify_artifact, verify_file
 from .shapes import DEFAULT_PROFILE, DEFAULT_TILE, Profile, ShapeSpec, make_profile, parse_hw, parse_profile
 from .trt_plan import TensorRTUnavailable, TrtOptions
 
 __all__ = [
     "export_model", "prepare_model", "check_onnx", "fold_for_deploy", "is_folded",
-    "FORMATS", "Format", "Manifest", "ManifestError", "load_manifest", "verify",
+    "FORMATS", "Format", "Manifest", "ManifestError", "load_manifest", "verify", "verify_artifact", "verify_file",
+    "engine_mismatch",
     "ShapeSpec", "Profile", "make_profile", "parse_hw", "parse_profile", "DEFAULT_TILE", "DEFAULT_PROFILE",
     "TrtOptions", "TensorRTUnavailable",
 ]

@@ -14,7 +14,7 @@ from nafnet_core import __version__
 from nafnet_core.checkpoint import load_checkpoint
 from nafnet_core.config import DEFAULT_BASE_RATIO, DEFAULT_TRAIN_SIZE, find_preset
 from nafnet_core.errors import UserError
-from nafnet_core.fileio import sha256_file
+from nafnet_core.fileio import make_dirs, sha256_file
 from nafnet_core.metrics import psnr
 from nafnet_core.model import NAFNet, count_parameters
 from nafnet_core.tlc import convert_to_tlc, is_tlc, tlc_kernels
@@ -106,9 +106,10 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
     model, source_rec, preset_name, train_size = _resolve_source(source, preset, train_size)
     specs = _shape_specs(tiles, dynamic, batch)
     formats = formats_for(fp16, trt)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dirs(out_dir)
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # an interrupted export must leave no valid manifest
+    for stale in out_dir.glob(".*.part"):  # temporary files of an export that was killed mid-write
+        stale.unlink(missing_ok=True)
 
     deploy = prepare_model(model, tlc=tlc, fold=fold, train_size=train_size, base_ratio=base_ratio)
     data: dict[str, Any] = {

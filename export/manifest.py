@@ -117,21 +117,72 @@ def load_manifest(directory: str | Path) -> Manifest:
                             f"{SCHEMA_VERSION}; re-run the export")
     if not isinstance(data.get("artifacts"), dict):
         raise ManifestError(f"{path}: no artifacts table")
+    for name, rec in data["artifacts"].items():
+        file = rec.get("file") if isinstance(rec, dict) else None
+        # A bare file name inside the directory: a manifest must not point at files elsewhere.
+        if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+            raise ManifestError(f"{path}: artifact {name!r} names {file!r}, not a file in {directory}; "
+                                "refusing a manifest that points outside its directory")
+        if not isinstance(rec.get("sha256"), str) or not isinstance(rec.get("bytes"), int):
+            raise ManifestError(f"{path}: artifact {name!r} has no sha256/bytes; re-run the export")
     return Manifest(data, directory)
 
 
 def verify(directory: str | Path) -> Manifest:
     """Loads the manifest and checks size and sha256 of every artifact; raises naming the first bad file."""
     manifest = load_manifest(directory)
-    for name, rec in manifest.artifacts.items():
-        path = manifest.directory / rec["file"]
-        if not path.is_file():
-            raise ManifestError(f"{path}: missing (artifact {name!r} of {manifest.directory / MANIFEST_NAME}); "
-                                "re-run the export")
-        if path.stat().st_size != rec["bytes"] or sha256_file(path) != rec["sha256"]:
-            raise ManifestError(f"{path}: modified since export (size or sha256 differs from "
-                                f"{MANIFEST_NAME}); re-run the export")
+    for name in manifest.artifacts:
+        verify_artifact(manifest, name)
     return manifest
+
+
+def verify_artifact(manifest: Manifest, name: str) -> Path:
+    """Checks size and sha256 of one artifact (what a runner calls before loading it); returns its path."""
+    rec = manifest.artifacts[name]
+    path = manifest.path(name)
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing (artifact {name!r} of {manifest.directory / MANIFEST_NAME}); "
+                            "re-run the export")
+    if path.stat().st_size != rec["bytes"] or sha256_file(path) != rec["sha256"]:
+        raise ManifestError(f"{path}: modified since export (size or sha256 differs from {MANIFEST_NAME}); "
+                            "refusing to load it. Re-run the export, or pass --no-verify if you changed it "
+                            "on purpose")
+    return path
+
+
+def verify_file(path: str | Path) -> tuple[Manifest, str] | None:
+    """For a lone ``.onnx`` / engine file: checks it against the manifest of its folder.
+
+    Returns (manifest, artifact name), or None when the folder has no manifest or the manifest does not
+    list the file (nothing to check against). Raises :class:`ManifestError` if the file was modified.
+    """
+    path = Path(path)
+    if not (path.parent / MANIFEST_NAME).is_file():
+        return None
+    manifest = load_manifest(path.parent)
+    name = next((n for n, rec in manifest.artifacts.items() if rec["file"] == path.name), None)
+    if name is None:
+        return None
+    verify_artifact(manifest, name)
+    return manifest, name
+
+
+def engine_mismatch(record: dict[str, Any], env: dict[str, str]) -> str | None:
+    """Why an engine built as ``record`` (its manifest ``tensorrt`` record) cannot run in ``env``, or None.
+
+    ``env`` holds ``version`` (TensorRT), ``gpu`` (device name) and ``compute_capability`` ("8.9") of the
+    machine about to load it. TensorRT engines are tied to the TensorRT version and the GPU they were
+    built on; loading one elsewhere fails or, worse, runs slowly. Pure Python, so it is tested without a GPU.
+    """
+    reasons = []
+    for key, what in (("version", "TensorRT"), ("compute_capability", "compute capability"), ("gpu", "GPU")):
+        built, here = str(record.get(key, "?")), str(env.get(key, "?"))
+        if built != here:
+            reasons.append(f"{what} {built} at build time, {here} here")
+    if not reasons:
+        return None
+    return ("engine built for another setup (" + "; ".join(reasons) + "); rebuild it on this machine with "
+            "`python cli.py export CHECKPOINT --trt`, or pass --no-verify to try it anyway")
 
 
 def onnx_metadata(data: dict[str, Any], artifact: dict[str, Any]) -> dict[str, str]:

@@ -110,13 +110,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+        # Every weights-only failure mentions `weights_only`; only a pickled global (a class or function
+        # reference, what a code-running pickle needs) is a refusal; anything else is a broken file.
+        if "GLOBAL" in str(e) or "Unsupported global" in str(e):
             raise CheckpointError(
                 f"{path}: refused to load: it contains pickled Python objects, which could run code "
                 "(only tensors and plain containers are accepted). Re-save it with save_checkpoint from a "
                 "trusted environment."
             ) from None
-        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated): {first}") from None
+        detail = next((l.strip() for l in str(e).splitlines() if l.strip().startswith("Unsupported")),
+                      "not a pickle of tensors" if "Weights only" in first else first)
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt, truncated or another format): "
+                              f"{detail[:200]}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError,
             AttributeError, UnicodeDecodeError, MemoryError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -48,6 +48,17 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     _fsync_dir(path.parent)
 
 
+def make_dirs(path: str | os.PathLike) -> Path:
+    """``mkdir -p path``; a path that cannot be a folder raises :class:`WriteError` naming it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"{path}: cannot create this output folder ({_why(path / 'x', e)}); "
+                         "choose another output path") from None
+    return path
+
+
 def _why(path: Path, e: OSError) -> str:
     existing = next((p for p in path.parents if p.exists()), None)
     if existing is not None and not existing.is_dir():
