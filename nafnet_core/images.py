@@ -310,7 +310,7 @@ def write_image(path: str | Path, image: Decoded) -> Path:
     if fmt is None or suffix not in IMAGE_SUFFIXES:
         raise ImageError(f"{path}: unknown image suffix; use one of {', '.join(IMAGE_SUFFIXES)}")
     if image.dtype != np.uint8 and not (suffix in (".tif", ".tiff") or (suffix == ".png" and image.dtype == np.uint16)):
-        image = _to_8bit(image)
+        image = to_8bit(image)
     if fmt == "JPEG" and image.alpha is not None:
         image = replace(image, alpha=None)
     a = _planes(image)
@@ -332,7 +332,11 @@ def write_image(path: str | Path, image: Decoded) -> Path:
     return path
 
 
-def _to_8bit(image: Decoded) -> Decoded:
+def to_8bit(image: Decoded) -> Decoded:
+    """The image at 8 bits per sample (uint8 images are returned as they are)."""
+    if image.dtype == np.uint8:
+        return image
+
     def conv(a: np.ndarray | None) -> np.ndarray | None:
         if a is None:
             return None
@@ -365,7 +369,7 @@ def _write_tiff(path: Path, a: np.ndarray) -> None:
 def read_rgb8(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decodes ``path`` to uint8 HWC RGB (orientation applied; alpha dropped; gray replicated; 16-bit reduced)."""
     image = read_image(path, max_pixels)
-    return (_to_8bit(image) if image.dtype != np.uint8 else image).rgb
+    return (to_8bit(image) if image.dtype != np.uint8 else image).rgb
 
 
 def write_rgb8(path: str | Path, rgb: np.ndarray) -> Path:
