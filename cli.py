@@ -11,6 +11,7 @@ import click
 from nafnet_core import __version__
 from nafnet_core.cli_common import Group
 from nafnet_core.commands import info
+from runtime.commands import infer
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -26,6 +27,7 @@ def main() -> None:
 
 
 main.add_command(info)
+main.add_command(infer)
 
 if __name__ == "__main__":
     main()

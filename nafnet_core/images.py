@@ -247,7 +247,8 @@ def to_tensor(image: Decoded | np.ndarray) -> torch.Tensor:
     scale = _MAX_VALUE.get(a.dtype)
     if scale is None:
         raise ValueError(f"to_tensor expects uint8, uint16 or float32, got {a.dtype}")
-    t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None]
+    a = np.ascontiguousarray(a) if a.flags.writeable else a.copy()
+    t = torch.from_numpy(a).permute(2, 0, 1)[None]
     return t.float().div_(scale) if scale != 1.0 else t.clone()
 
 

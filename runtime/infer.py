@@ -37,10 +37,8 @@ def choose_tiling(runner: Runner, height: int, width: int, tile: str | int | tup
         tile: ``auto`` (static graphs: their tile; dynamic: whole image up to AUTO_WHOLE_MAX_PIXELS, else
             DEFAULT_TILE tiles), ``none`` (whole image; dynamic graphs only), an int or (h, w).
     """
+    check_tile(runner, tile)
     if runner.fixed_shape is not None:
-        if tile not in ("auto", None) and _as_hw(tile) != runner.fixed_shape:
-            raise UserError(f"{runner.name} takes {runner.fixed_shape[0]}x{runner.fixed_shape[1]} tiles only; "
-                            f"drop --tile or pass --tile {runner.fixed_shape[0]}x{runner.fixed_shape[1]}")
         return TileSpec(runner.fixed_shape, min(overlap, min(runner.fixed_shape) - 16))
     if tile in ("none", None):
         return None
@@ -49,6 +47,14 @@ def choose_tiling(runner: Runner, height: int, width: int, tile: str | int | tup
             return None
         return TileSpec((DEFAULT_TILE, DEFAULT_TILE), overlap)
     return TileSpec(_as_hw(tile), overlap)
+
+
+def check_tile(runner: Runner, tile: str | int | tuple[int, int]) -> None:
+    """Refuses a ``tile`` that a fixed-shape runner cannot take (before any image is processed)."""
+    fixed = runner.fixed_shape
+    if fixed is not None and tile not in ("auto", None) and (tile == "none" or _as_hw(tile) != fixed):
+        raise UserError(f"{runner.name} takes {fixed[0]}x{fixed[1]} tiles only; "
+                        f"drop --tile or pass --tile {fixed[0]}x{fixed[1]}")
 
 
 def _as_hw(tile: str | int | tuple[int, int]) -> tuple[int, int]:
@@ -146,6 +152,7 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
     input_path = Path(input_path)
     out_dir = Path(out_dir) if out_dir is not None else default_output(input_path)
     compare_dir = out_dir.parent / f"{out_dir.name}_compare"
+    check_tile(runner, tile)
     items = collect_inputs(input_path, exclude=[out_dir, compare_dir])
     report = InferReport()
     start = time.perf_counter()
