@@ -203,6 +203,37 @@ def _gray_palette(im: Image.Image) -> bool:
     return bool(len(rgb)) and bool((rgb == rgb[:, :1]).all())
 
 
+def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) of an image file from its header, without decoding the pixels (fast).
+
+    Checks what can be checked cheaply: the file exists, is an image format Pillow knows, its header is
+    intact and its size is within ``max_pixels``. A file truncated after its header passes; a full decode
+    (:func:`read_image`) finds that. EXIF orientation is not applied.
+    """
+    path = Path(path)
+    try:
+        with _PIL_LOCK:
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                im = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+        with im:
+            w, h = im.size
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not an image") from None
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not a readable image (unknown format or not an image file)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: cannot read image header (truncated or corrupt): {e}") from None
+    _check_pixels(path, w, h, max_pixels)
+    return h, w
+
+
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decodes ``path`` upright (EXIF/TIFF orientation applied), keeping depth, alpha and grayness.
 

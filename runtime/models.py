@@ -21,32 +21,89 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".ckpt")
 
 @dataclass(frozen=True)
 class Artifact:
-    """One runnable file of an export: which backend runs it, at what precision, with what shape.
+    """One runnable thing of an export: which backend runs it, at what precision, with what shape.
 
     Attributes:
         backend: ``torch``, ``onnxrt`` or ``trt``.
         precision: ``fp32`` or ``fp16``.
         path: the file.
         fixed_shape: (H, W) of a fixed-tile graph/engine, None when dynamic.
+        key: its name in the manifest (``onnx-fp16-512x512``), or ``source`` for the checkpoint.
     """
 
     backend: str
     precision: str
     path: Path
     fixed_shape: tuple[int, int] | None = None
+    key: str = ""
 
     @property
     def mode(self) -> str:
-        return "whole" if self.fixed_shape is None else f"tile{self.fixed_shape[0]}"
+        return "whole" if self.fixed_shape is None else f"tile{self.fixed_shape[0]}x{self.fixed_shape[1]}"
+
+
+@dataclass
+class ExportInfo:
+    """What the runtime needs from an export directory's manifest.
+
+    Attributes:
+        directory: the export directory.
+        artifacts: the ONNX graphs and engines it holds.
+        checkpoint: the source checkpoint, when it still exists unchanged (the PyTorch reference), else None.
+        checkpoint_note: why there is no checkpoint, when there is none.
+        preset / tlc / train_size: how the graphs were made (the reference must match).
+    """
+
+    directory: Path
+    artifacts: list[Artifact]
+    checkpoint: Path | None
+    checkpoint_note: str
+    preset: str | None
+    tlc: bool
+    train_size: int
+
+
+_RUNTIMES = {"onnxruntime": "onnxrt", "tensorrt": "trt"}
+
+
+def read_export(export_dir: str | Path, verify_files: bool = False) -> ExportInfo:
+    """Reads ``DIR/manifest.json`` (export package format); ``verify_files`` also checks every sha256."""
+    import export
+
+    export_dir = Path(export_dir)
+    manifest = export.verify(export_dir) if verify_files else export.load_manifest(export_dir)
+    data = manifest.data
+    artifacts = []
+    for key, rec in manifest.artifacts.items():
+        backend = _RUNTIMES.get(rec.get("runtime"))
+        if backend is None:
+            continue
+        shape = rec.get("shape", {})
+        fixed = (int(shape["height"]), int(shape["width"])) if shape.get("kind") == "tile" else None
+        artifacts.append(Artifact(backend, rec["precision"], export_dir / rec["file"], fixed, key))
+    source = data.get("source") or {}
+    checkpoint, note = None, "the export was made from an in-memory model"
+    if source.get("checkpoint"):
+        for cand in (Path(source["checkpoint"]), export_dir / Path(source["checkpoint"]).name):
+            if cand.is_file():
+                from nafnet_core.fileio import sha256_file
+
+                if source.get("sha256") and sha256_file(cand) != source["sha256"]:
+                    note = f"{cand} changed since the export (sha256 differs)"
+                    continue
+                checkpoint = cand
+                break
+        else:
+            note = note if "changed" in note else f"source checkpoint {source['checkpoint']} not found"
+    tlc = data.get("tlc") or {}
+    return ExportInfo(export_dir, artifacts, checkpoint, "" if checkpoint else note,
+                      (data.get("model") or {}).get("preset"), bool(tlc.get("enabled", True)),
+                      int(tlc.get("train_size") or 256))
 
 
 def export_artifacts(export_dir: Path) -> list[Artifact]:
     """The runnable files of an export directory, from its manifest."""
-    from export import load_manifest  # the export package owns the manifest format
-
-    manifest = load_manifest(export_dir)
-    return [Artifact(a["backend"], a["precision"], export_dir / a["file"],
-                     tuple(a["tile"]) if a.get("tile") else None) for a in manifest.artifacts]
+    return read_export(export_dir).artifacts
 
 
 def tensorrt_ready() -> tuple[bool, str]:
@@ -115,28 +172,26 @@ def _require(backend: str, allowed: tuple[str, ...], path: Path) -> None:
 
 def _from_export_dir(path: Path, backend: str, precision: str | None, device: str, threads: int | None,
                      tiled_graph: bool | None, tlc: bool, train_size: int | None) -> Runner:
-    artifacts = export_artifacts(path)
+    info = read_export(path)
     order = [backend] if backend != "auto" else ["trt", "onnxrt", "torch"]
     reasons = []
     for name in order:
         if name == "trt":
             ready, why = tensorrt_ready()
-            art = _pick(artifacts, "trt", precision, None)
+            art = _pick(info.artifacts, "trt", precision, None)
             if art is not None and ready:
-                return TensorRTRunner(art.path, art.precision, art.fixed_shape)
+                return TensorRTRunner(art.path, art.precision, art.fixed_shape, name=f"trt-{art.precision}-{art.mode}")
             reasons.append(f"trt: {why if art is not None else 'no engine in the export'}")
         elif name == "onnxrt":
-            art = _pick(artifacts, "onnxrt", precision, tiled_graph)
+            art = _pick(info.artifacts, "onnxrt", precision, tiled_graph)
             if art is not None:
                 return OnnxRuntimeRunner(art.path, art.precision, device=device, threads=threads,
                                          name=f"onnxrt-{art.precision}-{art.mode}")
             reasons.append("onnxrt: no matching ONNX graph in the export")
         else:
-            art = _pick(artifacts, "torch", None, None)
-            if art is not None:
-                return torch_runner(art.path, precision or "fp32", tlc=tlc, train_size=train_size, device=device)
-            reasons.append("torch: no checkpoint in the export")
+            if info.checkpoint is not None:
+                return torch_runner(info.checkpoint, precision or "fp32", preset=info.preset, tlc=info.tlc,
+                                    train_size=info.train_size, device=device)
+            reasons.append(f"torch: {info.checkpoint_note}")
     raise RunnerError(f"{path}: nothing in this export runs with --backend {backend}"
                       f"{'' if precision is None else ' --precision ' + precision}: " + "; ".join(reasons))
-
-
