@@ -11,7 +11,7 @@ import click
 from nafnet_core import __version__
 from nafnet_core.cli_common import Group
 from nafnet_core.commands import info
-from runtime.commands import infer
+from runtime.commands import bench, infer, parity
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -28,6 +28,8 @@ def main() -> None:
 
 main.add_command(info)
 main.add_command(infer)
+main.add_command(parity)
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()

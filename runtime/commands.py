@@ -102,3 +102,103 @@ def infer(input_path: Path, model: Path, backend: str, precision: str | None, de
         sys.exit(1)
     if not n and not report.skipped:
         raise UserError(f"{input_path}: no images found (looked for .png .jpg .jpeg .bmp .tif .tiff .webp)")
+
+
+def _hw(ctx, param, value):
+    if value is None:
+        return None
+    h, _, w = value.lower().partition("x")
+    try:
+        return int(h), int(w or h)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected HxW, e.g. 720x1280") from None
+
+
+@click.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "data_root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Data set root (GoPro layout or the synthetic set). Default: the embedded synthetic set.")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate (train, val, test).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N pairs.")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="PyTorch reference checkpoint, if the export's source checkpoint moved.")
+@click.option("--torch-precisions", default="fp16,bf16", show_default=True,
+              help="Extra PyTorch precisions to check (comma list; empty for none).")
+@click.option("--tile", "tile", callback=_hw, default=None, help="Tile of the torch tiled row (default: runtime default).")
+@click.option("--overlap", type=click.IntRange(0), default=DEFAULT_OVERLAP, show_default=True)
+@device_option
+@click.option("--threads", type=click.IntRange(1), default=None, help="onnxruntime threads (default: all cores).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def parity(export_dir: Path, data_root: Path | None, split: str, limit: int | None, checkpoint: Path | None,
+           torch_precisions: str, tile, overlap: int, device: str, threads: int | None, json_path: Path | None,
+           quiet: bool) -> None:
+    """Check export parity: PSNR/SSIM of every backend x precision x (whole | tiled) vs PyTorch fp32.
+
+    The reference is PyTorch fp32 on the whole image with the export's TLC setting. Limits (DESIGN §7):
+    fp32 |ΔPSNR| <= 0.01 dB and >= 60 dB vs the reference output; fp16 <= 0.05 dB and >= 45 dB;
+    tiled vs whole <= 0.05 dB. Rows that cannot run here say why. Exit 0 only if every row that ran passed.
+
+    \b
+    Examples:
+      python cli.py parity runs/demo/export
+      python cli.py parity exported/ --data DBlur/Gopro --split test --limit 50 --json parity.json
+    """
+    from .parity import check_parity
+    from .tiling import DEFAULT_TILE
+
+    if data_root is None:
+        from train.synth import ensure_synthetic
+
+        data_root = ensure_synthetic(progress=not quiet)
+    precisions = tuple(p.strip() for p in torch_precisions.split(",") if p.strip())
+    bad = [p for p in precisions if p not in ("fp32", "fp16", "bf16")]
+    if bad:
+        raise UserError(f"--torch-precisions: unknown precision {bad[0]!r}; use fp16, bf16")
+    report = check_parity(export_dir, data_root, split=split, limit=limit, checkpoint=checkpoint,
+                          torch_precisions=precisions, tile=tile or (DEFAULT_TILE, DEFAULT_TILE), overlap=overlap,
+                          device="cpu" if device == "auto" else device, threads=threads, progress=not quiet)
+    click.echo(report.table())
+    if json_path is not None:
+        report.write_json(json_path)
+        click.echo(f"wrote {json_path}")
+    sys.exit(0 if report.passed else 1)
+
+
+@click.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--size", callback=_hw, default="720x1280", show_default=True, help="Benchmark image HxW.")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed runs (median reported).")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="Threads for every backend (default: all cores).")
+@click.option("--fp16", "include_fp16", is_flag=True, help="Also time the FP16 ONNX graphs (fp32 math on CPU).")
+@click.option("--no-torch", is_flag=True, help="Skip the PyTorch eager baseline.")
+@click.option("--big", callback=_hw, default=None,
+              help="Also run one image of this size (e.g. 2160x3840) tiled, for its peak memory.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def bench(export_dir: Path, size, repeats: int, warmup: int, threads: int | None, include_fp16: bool, no_torch: bool,
+          big, json_path: Path | None, quiet: bool) -> None:
+    """Latency, images/s, peak memory and GFLOP/s of every backend of an export, on this machine.
+
+    Each backend runs in its own process (so its peak resident memory is its own); the machine's fp32
+    matrix-multiply rate is measured in the same run, so GFLOP/s read as a fraction of what it can do.
+
+    \b
+    Examples:
+      python cli.py bench runs/demo/export --size 256x256
+      python cli.py bench exported/ --size 720x1280 --big 2160x3840 --json bench.json
+    """
+    import json
+
+    from nafnet_core.fileio import atomic_write_text
+
+    from .bench import bench_export, bench_table
+
+    result = bench_export(export_dir, size, repeats=repeats, warmup=warmup, threads=threads,
+                          include_torch=not no_torch, include_fp16=include_fp16, big=big, progress=not quiet)
+    click.echo(bench_table(result))
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")

@@ -61,6 +61,7 @@ class ExportInfo:
     preset: str | None
     tlc: bool
     train_size: int
+    config: dict | None = None
 
 
 _RUNTIMES = {"onnxruntime": "onnxrt", "tensorrt": "trt"}
@@ -98,7 +99,7 @@ def read_export(export_dir: str | Path, verify_files: bool = False) -> ExportInf
     tlc = data.get("tlc") or {}
     return ExportInfo(export_dir, artifacts, checkpoint, "" if checkpoint else note,
                       (data.get("model") or {}).get("preset"), bool(tlc.get("enabled", True)),
-                      int(tlc.get("train_size") or 256))
+                      int(tlc.get("train_size") or 256), (data.get("model") or {}).get("config"))
 
 
 def export_artifacts(export_dir: Path) -> list[Artifact]:
