@@ -11,7 +11,7 @@ import click
 from nafnet_core import __version__
 from nafnet_core.cli_common import Group
 from nafnet_core.commands import info
-from runtime.commands import bench, infer, parity
+from runtime.commands import bench, demo, infer, parity
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -30,6 +30,7 @@ main.add_command(info)
 main.add_command(infer)
 main.add_command(parity)
 main.add_command(bench)
+main.add_command(demo)
 
 if __name__ == "__main__":
     main()

@@ -145,6 +145,12 @@ def parity_cases(info: ExportInfo, *, torch_precisions: Sequence[str] = ("fp16",
         else:
             runner = TensorRTRunner(art.path, art.precision, art.fixed_shape, name=f"trt-{art.precision}-{art.mode}")
         cases.append(_Case(ParityRow(art.backend, art.precision, mode), runner, "auto" if art.fixed_shape else "none"))
+    if not any(a.backend == "trt" for a in info.artifacts):
+        from .trt import tensorrt_available
+
+        ok, why = tensorrt_available()
+        why = "the export holds no engine" + ("" if ok else f" ({why})")
+        cases.append(_Case(ParityRow("trt", "fp16", "-", status=f"cannot run here: {why}"), None, None))
     return ref, cases
 
 
@@ -166,6 +172,8 @@ def run_parity(reference: Runner, cases: list[_Case], pairs: Iterable[tuple[str,
     active: list[_Case] = []
     reference.activate()
     for case in cases:
+        if case.runner is None:
+            continue
         try:
             case.runner.activate()
             active.append(case)

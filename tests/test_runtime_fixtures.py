@@ -36,19 +36,30 @@ def tiny_checkpoint(tmp_path_factory, tiny_tlc):
     return path
 
 
-def _export(model, path, dynamic):
-    x = torch.rand(1, 3, TILE, TILE)
-    shapes = {"inp": {2: torch.export.Dim("h", min=16, max=4096), 3: torch.export.Dim("w", min=16, max=4096)}} \
-        if dynamic else None
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_checkpoint):
+    """An export directory (export package) of the TLC model: ONNX fp32 + FP16, dynamic and TILE x TILE."""
+    from export import export_model
+
+    d = tmp_path_factory.mktemp("export")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), dynamo=True, dynamic_shapes=shapes, input_names=["input"],
-                          output_names=["output"], verbose=False)
-    return path
+        export_model(tiny_checkpoint, d, tiles=[(TILE, TILE)], dynamic=True, fp16=True, check=False)
+    return d
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx(tmp_path_factory, tiny_tlc):
-    """{"dynamic": path, "tile": path} ONNX graphs of the TLC model (tile: fixed TILE x TILE)."""
-    d = tmp_path_factory.mktemp("onnx")
-    return {"dynamic": _export(tiny_tlc[1], d / "dynamic.onnx", True), "tile": _export(tiny_tlc[1], d / "tile.onnx", False)}
+def tiny_onnx(tiny_export):
+    """{"dynamic": path, "tile": path}: the fp32 ONNX graphs of the export."""
+    from export import load_manifest
+
+    m = load_manifest(tiny_export)
+    return {"dynamic": m.path("onnx-fp32-dynamic"), "tile": m.path(f"onnx-fp32-{TILE}x{TILE}")}
+
+
+@pytest.fixture(scope="session")
+def synth_root():
+    """The embedded synthetic data set (train package; generated once into its cache)."""
+    from train.synth import ensure_synthetic
+
+    return ensure_synthetic(progress=False)
