@@ -307,7 +307,7 @@ def run_tiling_sweep(preset: str = "nafnet-gopro-width32", size: tuple[int, int]
     model = nc.convert_to_tlc(make_nontrivial(nc.create_model(preset), seed=seed), 256)
     targets = [photo(*size, index=i) for i in range(n_images)]
     images = [blurred(t) for t in targets]
-    configs = configs or [(512, 0), (512, 32), (512, 64), (512, 128), (512, 192), (384, 128), (768, 128)]
+    configs = configs or [(512, 0), (512, 64), (512, 128), (512, 192)]
     rows, whole_s = tiling_sweep(model, images, targets, configs)
     return {"preset": preset, "size": list(size), "images": n_images, "whole_seconds": round(whole_s, 2),
             "rows": [asdict(r) for r in rows]}
@@ -316,8 +316,10 @@ def run_tiling_sweep(preset: str = "nafnet-gopro-width32", size: tuple[int, int]
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_measure"]:  # internal: one BenchSpec, JSON out (used by measure_in_subprocess)
         print(json.dumps(measure(BenchSpec(**json.loads(sys.argv[2])))))
-    elif sys.argv[1:2] == ["tiling"]:  # python -m runtime.bench tiling OUT.json
-        result = run_tiling_sweep()
+    elif sys.argv[1:2] == ["tiling"]:  # python -m runtime.bench tiling OUT.json [N_IMAGES] [TILE:OVERLAP,...]
+        n = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+        cfg = [tuple(int(v) for v in c.split(":")) for c in sys.argv[4].split(",")] if len(sys.argv) > 4 else None
+        result = run_tiling_sweep(n_images=n, configs=cfg)
         text = json.dumps(result, indent=2)
         print(text)
         if len(sys.argv) > 2:
