@@ -12,7 +12,7 @@ import nafnet_core as nc
 from cli import main
 from runtime.parity import LIMITS, ParityRow, _verdict, check_parity
 from tests.conftest import make_nontrivial
-from tests.test_runtime_fixtures import TILE, synth_root, tiny_checkpoint, tiny_export, tiny_tlc  # noqa: F401
+from tests.test_runtime_fixtures import *  # noqa: F401,F403  (fixtures)
 
 
 def test_verdict_limits_pinned():
@@ -52,8 +52,7 @@ def test_parity_passes_on_synthetic_test_split(tiny_export, synth_root, tmp_path
 def test_parity_fails_against_another_model(tiny_export, synth_root, tmp_path):
     # a reference with different weights must fail the fp32 rows: the check can fail
     torch.manual_seed(1)
-    other = make_nontrivial(nc.create_model("tiny", **__import__("tests.test_runtime_fixtures",
-                                                                  fromlist=["MINI"]).MINI), seed=1)
+    other = make_nontrivial(nc.create_model("tiny", **MINI), seed=1)
     path = nc.save_checkpoint(tmp_path / "other.pt", other, train_size=64)
     report = check_parity(tiny_export, synth_root, checkpoint=path, torch_precisions=(), progress=False, limit=2)
     assert not report.passed
