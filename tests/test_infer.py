@@ -15,7 +15,7 @@ from nafnet_core.images import read_image, to_tensor, to_uint8
 from runtime.infer import AUTO_WHOLE_MAX_PIXELS, choose_tiling, collect_inputs
 from runtime.runners import TorchRunner
 from tests.conftest import photo
-from tests.test_runtime_fixtures import *  # noqa: F401,F403  (fixtures)
+from tests.test_runtime_fixtures import MINI, TILE
 
 
 def u8(h, w, index=0):

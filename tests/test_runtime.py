@@ -12,7 +12,7 @@ from runtime.models import open_runner
 from runtime.runners import OnnxRuntimeRunner, RunnerError, TensorRTRunner, TorchRunner, cuda_device_count, ort_providers
 from runtime.trt import tensorrt_available
 from tests.conftest import photo
-from tests.test_runtime_fixtures import *  # noqa: F401,F403  (fixtures)
+from tests.test_runtime_fixtures import MINI, TILE
 
 
 def test_torch_runner_lifecycle_and_precisions(tiny_tlc):

@@ -1,6 +1,6 @@
 """Shared fixtures of the runtime tests: a non-trivial tiny TLC model, its checkpoint and ONNX graphs.
 
-Use them with ``from tests.test_runtime_fixtures import *`` (they are not in the shared conftest).
+Registered once as a plugin by tests/conftest.py, so session fixtures are built once per run.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import torch
 
 import nafnet_core as nc
 from tests.conftest import make_nontrivial
-
-__all__ = ["TRAIN_SIZE", "TILE", "MINI", "tiny_tlc", "tiny_checkpoint", "tiny_export", "tiny_onnx", "synth_root"]
 
 TRAIN_SIZE = 64  # TLC windows of 96/48/24/12/6 px: TLC matters on the small test images
 TILE = 64

@@ -12,7 +12,7 @@ import nafnet_core as nc
 from cli import main
 from runtime.parity import LIMITS, ParityRow, _verdict, check_parity
 from tests.conftest import make_nontrivial
-from tests.test_runtime_fixtures import *  # noqa: F401,F403  (fixtures)
+from tests.test_runtime_fixtures import MINI, TILE
 
 
 def test_verdict_limits_pinned():
