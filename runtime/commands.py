@@ -124,7 +124,8 @@ def _hw(ctx, param, value):
               help="PyTorch reference checkpoint, if the export's source checkpoint moved.")
 @click.option("--torch-precisions", default="fp16,bf16", show_default=True,
               help="Extra PyTorch precisions to check (comma list; empty for none).")
-@click.option("--tile", "tile", callback=_hw, default=None, help="Tile of the torch tiled row (default: runtime default).")
+@click.option("--tile", "tile", callback=_hw, default=None,
+              help="Tile of the torch tiled row (default: the export's fixed tile, else 512).")
 @click.option("--overlap", type=click.IntRange(0), default=DEFAULT_OVERLAP, show_default=True)
 @device_option
 @click.option("--threads", type=click.IntRange(1), default=None, help="onnxruntime threads (default: all cores).")
@@ -146,7 +147,6 @@ def parity(export_dir: Path, data_root: Path | None, split: str, limit: int | No
       python cli.py parity exported/ --data DBlur/Gopro --split test --limit 50 --json parity.json
     """
     from .parity import check_parity
-    from .tiling import DEFAULT_TILE
 
     if data_root is None:
         from train.synth import ensure_synthetic
@@ -157,7 +157,7 @@ def parity(export_dir: Path, data_root: Path | None, split: str, limit: int | No
     if bad:
         raise UserError(f"--torch-precisions: unknown precision {bad[0]!r}; use fp16, bf16")
     report = check_parity(export_dir, data_root, split=split, limit=limit, checkpoint=checkpoint,
-                          torch_precisions=precisions, tile=tile or (DEFAULT_TILE, DEFAULT_TILE), overlap=overlap,
+                          torch_precisions=precisions, tile=tile, overlap=overlap,
                           device="cpu" if device == "auto" else device, threads=threads, progress=not quiet)
     click.echo(report.table())
     if json_path is not None:

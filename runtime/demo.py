@@ -97,7 +97,7 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, seed: i
                           time.perf_counter() - t))
 
     t = stage("parity: every backend vs PyTorch fp32 on the synthetic test split")
-    report = check_parity(out / "export", data, split="test", tile=DEMO_TILE, progress=progress)
+    report = check_parity(out / "export", data, split="test", progress=progress)
     report.write_json(out / "parity.json")
     echo(report.table())
     result.parity_passed = report.passed

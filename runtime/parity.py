@@ -122,10 +122,12 @@ class _Case:
 
 
 def parity_cases(info: ExportInfo, *, torch_precisions: Sequence[str] = ("fp16", "bf16"),
-                 tile: tuple[int, int] = (DEFAULT_TILE, DEFAULT_TILE), device: str = "cpu",
+                 tile: tuple[int, int] | None = None, device: str = "cpu",
                  threads: int | None = None) -> tuple[Runner, list[_Case]]:
-    """(reference runner, the rows) for an export: torch fp16/bf16 whole, torch fp32 tiled, every ONNX graph
-    (dynamic whole and fixed-tile tiled) and every engine."""
+    """(reference runner, the rows) for an export: torch fp16/bf16 whole, torch fp32 tiled (``tile``, default
+    the export's own tile, else DEFAULT_TILE), every ONNX graph (dynamic whole, fixed tile tiled) and engine."""
+    if tile is None:
+        tile = next((a.fixed_shape for a in info.artifacts if a.fixed_shape), (DEFAULT_TILE, DEFAULT_TILE))
     if info.checkpoint is None:
         raise UserError(f"{info.directory}: the PyTorch reference needs the source checkpoint: {info.checkpoint_note}; "
                         "pass --checkpoint")
@@ -257,7 +259,7 @@ def load_split(root: str | Path, split: str = "test", limit: int | None = None):
 
 def check_parity(export_dir: str | Path, data_root: str | Path, *, split: str = "test", limit: int | None = None,
                  checkpoint: str | Path | None = None, torch_precisions: Sequence[str] = ("fp16", "bf16"),
-                 tile: tuple[int, int] = (DEFAULT_TILE, DEFAULT_TILE), overlap: int = DEFAULT_OVERLAP,
+                 tile: tuple[int, int] | None = None, overlap: int = DEFAULT_OVERLAP,
                  device: str = "cpu", threads: int | None = None, progress: bool = True) -> ParityReport:
     """The ``parity`` command: verifies the export's files (sha256), then runs every row on the split."""
     info = read_export(export_dir, verify_files=True)
