@@ -155,7 +155,7 @@ def bench_rows(specs: list[tuple[BenchRow, BenchSpec]], gflop: float, roof: floa
         row.min_ms, row.max_ms = round(ms[0], 1), round(ms[-1], 1)
         row.images_per_s = round(1e3 / row.median_ms, 3)
         row.peak_rss_mb = round(r["peak_rss_mb"], 0)
-        row.gflop = round(gflop, 1)
+        row.gflop = round(gflop, 4)
         row.gflops_per_s = round(gflop / (row.median_ms / 1e3), 1)
         row.fraction_of_matmul_roof = round(row.gflops_per_s / roof, 3)
         row.tiles = r["tiles"]
@@ -219,14 +219,14 @@ def bench_export(export_dir: str | Path, size: tuple[int, int] = (720, 1280), *,
         if spec.height != h or spec.width != w:
             g = nc.model_gflops(config, spec.height, spec.width)
             if row.median_ms:
-                row.gflop = round(g, 1)
+                row.gflop = round(g, 4)
                 row.gflops_per_s = round(g / (row.median_ms / 1e3), 1)
                 row.fraction_of_matmul_roof = round(row.gflops_per_s / roof, 3)
     rows += [r for r, s in specs if s is None]
     torch_ms = next((r.median_ms for r in rows if r.backend == "torch" and r.median_ms), None)
     return {"export": str(export_dir), "size": size_s, "repeats": repeats, "warmup": warmup,
             "threads": threads or torch.get_num_threads(), "matmul_gflops": round(roof, 1),
-            "model_gflop": round(gflop, 1),
+            "model_gflop": round(gflop, 4),
             "rows": [{**asdict(r), "vs_torch": round(r.median_ms / torch_ms, 3) if torch_ms and r.median_ms else None}
                      for r in rows]}
 

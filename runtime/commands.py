@@ -12,7 +12,6 @@ from nafnet_core.errors import UserError
 from nafnet_core.images import DEFAULT_MAX_PIXELS
 
 from .models import BACKENDS
-from .tiling import DEFAULT_OVERLAP
 
 
 class TileParam(click.ParamType):
@@ -52,8 +51,8 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
               help="Output folder (mirrors INPUT). Default: INPUT_deblurred beside INPUT.")
 @click.option("--tile", type=TileParam(), default="auto", show_default=True,
               help="auto: whole image up to ~1280x720 on dynamic graphs, tiles above; none: whole image; N or HxW.")
-@click.option("--overlap", type=click.IntRange(0), default=DEFAULT_OVERLAP, show_default=True,
-              help="Tile overlap in pixels (blended with a raised-cosine ramp).")
+@click.option("--overlap", type=click.IntRange(0), default=None,
+              help="Tile overlap in pixels, blended with a raised-cosine ramp. Default: 128 (a quarter of smaller tiles).")
 @click.option("--overwrite", is_flag=True, help="Re-process images whose output exists (default: skip, so re-runs resume).")
 @click.option("--compare", is_flag=True, help="Also write input|output side-by-side images to OUT_compare/.")
 @click.option("--tlc/--no-tlc", default=True, show_default=True,
@@ -65,7 +64,7 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
               help="Refuse larger images (decompression-bomb guard).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def infer(input_path: Path, model: Path, backend: str, precision: str | None, device: str, out_dir: Path | None,
-          tile, overlap: int, overwrite: bool, compare: bool, tlc: bool, preset: str | None, train_size: int | None,
+          tile, overlap: int | None, overwrite: bool, compare: bool, tlc: bool, preset: str | None, train_size: int | None,
           threads: int | None, max_pixels: int, quiet: bool) -> None:
     """Deblur an image or a folder (recursive) with any backend.
 
@@ -126,14 +125,14 @@ def _hw(ctx, param, value):
               help="Extra PyTorch precisions to check (comma list; empty for none).")
 @click.option("--tile", "tile", callback=_hw, default=None,
               help="Tile of the torch tiled row (default: the export's fixed tile, else 512).")
-@click.option("--overlap", type=click.IntRange(0), default=DEFAULT_OVERLAP, show_default=True)
+@click.option("--overlap", type=click.IntRange(0), default=None, help="Tile overlap (default: as infer).")
 @device_option
 @click.option("--threads", type=click.IntRange(1), default=None, help="onnxruntime threads (default: all cores).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def parity(export_dir: Path, data_root: Path | None, split: str, limit: int | None, checkpoint: Path | None,
-           torch_precisions: str, tile, overlap: int, device: str, threads: int | None, json_path: Path | None,
+           torch_precisions: str, tile, overlap: int | None, device: str, threads: int | None, json_path: Path | None,
            quiet: bool) -> None:
     """Check export parity: PSNR/SSIM of every backend x precision x (whole | tiled) vs PyTorch fp32.
 

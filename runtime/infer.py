@@ -22,7 +22,7 @@ from nafnet_core.images import DEFAULT_MAX_PIXELS, Decoded, ImageError, from_ten
     to_tensor, write_image
 
 from .runners import Runner
-from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileSpec, count_tiles, padded_size, restore_tensor
+from .tiling import DEFAULT_TILE, TileSpec, count_tiles, default_overlap, padded_size, restore_tensor
 
 #: With ``tile="auto"``, dynamic-shape models run whole images up to this many (padded) pixels and tile
 #: larger ones, so memory stays bounded (a 1280x720 frame runs whole: see BENCHMARKS.md).
@@ -30,23 +30,29 @@ AUTO_WHOLE_MAX_PIXELS = 1280 * 736
 
 
 def choose_tiling(runner: Runner, height: int, width: int, tile: str | int | tuple[int, int] = "auto",
-                  overlap: int = DEFAULT_OVERLAP) -> TileSpec | None:
+                  overlap: int | None = None) -> TileSpec | None:
     """The TileSpec for one image (None = whole image).
 
     Args:
         tile: ``auto`` (static graphs: their tile; dynamic: whole image up to AUTO_WHOLE_MAX_PIXELS, else
             DEFAULT_TILE tiles), ``none`` (whole image; dynamic graphs only), an int or (h, w).
+        overlap: pixels; None = ``default_overlap(tile)`` (128, or a quarter of smaller tiles).
     """
     check_tile(runner, tile)
     if runner.fixed_shape is not None:
-        return TileSpec(runner.fixed_shape, min(overlap, min(runner.fixed_shape) - 16))
-    if tile in ("none", None):
+        tile_hw = runner.fixed_shape
+    elif tile in ("none", None):
         return None
-    if tile == "auto":
+    elif tile == "auto":
         if padded_size(height) * padded_size(width) <= AUTO_WHOLE_MAX_PIXELS:
             return None
-        return TileSpec((DEFAULT_TILE, DEFAULT_TILE), overlap)
-    return TileSpec(_as_hw(tile), overlap)
+        tile_hw = (DEFAULT_TILE, DEFAULT_TILE)
+    else:
+        tile_hw = _as_hw(tile)
+    try:
+        return TileSpec(tile_hw, default_overlap(tile_hw) if overlap is None else overlap)
+    except ValueError as e:
+        raise UserError(f"--tile/--overlap: {e}") from None
 
 
 def check_tile(runner: Runner, tile: str | int | tuple[int, int]) -> None:
@@ -66,7 +72,7 @@ def _as_hw(tile: str | int | tuple[int, int]) -> tuple[int, int]:
     return (int(h), int(w or h))
 
 
-def restore(runner: Runner, x: torch.Tensor, tile: str | int | tuple[int, int] = "auto", overlap: int = DEFAULT_OVERLAP,
+def restore(runner: Runner, x: torch.Tensor, tile: str | int | tuple[int, int] = "auto", overlap: int | None = None,
             progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """(1, 3, H, W) float32 in [0, 1] -> restored (1, 3, H, W) float32 (not clamped) through ``runner``."""
     spec = choose_tiling(runner, x.shape[-2], x.shape[-1], tile, overlap)
@@ -74,7 +80,7 @@ def restore(runner: Runner, x: torch.Tensor, tile: str | int | tuple[int, int] =
 
 
 def restore_image(runner: Runner, image: Decoded, tile: str | int | tuple[int, int] = "auto",
-                  overlap: int = DEFAULT_OVERLAP) -> Decoded:
+                  overlap: int | None = None) -> Decoded:
     """A decoded image restored, with its depth, alpha and grayness."""
     return from_tensor(restore(runner, to_tensor(image), tile, overlap), image)
 
@@ -133,7 +139,7 @@ def side_by_side(before: Decoded, after: Decoded, gap: int = 8) -> Decoded:
 
 
 def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | None = None, *,
-               tile: str | int | tuple[int, int] = "auto", overlap: int = DEFAULT_OVERLAP, overwrite: bool = False,
+               tile: str | int | tuple[int, int] = "auto", overlap: int | None = None, overwrite: bool = False,
                compare: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> InferReport:
     """Deblurs a file or a folder tree (recursive) into ``out_dir``, mirroring the tree.
 

@@ -34,7 +34,7 @@ from nafnet_core.images import read_image, to_tensor
 from .infer import restore
 from .models import ExportInfo, read_export, torch_runner
 from .runners import OnnxRuntimeRunner, Runner, RunnerError, TensorRTRunner
-from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+from .tiling import DEFAULT_TILE
 
 #: (max |ΔPSNR| dB, min PSNR vs reference dB) per precision, whole image.
 LIMITS = {"fp32": (0.01, 60.0), "fp16": (0.05, 45.0), "bf16": (0.10, 35.0)}
@@ -165,7 +165,7 @@ def _verdict(row: ParityRow) -> bool:
 
 
 def run_parity(reference: Runner, cases: list[_Case], pairs: Iterable[tuple[str, torch.Tensor, torch.Tensor]], *,
-               overlap: int = DEFAULT_OVERLAP, progress: bool = True, total: int | None = None) -> ParityReport:
+               overlap: int | None = None, progress: bool = True, total: int | None = None) -> ParityReport:
     """Runs every case on every (name, blur, sharp) pair (float32 (1, 3, H, W) in [0, 1]) against ``reference``."""
     from tqdm import tqdm
 
@@ -197,7 +197,8 @@ def run_parity(reference: Runner, cases: list[_Case], pairs: Iterable[tuple[str,
                     case.seconds += time.perf_counter() - t
                 except (RuntimeError, ValueError, UserError) as e:  # e.g. out of memory, engine profile too small
                     case.row.status = f"failed on {name}: {str(e).splitlines()[0][:200]}"
-                    case.runner.deactivate()
+                    if case.runner is not reference:
+                        case.runner.deactivate()
                     active.remove(case)
                     continue
                 _score(case, out, gt, ref_out)
@@ -259,7 +260,7 @@ def load_split(root: str | Path, split: str = "test", limit: int | None = None):
 
 def check_parity(export_dir: str | Path, data_root: str | Path, *, split: str = "test", limit: int | None = None,
                  checkpoint: str | Path | None = None, torch_precisions: Sequence[str] = ("fp16", "bf16"),
-                 tile: tuple[int, int] | None = None, overlap: int = DEFAULT_OVERLAP,
+                 tile: tuple[int, int] | None = None, overlap: int | None = None,
                  device: str = "cpu", threads: int | None = None, progress: bool = True) -> ParityReport:
     """The ``parity`` command: verifies the export's files (sha256), then runs every row on the split."""
     info = read_export(export_dir, verify_files=True)

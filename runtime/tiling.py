@@ -52,6 +52,11 @@ class TileSpec:
             raise ValueError(f"overlap must be in [0, {min(th, tw)}) for tile {th}x{tw}, got {self.overlap}")
 
 
+def default_overlap(tile: tuple[int, int]) -> int:
+    """DEFAULT_OVERLAP, or a quarter of the tile's shorter side for tiles smaller than 4x that."""
+    return min(DEFAULT_OVERLAP, min(tile) // 4)
+
+
 def padded_size(size: int, multiple: int = PAD_MULTIPLE) -> int:
     return -(-size // multiple) * multiple
 
