@@ -82,6 +82,8 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, seed: i
         sets["steps"] = steps
     cfg = build_config("tiny", sets=sets)
     run = train(cfg, out / "train", progress=progress, device="cpu")
+    if run.status == "interrupted":
+        raise UserError(f"training was interrupted at step {run.step}; re-run the demo with --overwrite")
     ckpt = out / "train" / "best.pt"
     if not ckpt.exists():
         ckpt = out / "train" / "last.pt"

@@ -29,7 +29,8 @@ def test_verdict_limits_pinned():
 
 def test_parity_passes_on_synthetic_test_split(tiny_export, synth_root, tmp_path):
     out = tmp_path / "parity.json"
-    res = CliRunner().invoke(main, ["parity", str(tiny_export), "--data", str(synth_root), "--json", str(out), "-q"])
+    res = CliRunner().invoke(main, ["parity", str(tiny_export), "--data", str(synth_root), "--json", str(out), "-q",
+                                    "--limit", "2"])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     assert report["pass"] is True
