@@ -244,8 +244,9 @@ def bench_table(result: dict) -> str:
                       "-" if r["fraction_of_matmul_roof"] is None else f"{100 * r['fraction_of_matmul_roof']:.1f}",
                       f(r["vs_torch"], ".2f"), r["status"]])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    widths[-1] = len(head[-1])  # the status column is last and free-length: no padding
     out = ["  ".join(str(x).ljust(wd) for x, wd in zip(head, widths)), "  ".join("-" * wd for wd in widths)]
-    out += ["  ".join(str(x).ljust(wd) for x, wd in zip(line, widths)) for line in lines]
+    out += ["  ".join(str(x).ljust(wd) for x, wd in zip(line, widths)).rstrip() for line in lines]
     out.append(f"model {result['model_gflop']} GFLOP at {result['size']}; this machine's fp32 matmul roof "
                f"{result['matmul_gflops']} GFLOP/s ({result['threads']} threads); median of {result['repeats']} "
                f"after {result['warmup']} warm-up, each backend in its own process")

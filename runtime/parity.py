@@ -98,9 +98,10 @@ class ParityReport:
                           fmt(r.delta_psnr, "+.4f"), vs_ref, fmt(r.max_abs_diff, ".2e"), fmt(r.ms_per_image, ".0f"),
                           verdict, r.status])
         widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+        widths[-1] = len(head[-1])  # the status column is last and free-length: no padding
         out = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]
         out.append("  ".join("-" * w for w in widths))
-        out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in lines]
+        out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in lines]
         out.append(f"{'PASS' if self.passed else 'FAIL'}: {self.images} images; every row that ran "
                    f"{'passed' if self.passed else 'must pass'} (limits: fp32 |ΔPSNR|<=0.01 dB & >=60 dB vs ref, "
                    f"fp16 <=0.05 & >=45, bf16 <=0.10 & >=35, tiled <=0.05)")
