@@ -203,8 +203,8 @@ def bench_export(export_dir: str | Path, size: tuple[int, int] = (720, 1280), *,
                       BenchSpec(art.backend, str(art.path), art.precision, "none" if art.fixed_shape is None else "auto",
                                 **common)))
     if big is not None:
-        tile_art = next((a for a in info.artifacts if a.backend == "onnxrt" and a.precision == "fp32" and a.fixed_shape),
-                        None)
+        tiles = [a for a in info.artifacts if a.backend == "onnxrt" and a.precision == "fp32" and a.fixed_shape]
+        tile_art = min(tiles, key=lambda a: a.fixed_shape[0] * a.fixed_shape[1], default=None)  # smallest tile
         dyn_art = next((a for a in info.artifacts if a.backend == "onnxrt" and a.precision == "fp32"
                         and a.fixed_shape is None), None)
         art = tile_art or dyn_art
