@@ -12,6 +12,7 @@ from nafnet_core import __version__
 from nafnet_core.cli_common import Group
 from nafnet_core.commands import info
 from export.commands import export
+from runtime.commands import bench, demo, infer, parity
 from train.commands import data, eval_cmd, train_cmd
 
 
@@ -28,10 +29,14 @@ def main() -> None:
 
 
 main.add_command(info)
+main.add_command(demo)
 main.add_command(data)
 main.add_command(train_cmd)
 main.add_command(eval_cmd)
 main.add_command(export)
+main.add_command(infer)
+main.add_command(parity)
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+# Session fixtures of the runtime tests (an exported tiny model, the synthetic set), defined once so that
+# every test module shares one export instead of building its own.
+pytest_plugins = ["tests.test_runtime_fixtures"]
 import torch
 import torch.nn.functional as F
 

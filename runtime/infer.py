@@ -1,0 +1,183 @@
+"""Deblur files and folders with any Runner: the one inference path (DESIGN §1).
+
+    file -> read_image -> to_tensor -> pad to 16 -> (tiles) -> Runner.infer -> (blend) -> crop
+         -> from_tensor (clamp, round, alpha/gray back) -> write_image (atomic)
+
+``infer_path`` mirrors an input tree into an output tree, skips outputs that exist (a re-run resumes),
+keeps going past unreadable files and reports them at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from nafnet_core.errors import UserError
+from nafnet_core.images import DEFAULT_MAX_PIXELS, Decoded, ImageError, from_tensor, is_image_file, read_image, to_8bit, \
+    to_tensor, write_image
+
+from .runners import Runner
+from .tiling import DEFAULT_TILE, TileSpec, count_tiles, default_overlap, padded_size, restore_tensor
+
+#: With ``tile="auto"``, dynamic-shape models run whole images up to this many (padded) pixels and tile
+#: larger ones, so memory stays bounded (a 1280x720 frame runs whole: see BENCHMARKS.md).
+AUTO_WHOLE_MAX_PIXELS = 1280 * 736
+
+
+def choose_tiling(runner: Runner, height: int, width: int, tile: str | int | tuple[int, int] = "auto",
+                  overlap: int | None = None) -> TileSpec | None:
+    """The TileSpec for one image (None = whole image).
+
+    Args:
+        tile: ``auto`` (static graphs: their tile; dynamic: whole image up to AUTO_WHOLE_MAX_PIXELS, else
+            DEFAULT_TILE tiles), ``none`` (whole image; dynamic graphs only), an int or (h, w).
+        overlap: pixels; None = ``default_overlap(tile)`` (128, or a quarter of smaller tiles).
+    """
+    check_tile(runner, tile)
+    if runner.fixed_shape is not None:
+        tile_hw = runner.fixed_shape
+    elif tile in ("none", None):
+        return None
+    elif tile == "auto":
+        if padded_size(height) * padded_size(width) <= AUTO_WHOLE_MAX_PIXELS:
+            return None
+        tile_hw = (DEFAULT_TILE, DEFAULT_TILE)
+    else:
+        tile_hw = _as_hw(tile)
+    try:
+        return TileSpec(tile_hw, default_overlap(tile_hw) if overlap is None else overlap)
+    except ValueError as e:
+        raise UserError(f"--tile/--overlap: {e}") from None
+
+
+def check_tile(runner: Runner, tile: str | int | tuple[int, int]) -> None:
+    """Refuses a ``tile`` that a fixed-shape runner cannot take (before any image is processed)."""
+    fixed = runner.fixed_shape
+    if fixed is not None and tile not in ("auto", None) and (tile == "none" or _as_hw(tile) != fixed):
+        raise UserError(f"{runner.name} takes {fixed[0]}x{fixed[1]} tiles only; "
+                        f"drop --tile or pass --tile {fixed[0]}x{fixed[1]}")
+
+
+def _as_hw(tile: str | int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(tile, tuple):
+        return tile
+    if isinstance(tile, int):
+        return (tile, tile)
+    h, _, w = str(tile).lower().partition("x")
+    return (int(h), int(w or h))
+
+
+def restore(runner: Runner, x: torch.Tensor, tile: str | int | tuple[int, int] = "auto", overlap: int | None = None,
+            progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """(1, 3, H, W) float32 in [0, 1] -> restored (1, 3, H, W) float32 (not clamped) through ``runner``."""
+    spec = choose_tiling(runner, x.shape[-2], x.shape[-1], tile, overlap)
+    return restore_tensor(runner.infer, x, spec, progress)
+
+
+def restore_image(runner: Runner, image: Decoded, tile: str | int | tuple[int, int] = "auto",
+                  overlap: int | None = None) -> Decoded:
+    """A decoded image restored, with its depth, alpha and grayness."""
+    return from_tensor(restore(runner, to_tensor(image), tile, overlap), image)
+
+
+# --------------------------------------------------------------------------------------------- folders
+
+@dataclass
+class InferReport:
+    """What ``infer_path`` did. ``failed`` maps each input that could not be processed to the reason."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: dict[Path, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def default_output(input_path: Path) -> Path:
+    """``photos/`` -> ``photos_deblurred/``; ``a.png`` -> ``a_deblurred/`` beside it (holding ``a.png``)."""
+    input_path = Path(input_path)
+    stem = input_path.name if input_path.is_dir() else input_path.stem
+    return input_path.parent / f"{stem}_deblurred"
+
+
+def collect_inputs(input_path: Path, exclude: list[Path] = ()) -> list[tuple[Path, Path]]:
+    """(file, path relative to the input root) for every image under ``input_path``, sorted.
+
+    A file given directly is taken whatever its suffix (it will fail clearly if it is not an image);
+    in folders only image suffixes are taken, hidden files and ``exclude`` trees are skipped.
+    """
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise UserError(f"{input_path}: no such file or folder")
+    if input_path.is_file():
+        return [(input_path, Path(input_path.name))]
+    excluded = [e.resolve() for e in exclude]
+    found = []
+    for p in sorted(input_path.rglob("*")):
+        rel = p.relative_to(input_path)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file() or not is_image_file(p):
+            continue
+        if any(p.resolve().is_relative_to(e) for e in excluded):
+            continue
+        found.append((p, rel))
+    return found
+
+
+def side_by_side(before: Decoded, after: Decoded, gap: int = 8) -> Decoded:
+    """8-bit RGB image: input | output, separated by a white gap (alpha dropped)."""
+    a, b = to_8bit(before).rgb, to_8bit(after).rgb
+    spacer = np.full((a.shape[0], gap, 3), 255, np.uint8)
+    return Decoded(np.concatenate([a, spacer, b], axis=1))
+
+
+def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | None = None, *,
+               tile: str | int | tuple[int, int] = "auto", overlap: int | None = None, overwrite: bool = False,
+               compare: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> InferReport:
+    """Deblurs a file or a folder tree (recursive) into ``out_dir``, mirroring the tree.
+
+    Args:
+        runner: an activated Runner.
+        input_path: an image file or a folder.
+        out_dir: output root (default: ``<input>_deblurred`` beside the input).
+        tile / overlap: see :func:`choose_tiling`.
+        overwrite: re-process images whose output exists (default: skip them, so a re-run resumes).
+        compare: also write input | output images under ``<out_dir>_compare``.
+        max_pixels: decompression-bomb limit per image.
+        progress: show a progress bar (stderr).
+    """
+    from tqdm import tqdm
+
+    input_path = Path(input_path)
+    out_dir = Path(out_dir) if out_dir is not None else default_output(input_path)
+    compare_dir = out_dir.parent / f"{out_dir.name}_compare"
+    check_tile(runner, tile)
+    items = collect_inputs(input_path, exclude=[out_dir, compare_dir])
+    report = InferReport()
+    start = time.perf_counter()
+    bar = tqdm(items, unit="img", disable=not progress, dynamic_ncols=True, desc="infer")
+    for src, rel in bar:
+        dst = out_dir / rel
+        if dst.exists() and not overwrite:
+            report.skipped.append(dst)
+            continue
+        try:
+            image = read_image(src, max_pixels=max_pixels)
+            restored = restore_image(runner, image, tile, overlap)
+            write_image(dst, restored)
+            if compare:
+                write_image(compare_dir / rel, side_by_side(image, restored))
+        except (ImageError, UserError) as e:
+            report.failed[src] = str(e)
+            continue
+        report.written.append(dst)
+    report.seconds = time.perf_counter() - start
+    bar.close()
+    return report

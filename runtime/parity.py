@@ -1,0 +1,274 @@
+"""Check export parity: every backend x precision x (whole | tiled) against PyTorch fp32 (DESIGN §7).
+
+Reference: PyTorch fp32, whole image, with the export's TLC setting. For each row, on the same images:
+PSNR / SSIM vs ground truth (uint8-rounded outputs, averaged per image), ΔPSNR = row PSNR - reference
+PSNR, PSNR of the row's output vs the reference output (clamped floats, worst image), max |Δ| and
+ms/image. Pass limits:
+
+    fp32 whole   |ΔPSNR| <= 0.01 dB  and  vs reference >= 60 dB
+    fp16 whole   |ΔPSNR| <= 0.05 dB  and  vs reference >= 45 dB
+    bf16 whole   |ΔPSNR| <= 0.10 dB  and  vs reference >= 35 dB   (8-bit mantissa; not a shipping format)
+    tiled        |ΔPSNR| <= 0.05 dB  (tiles vs whole image, any precision)
+
+A row that cannot run here (no GPU, no TensorRT, no source checkpoint) is reported with the reason and
+no verdict; the report passes when every row that ran passed. Images are processed one at a time with
+every runner active, so memory does not grow with the data set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+import nafnet_core as nc
+from nafnet_core.errors import UserError
+from nafnet_core.fileio import atomic_write_text
+from nafnet_core.images import read_image, to_tensor
+
+from .infer import restore
+from .models import ExportInfo, read_export, torch_runner
+from .runners import OnnxRuntimeRunner, Runner, RunnerError, TensorRTRunner
+from .tiling import DEFAULT_TILE
+
+#: (max |ΔPSNR| dB, min PSNR vs reference dB) per precision, whole image.
+LIMITS = {"fp32": (0.01, 60.0), "fp16": (0.05, 45.0), "bf16": (0.10, 35.0)}
+#: max |ΔPSNR| dB of a tiled row.
+TILED_LIMIT = 0.05
+
+
+@dataclass
+class ParityRow:
+    backend: str
+    precision: str
+    mode: str
+    psnr: float | None = None
+    ssim: float | None = None
+    delta_psnr: float | None = None
+    psnr_vs_reference: float | None = None  # None also when identical to the reference (infinite PSNR)
+    max_abs_diff: float | None = None
+    ms_per_image: float | None = None
+    passed: bool | None = None
+    status: str = ""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["pass"] = d.pop("passed")
+        return d
+
+
+@dataclass
+class ParityReport:
+    rows: list[ParityRow]
+    images: int
+    export_dir: str = ""
+
+    @property
+    def passed(self) -> bool:
+        ran = [r for r in self.rows if r.passed is not None]
+        return bool(ran) and all(r.passed for r in ran)
+
+    def to_json(self) -> dict:
+        return {"pass": self.passed, "images": self.images, "export": self.export_dir,
+                "limits": {"whole": {k: {"max_abs_delta_psnr": v[0], "min_psnr_vs_reference": v[1]}
+                                     for k, v in LIMITS.items()}, "tiled": {"max_abs_delta_psnr": TILED_LIMIT}},
+                "rows": [r.to_json() for r in self.rows]}
+
+    def write_json(self, path: str | Path) -> Path:
+        return atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+
+    def table(self) -> str:
+        head = ["backend", "precision", "mode", "PSNR", "SSIM", "ΔPSNR", "vs ref dB", "max|Δ|", "ms/img", "pass", "status"]
+
+        def fmt(v, spec):
+            if v is None:
+                return "-"
+            return format(v, spec)
+
+        lines = []
+        for r in self.rows:
+            vs_ref = "identical" if r.psnr_vs_reference is None and r.max_abs_diff == 0 else fmt(r.psnr_vs_reference, ".1f")
+            verdict = {True: "PASS", False: "FAIL", None: "-"}[r.passed]
+            lines.append([r.backend, r.precision, r.mode, fmt(r.psnr, ".3f"), fmt(r.ssim, ".4f"),
+                          fmt(r.delta_psnr, "+.4f"), vs_ref, fmt(r.max_abs_diff, ".2e"), fmt(r.ms_per_image, ".0f"),
+                          verdict, r.status])
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+        widths[-1] = len(head[-1])  # the status column is last and free-length: no padding
+        out = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]
+        out.append("  ".join("-" * w for w in widths))
+        out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in lines]
+        out.append(f"{'PASS' if self.passed else 'FAIL'}: {self.images} images; every row that ran "
+                   f"{'passed' if self.passed else 'must pass'} (limits: fp32 |ΔPSNR|<=0.01 dB & >=60 dB vs ref, "
+                   f"fp16 <=0.05 & >=45, bf16 <=0.10 & >=35, tiled <=0.05)")
+        return "\n".join(out)
+
+
+@dataclass
+class _Case:
+    """One row to compute: a runner and how to run it (tile None = whole image)."""
+
+    row: ParityRow
+    runner: Runner | None
+    tile: tuple[int, int] | str | None
+    psnrs: list[float] = field(default_factory=list)
+    ssims: list[float] = field(default_factory=list)
+    vs_ref: list[float] = field(default_factory=list)
+    max_diff: float = 0.0
+    seconds: float = 0.0
+
+
+def parity_cases(info: ExportInfo, *, torch_precisions: Sequence[str] = ("fp16", "bf16"),
+                 tile: tuple[int, int] | None = None, device: str = "cpu",
+                 threads: int | None = None) -> tuple[Runner, list[_Case]]:
+    """(reference runner, the rows) for an export: torch fp16/bf16 whole, torch fp32 tiled (``tile``, default
+    the export's own tile, else DEFAULT_TILE), every ONNX graph (dynamic whole, fixed tile tiled) and engine."""
+    if tile is None:
+        tile = next((a.fixed_shape for a in info.artifacts if a.fixed_shape), (DEFAULT_TILE, DEFAULT_TILE))
+    if info.checkpoint is None:
+        raise UserError(f"{info.directory}: the PyTorch reference needs the source checkpoint: {info.checkpoint_note}; "
+                        "pass --checkpoint")
+    ref = torch_runner(info.checkpoint, "fp32", preset=info.preset, tlc=info.tlc, train_size=info.train_size,
+                       device=device)
+    cases = []
+    for p in torch_precisions:
+        cases.append(_Case(ParityRow("torch", p, "whole"),
+                           torch_runner(info.checkpoint, p, preset=info.preset, tlc=info.tlc,
+                                        train_size=info.train_size, device=device), None))
+    cases.append(_Case(ParityRow("torch", "fp32", f"tiled {tile[0]}x{tile[1]}"), ref, tile))
+    for art in sorted(info.artifacts, key=lambda a: (a.backend != "onnxrt", a.precision, a.fixed_shape is not None)):
+        mode = "whole" if art.fixed_shape is None else f"tiled {art.fixed_shape[0]}x{art.fixed_shape[1]}"
+        if art.backend == "onnxrt":
+            runner = OnnxRuntimeRunner(art.path, art.precision, device=device, threads=threads,
+                                       name=f"onnxrt-{art.precision}-{art.mode}")
+        else:
+            runner = TensorRTRunner(art.path, art.precision, art.fixed_shape, name=f"trt-{art.precision}-{art.mode}")
+        cases.append(_Case(ParityRow(art.backend, art.precision, mode), runner, "auto" if art.fixed_shape else "none"))
+    if not any(a.backend == "trt" for a in info.artifacts):
+        from .trt import tensorrt_available
+
+        ok, why = tensorrt_available()
+        why = "the export holds no engine" + ("" if ok else f" ({why})")
+        cases.append(_Case(ParityRow("trt", "fp16", "-", status=f"cannot run here: {why}"), None, None))
+    return ref, cases
+
+
+def _verdict(row: ParityRow) -> bool:
+    if row.mode.startswith("tiled"):
+        return abs(row.delta_psnr) <= TILED_LIMIT
+    max_delta, min_db = LIMITS[row.precision]
+    vs_ref_ok = row.psnr_vs_reference is None or row.psnr_vs_reference >= min_db  # None: identical
+    return abs(row.delta_psnr) <= max_delta and vs_ref_ok
+
+
+def run_parity(reference: Runner, cases: list[_Case], pairs: Iterable[tuple[str, torch.Tensor, torch.Tensor]], *,
+               overlap: int | None = None, progress: bool = True, total: int | None = None) -> ParityReport:
+    """Runs every case on every (name, blur, sharp) pair (float32 (1, 3, H, W) in [0, 1]) against ``reference``."""
+    from tqdm import tqdm
+
+    ref_row = ParityRow("torch", "fp32", "whole", status="reference")
+    ref_case = _Case(ref_row, reference, None)
+    active: list[_Case] = []
+    reference.activate()
+    for case in cases:
+        if case.runner is None:
+            continue
+        try:
+            case.runner.activate()
+            active.append(case)
+        except (RunnerError, UserError, ImportError, OSError) as e:
+            case.row.status = f"cannot run here: {e}"
+    n = 0
+    try:
+        for name, blur, sharp in tqdm(pairs, total=total, desc="parity", unit="img", disable=not progress):
+            n += 1
+            gt = nc.quantize(sharp)
+            t = time.perf_counter()
+            ref_out = restore(reference, blur, "none").clamp(0, 1)
+            ref_case.seconds += time.perf_counter() - t
+            _score(ref_case, ref_out, gt, ref_out)
+            for case in list(active):
+                try:
+                    t = time.perf_counter()
+                    out = restore(case.runner, blur, case.tile, overlap).clamp(0, 1)
+                    case.seconds += time.perf_counter() - t
+                except (RuntimeError, ValueError, UserError) as e:  # e.g. out of memory, engine profile too small
+                    case.row.status = f"failed on {name}: {str(e).splitlines()[0][:200]}"
+                    if case.runner is not reference:
+                        case.runner.deactivate()
+                    active.remove(case)
+                    continue
+                _score(case, out, gt, ref_out)
+    finally:
+        reference.deactivate()
+        for case in cases:
+            if case.runner is not None:
+                case.runner.deactivate()
+    if n == 0:
+        raise UserError("parity: no image pairs to compare")
+    rows = [_finish(ref_case, n, ref_case)]
+    for case in cases:
+        if case in active:
+            rows.append(_finish(case, n, ref_case))
+        else:
+            rows.append(case.row)
+    return ParityReport(rows, n)
+
+
+def _score(case: _Case, out: torch.Tensor, gt: torch.Tensor, ref_out: torch.Tensor) -> None:
+    q = nc.quantize(out)
+    case.psnrs.append(nc.psnr(q, gt).item())
+    case.ssims.append(nc.ssim(q, gt).item())
+    case.vs_ref.append(nc.psnr(out, ref_out, data_range=1.0).item())
+    case.max_diff = max(case.max_diff, (out - ref_out).abs().max().item())
+
+
+def _finish(case: _Case, n: int, ref: _Case) -> ParityRow:
+    row = case.row
+    row.psnr = round(sum(case.psnrs) / n, 4)
+    row.ssim = round(sum(case.ssims) / n, 5)
+    row.delta_psnr = round(row.psnr - sum(ref.psnrs) / n, 4) if case is not ref else 0.0
+    worst = min(case.vs_ref)
+    row.psnr_vs_reference = None if math.isinf(worst) else round(worst, 2)
+    row.max_abs_diff = float(f"{case.max_diff:.3g}")
+    row.ms_per_image = round(case.seconds / n * 1e3, 1)
+    if case is not ref:
+        row.passed = _verdict(row)
+        if not row.status:
+            row.status = "ok" if row.passed else "outside the limit"
+    return row
+
+
+def load_split(root: str | Path, split: str = "test", limit: int | None = None):
+    """(pairs iterator of (name, blur, sharp) tensors, count) of a data set split (train package's loader)."""
+    from train.data import load_pairs
+
+    splits = load_pairs(root)
+    if split not in splits:
+        raise UserError(f"{root}: no split {split!r}; it has {', '.join(splits)}")
+    pairs = splits[split][:limit] if limit else splits[split]
+
+    def gen():
+        for p in pairs:
+            yield p.name, to_tensor(read_image(p.blur)), to_tensor(read_image(p.sharp))
+
+    return gen(), len(pairs)
+
+
+def check_parity(export_dir: str | Path, data_root: str | Path, *, split: str = "test", limit: int | None = None,
+                 checkpoint: str | Path | None = None, torch_precisions: Sequence[str] = ("fp16", "bf16"),
+                 tile: tuple[int, int] | None = None, overlap: int | None = None,
+                 device: str = "cpu", threads: int | None = None, progress: bool = True) -> ParityReport:
+    """The ``parity`` command: verifies the export's files (sha256), then runs every row on the split."""
+    info = read_export(export_dir, verify_files=True)
+    if checkpoint is not None:
+        info.checkpoint, info.checkpoint_note = Path(checkpoint), ""
+    ref, cases = parity_cases(info, torch_precisions=torch_precisions, tile=tile, device=device, threads=threads)
+    pairs, n = load_split(data_root, split, limit)
+    report = run_parity(ref, cases, pairs, overlap=overlap, progress=progress, total=n)
+    report.export_dir = str(export_dir)
+    return report

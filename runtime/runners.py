@@ -1,0 +1,288 @@
+"""One Runner interface over PyTorch, onnxruntime and TensorRT (after Polygraphy's ``BaseRunner``).
+
+    with OnnxRuntimeRunner("export/model_tile512.onnx") as runner:
+        y = runner.infer(x)          # x, y: float32 (N, C, H, W) torch tensors on the CPU
+
+Constructors only store arguments; ``activate`` creates the heavy objects (model copies, sessions,
+engines) and ``deactivate`` frees them. ``fixed_shape`` is the (H, W) a static graph or engine
+accepts, or None when any multiple of 16 works: the inference path tiles by it (runtime.tiling).
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from nafnet_core.errors import UserError
+
+#: Precisions a backend can run, keyed by backend name.
+PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "onnxrt": ("fp32", "fp16"), "trt": ("fp16",)}
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class RunnerError(UserError):
+    """A backend that cannot run here or a model it cannot run; the message says what to do."""
+
+
+class Runner:
+    """Base class: ``activate`` / ``infer`` / ``deactivate`` and a context manager.
+
+    Attributes:
+        backend: ``torch``, ``onnxrt`` or ``trt``.
+        precision: ``fp32``, ``fp16`` or ``bf16`` (what the arithmetic runs in).
+        fixed_shape: (H, W) the model requires, or None for any multiple of 16.
+        name: a readable label for tables and logs.
+    """
+
+    backend = "base"
+
+    def __init__(self, precision: str = "fp32", name: str | None = None):
+        if precision not in PRECISIONS.get(self.backend, (precision,)):
+            raise RunnerError(f"backend {self.backend} cannot run {precision}; choose one of "
+                              f"{', '.join(PRECISIONS[self.backend])}")
+        self.precision = precision
+        self.name = name or f"{self.backend}-{precision}"
+        self.fixed_shape: tuple[int, int] | None = None
+        self.is_active = False
+        self.last_ms = 0.0
+
+    # --- public interface
+    def activate(self) -> "Runner":
+        if not self.is_active:
+            self._activate()
+            self.is_active = True
+        return self
+
+    def infer(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """float32 NCHW in (tensor or array, any device), float32 NCHW CPU tensor out."""
+        if not self.is_active:
+            raise RuntimeError(f"{self.name}: call activate() (or use `with runner:`) before infer()")
+        x = torch.as_tensor(x)
+        if x.dim() != 4:
+            raise ValueError(f"{self.name}: expected an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+        if self.fixed_shape is not None and tuple(x.shape[-2:]) != self.fixed_shape:
+            raise ValueError(f"{self.name}: this model takes {self.fixed_shape[0]}x{self.fixed_shape[1]} inputs "
+                             f"only, got {x.shape[-2]}x{x.shape[-1]}; run it through runtime.tiling")
+        start = time.perf_counter()
+        y = self._infer(x.float().contiguous())
+        self.last_ms = (time.perf_counter() - start) * 1e3
+        return y
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self._deactivate()
+            self.is_active = False
+
+    def __enter__(self) -> "Runner":
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def __repr__(self) -> str:
+        shape = "dynamic" if self.fixed_shape is None else f"{self.fixed_shape[0]}x{self.fixed_shape[1]}"
+        return f"{type(self).__name__}({self.name}, {shape})"
+
+    # --- what backends implement
+    def _activate(self) -> None:
+        raise NotImplementedError
+
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _deactivate(self) -> None:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------- torch
+
+class TorchRunner(Runner):
+    """A PyTorch module in fp32, fp16 or bf16 on CPU or CUDA.
+
+    Args:
+        model: the NAFNet (TLC applied or not, as wanted); it is copied on activate, never changed.
+        precision: ``fp32``, ``fp16`` or ``bf16``.
+        device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available).
+    """
+
+    backend = "torch"
+
+    def __init__(self, model: nn.Module, precision: str = "fp32", device: str = "auto", name: str | None = None):
+        super().__init__(precision, name)
+        self.model = model
+        self.device = device
+        self._module: nn.Module | None = None
+
+    def _activate(self) -> None:
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RunnerError("torch: CUDA requested but torch.cuda.is_available() is False; use --device cpu")
+        self._device = torch.device(device)
+        self._dtype = TORCH_DTYPES[self.precision]
+        self._module = copy.deepcopy(self.model).to(self._device, self._dtype).eval()
+
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            y = self._module(x.to(self._device, self._dtype))
+        return y.float().cpu()
+
+    def _deactivate(self) -> None:
+        self._module = None
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------- onnxruntime
+
+def cuda_device_count() -> int:
+    """Number of CUDA GPUs the driver reports (0 without a driver), asked without loading torch.cuda or ORT EPs."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return int(count.value)
+
+
+def ort_providers(device: str = "auto") -> list[str]:
+    """onnxruntime providers to ask for: the CUDA EP only when it is built in AND a GPU exists.
+
+    onnxruntime-gpu lists CUDAExecutionProvider even on machines without a GPU, and asking for it there
+    logs a load error before falling back; this picks providers so that never happens.
+    """
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers() and cuda_device_count() > 0
+    if device == "cuda" and not has_cuda:
+        raise RunnerError("onnxrt: CUDA requested but no CUDA GPU / CUDA execution provider here; use --device cpu")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
+
+
+def onnx_input_info(path: str | Path) -> tuple[tuple[int, int] | None, str]:
+    """((H, W) if the graph's input is fixed else None, input element type) read from the graph header."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inp = model.graph.input[0]
+    dims = inp.type.tensor_type.shape.dim
+    hw = [d.dim_value if d.HasField("dim_value") else None for d in dims[-2:]]
+    fixed = (hw[0], hw[1]) if len(hw) == 2 and None not in hw else None
+    return fixed, onnx.TensorProto.DataType.Name(inp.type.tensor_type.elem_type)
+
+
+class OnnxRuntimeRunner(Runner):
+    """An ONNX graph (dynamic or fixed-tile, fp32 or FP16 inside) on onnxruntime.
+
+    Args:
+        path: the ``.onnx`` file (its external ``.onnx.data`` beside it).
+        precision: what the graph computes in (``fp16`` for the mixed FP16 graph; informational on CPU,
+            where onnxruntime computes FP16 nodes in FP32).
+        device: ``cpu``, ``cuda`` or ``auto``.
+        threads: intra-op threads (default: all cores).
+        opt_level: graph optimisation level: ``disable``, ``basic``, ``extended``, ``all``.
+        profile: write an onnxruntime profile (JSON) next to the model; its path is ``profile_file`` after
+            deactivate.
+        spin: let idle worker threads spin-wait. Off by default: on a CPU shared with other work, spinning
+            threads steal cores (measured: 8.3 s vs 11.3 s per 368x640 frame under load, BENCHMARKS.md).
+        arena: onnxruntime's CPU memory arena. Off by default: it keeps freed blocks, and a width32
+            512x512 tile peaked at 1555 MB with it vs 871 MB without, at no measurable speed cost.
+    """
+
+    backend = "onnxrt"
+
+    def __init__(self, path: str | Path, precision: str = "fp32", device: str = "auto", threads: int | None = None,
+                 opt_level: str = "all", profile: bool = False, spin: bool = False, arena: bool = False,
+                 name: str | None = None):
+        super().__init__(precision, name)
+        self.path = Path(path)
+        self.device = device
+        self.threads = threads
+        self.opt_level = opt_level
+        self.profile = profile
+        self.spin = spin
+        self.arena = arena
+        self.profile_file: str | None = None
+        self._session = None
+        if not self.path.is_file():
+            raise RunnerError(f"{self.path}: no such ONNX file")
+        self.fixed_shape, self._input_type = onnx_input_info(self.path)
+
+    def _activate(self) -> None:
+        import onnxruntime as ort
+
+        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = levels[self.opt_level]
+        opts.intra_op_num_threads = self.threads or (os.cpu_count() or 1)
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
+        opts.enable_cpu_mem_arena = self.arena
+        if self.profile:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(self.path.with_suffix("")) + "_ort_profile"
+        try:
+            self._session = ort.InferenceSession(str(self.path), opts, providers=ort_providers(self.device))
+        except (RuntimeError, ValueError) as e:  # onnxruntime raises Fail / InvalidGraph (RuntimeError subclasses)
+            raise RunnerError(f"{self.path}: onnxruntime cannot load this graph: {str(e).splitlines()[0][:300]}") from None
+        self._in = self._session.get_inputs()[0].name
+        self._out = self._session.get_outputs()[0].name
+        self._np_dtype = np.float16 if self._input_type == "FLOAT16" else np.float32
+
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
+        (y,) = self._session.run([self._out], {self._in: x.cpu().numpy().astype(self._np_dtype, copy=False)})
+        return torch.from_numpy(np.asarray(y, dtype=np.float32))
+
+    def _deactivate(self) -> None:
+        if self.profile and self._session is not None:
+            self.profile_file = self._session.end_profiling()
+        self._session = None
+
+
+# --------------------------------------------------------------------------------------------- TensorRT
+
+class TensorRTRunner(Runner):
+    """A serialized TensorRT engine (FP16 inside, FP32 I/O), run with ``execute_async_v3``.
+
+    Buffers are torch CUDA tensors; TensorRT is imported lazily in activate (runtime/trt.py).
+
+    Args:
+        path: the engine file.
+        fixed_shape: (H, W) of a static engine, when known from the manifest; None for dynamic profiles.
+    """
+
+    backend = "trt"
+
+    def __init__(self, path: str | Path, precision: str = "fp16", fixed_shape: tuple[int, int] | None = None,
+                 name: str | None = None):
+        super().__init__(precision, name)
+        self.path = Path(path)
+        self.fixed_shape = fixed_shape
+        self._engine = None
+
+    def _activate(self) -> None:
+        from . import trt
+
+        self._engine = trt.EngineSession(self.path)
+        self.fixed_shape = self._engine.fixed_shape or self.fixed_shape
+
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
+        return self._engine.run(x)
+
+    def _deactivate(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+        self._engine = None

@@ -1,0 +1,168 @@
+"""Tiling shared by every backend: pad to a multiple of 16, a tile grid with overlap, smooth blending.
+
+    x (1, C, H, W) -> pad right/bottom with zeros to a multiple of 16 (what NAFNet does itself, so a
+    whole-image pass equals the model's own output) -> either one whole-image call (dynamic graphs) or
+    tiles of a fixed size on an even grid, each blended in with a raised-cosine ramp over the overlap
+    -> crop to H x W.
+
+The grid is a product of two 1-D grids, so the sum of blending weights at a pixel is the product
+of two 1-D sums: the output is accumulated in one image-sized buffer and divided by an outer product,
+with no image-sized weight map. The model only ever sees one tile, so its activation memory is
+bounded by the tile, not the image.
+
+TLC and tiles: a fixed-tile graph carries the TLC kernels of the training size as constants, so
+inside a tile the SCA statistics are local means over the same windows as on the whole image; only
+windows that would cross the tile border differ, and the overlap + blending hides them. Defaults
+were measured on 1280x720 photos (BENCHMARKS.md, "Runtime").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+#: NAFNet with 4 encoder levels needs H and W divisible by 2**4.
+PAD_MULTIPLE = 16
+#: Default tile edge and overlap (pixels), measured: see BENCHMARKS.md "Tiling vs whole-image TLC".
+DEFAULT_TILE = 512
+DEFAULT_OVERLAP = 128
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """How to cut an image.
+
+    Args:
+        tile: (height, width) of every tile (multiples of 16).
+        overlap: minimum overlap between neighbouring tiles, pixels (blend ramp length).
+    """
+
+    tile: tuple[int, int] = (DEFAULT_TILE, DEFAULT_TILE)
+    overlap: int = DEFAULT_OVERLAP
+
+    def __post_init__(self):
+        th, tw = self.tile
+        if th <= 0 or tw <= 0 or th % PAD_MULTIPLE or tw % PAD_MULTIPLE:
+            raise ValueError(f"tile must be positive multiples of {PAD_MULTIPLE}, got {th}x{tw}")
+        if not 0 <= self.overlap < min(th, tw):
+            raise ValueError(f"overlap must be in [0, {min(th, tw)}) for tile {th}x{tw}, got {self.overlap}")
+
+
+def default_overlap(tile: tuple[int, int]) -> int:
+    """DEFAULT_OVERLAP, or a quarter of the tile's shorter side for tiles smaller than 4x that."""
+    return min(DEFAULT_OVERLAP, min(tile) // 4)
+
+
+def padded_size(size: int, multiple: int = PAD_MULTIPLE) -> int:
+    return -(-size // multiple) * multiple
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
+    """Zero-pads (N, C, H, W) right and bottom to multiples of ``multiple`` (NAFNet's own padding)."""
+    h, w = x.shape[-2:]
+    return F.pad(x, (0, padded_size(w, multiple) - w, 0, padded_size(h, multiple) - h))
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of ``tile`` px covering [0, length) with at least ``overlap`` px overlap.
+
+    The fewest tiles that satisfy the overlap, spread evenly from 0 to ``length - tile`` and rounded
+    down to multiples of 16 where possible (so tile-local pixel grids align with the image's stride-16
+    structure). ``length <= tile`` gives one tile at 0 (the caller pads the image to the tile).
+    """
+    if length <= tile:
+        return [0]
+    n = 1 + math.ceil((length - tile) / (tile - overlap))
+    last = length - tile
+    starts = [round(i * last / (n - 1)) for i in range(n)]
+    aligned = [s - s % PAD_MULTIPLE for s in starts[:-1]] + [last]
+    if all(b - a <= tile - overlap for a, b in zip(aligned, aligned[1:])):
+        starts = aligned
+    return starts
+
+
+def blend_ramp(n: int) -> torch.Tensor:
+    """n weights rising smoothly (raised cosine) from near 0 to near 1, never exactly 0."""
+    t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return (0.5 - 0.5 * torch.cos(math.pi * t)).float()
+
+
+def tile_weights(starts: list[int], tile: int, overlap: int) -> list[torch.Tensor]:
+    """1-D blending weights of each tile: 1 in the middle, a ramp over the overlap on inner edges only.
+
+    Edges on the image border keep weight 1, so every pixel's weights sum to at least 1 there and
+    to a positive value everywhere.
+    """
+    weights = []
+    ramp = blend_ramp(overlap) if overlap > 0 else None
+    for i, _ in enumerate(starts):
+        w = torch.ones(tile)
+        if ramp is not None and i > 0:
+            w[:overlap] = ramp
+        if ramp is not None and i < len(starts) - 1:
+            w[tile - overlap:] = torch.minimum(w[tile - overlap:], ramp.flip(0))
+        weights.append(w)
+    return weights
+
+
+def weight_sum(length: int, starts: list[int], weights: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of the 1-D weights of all tiles at each position of [0, length)."""
+    total = torch.zeros(length)
+    for s, w in zip(starts, weights):
+        n = min(len(w), length - s)
+        total[s:s + n] += w[:n]
+    return total
+
+
+def run_tiled(infer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, spec: TileSpec,
+              progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Runs ``infer`` on tiles of ``x`` (1, C, H, W; H, W multiples of 16) and blends them; same shape out.
+
+    An image smaller than the tile along an axis is replicate-padded to the tile there and cropped after.
+    """
+    if x.shape[0] != 1:
+        raise ValueError(f"run_tiled takes one image at a time, got batch {x.shape[0]}")
+    h, w = x.shape[-2:]
+    th, tw = spec.tile
+    fill_h, fill_w = max(th - h, 0), max(tw - w, 0)
+    if fill_h or fill_w:
+        x = F.pad(x, (0, fill_w, 0, fill_h), mode="replicate")
+    ph, pw = x.shape[-2:]
+    ys, xs = tile_starts(ph, th, spec.overlap), tile_starts(pw, tw, spec.overlap)
+    wy, wx = tile_weights(ys, th, spec.overlap), tile_weights(xs, tw, spec.overlap)
+    out = torch.zeros(1, x.shape[1], ph, pw)
+    for y0, wy_t in zip(ys, wy):
+        for x0, wx_t in zip(xs, wx):
+            y = infer(x[:, :, y0:y0 + th, x0:x0 + tw].contiguous())
+            out[:, :, y0:y0 + th, x0:x0 + tw] += y.float() * (wy_t[:, None] * wx_t[None, :])
+            if progress is not None:
+                progress(1)
+    out /= weight_sum(ph, ys, wy)[:, None] * weight_sum(pw, xs, wx)[None, :]
+    return out[:, :, :h, :w]
+
+
+def count_tiles(height: int, width: int, spec: TileSpec) -> int:
+    """Number of tiles ``run_tiled`` uses for an image of ``height`` x ``width`` (before padding to 16)."""
+    ph, pw = max(padded_size(height), spec.tile[0]), max(padded_size(width), spec.tile[1])
+    return len(tile_starts(ph, spec.tile[0], spec.overlap)) * len(tile_starts(pw, spec.tile[1], spec.overlap))
+
+
+def restore_tensor(infer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, spec: TileSpec | None = None,
+                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """The shared inference path: pad to 16 -> whole image (``spec`` None) or tiles -> crop. No clamping.
+
+    Args:
+        infer: a runner's ``infer`` (NCHW float32 in and out).
+        x: (1, C, H, W) float32 in [0, 1].
+        spec: tiling, or None for one whole-image call (dynamic-shape backends only).
+    """
+    h, w = x.shape[-2:]
+    xp = pad_to_multiple(x)
+    y = infer(xp) if spec is None else run_tiled(infer, xp, spec, progress)
+    if spec is None and progress is not None:
+        progress(1)
+    return y[:, :, :h, :w]
