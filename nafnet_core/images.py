@@ -113,7 +113,9 @@ def _split(path: Path, a: np.ndarray, gray: bool, icc: bytes | None = None) -> D
         color, alpha = color.astype(np.float32), None if alpha is None else alpha.astype(np.float32)
     elif a.dtype not in (np.uint8, np.uint16):
         raise ImageError(f"{path}: unsupported sample type {a.dtype} (8- or 16-bit integers or float32 in [0, 1])")
-    return Decoded(np.ascontiguousarray(color), None if alpha is None else np.ascontiguousarray(alpha),
+    # Writable and contiguous (Pillow's arrays are read-only views; torch.from_numpy warns on those).
+    return Decoded(np.require(color, requirements=["C", "W"]),
+                   None if alpha is None else np.require(alpha, requirements=["C", "W"]),
                    gray=channels <= 2, icc_profile=icc)
 
 
@@ -203,6 +205,18 @@ def _gray_palette(im: Image.Image) -> bool:
     return bool(len(rgb)) and bool((rgb == rgb[:, :1]).all())
 
 
+def _tiff_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) of a TIFF's first page from its header, or None if tifffile cannot parse it."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return int(page.imagelength), int(page.imagewidth)
+    except Exception:  # not a TIFF, truncated, unreadable...: the Pillow path below names the problem
+        return None
+
+
 def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(height, width) of an image file from its header, without decoding the pixels (fast).
 
@@ -211,6 +225,11 @@ def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
     (:func:`read_image`) finds that. EXIF orientation is not applied.
     """
     path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        size = _tiff_size(path)  # Pillow cannot open float or some 16-bit RGB TIFFs that read_image reads
+        if size is not None:
+            _check_pixels(path, size[1], size[0], max_pixels)
+            return size
     try:
         with _PIL_LOCK:
             limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
