@@ -36,6 +36,10 @@ backend_option = click.option("--backend", type=click.Choice(BACKENDS), default=
                               help="Runtime; auto = fastest that can run here (trt > onnxrt > torch).")
 precision_option = click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
                                 help="Arithmetic precision. Default: fp32 (fp16 for TensorRT).")
+verify_option = click.option(
+    "--verify/--no-verify", default=True, show_default=True,
+    help="Check ONNX/engine files against the export manifest's sha256, and engines against this TensorRT "
+         "version and GPU, before use; --no-verify loads them as they are.")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                              show_default=True, help="Device for torch and onnxruntime.")
 
@@ -62,10 +66,11 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--threads", type=click.IntRange(1), default=None, help="onnxruntime threads (default: all cores).")
 @click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse larger images (decompression-bomb guard).")
+@verify_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def infer(input_path: Path, model: Path, backend: str, precision: str | None, device: str, out_dir: Path | None,
           tile, overlap: int | None, overwrite: bool, compare: bool, tlc: bool, preset: str | None, train_size: int | None,
-          threads: int | None, max_pixels: int, quiet: bool) -> None:
+          threads: int | None, max_pixels: int, verify: bool, quiet: bool) -> None:
     """Deblur an image or a folder (recursive) with any backend.
 
     PNG, JPEG, BMP, TIFF and WebP in 8 or 16 bits, gray or RGBA (alpha kept) are written back in the
@@ -82,7 +87,7 @@ def infer(input_path: Path, model: Path, backend: str, precision: str | None, de
     from .models import open_runner
 
     runner = open_runner(model, backend, precision, preset=preset, tlc=tlc, train_size=train_size, device=device,
-                         threads=threads)
+                         threads=threads, verify=verify)
     out_dir = out_dir or default_output(input_path)
     with runner:
         click.echo(f"{runner.name}: {model} -> {out_dir}", err=True)
@@ -130,10 +135,11 @@ def _hw(ctx, param, value):
 @click.option("--threads", type=click.IntRange(1), default=None, help="onnxruntime threads (default: all cores).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the report as JSON.")
+@verify_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def parity(export_dir: Path, data_root: Path | None, split: str, limit: int | None, checkpoint: Path | None,
            torch_precisions: str, tile, overlap: int | None, device: str, threads: int | None, json_path: Path | None,
-           quiet: bool) -> None:
+           verify: bool, quiet: bool) -> None:
     """Check export parity: PSNR/SSIM of every backend x precision x (whole | tiled) vs PyTorch fp32.
 
     The reference is PyTorch fp32 on the whole image with the export's TLC setting. Limits (DESIGN §7):
@@ -157,7 +163,8 @@ def parity(export_dir: Path, data_root: Path | None, split: str, limit: int | No
         raise UserError(f"--torch-precisions: unknown precision {bad[0]!r}; use fp16, bf16")
     report = check_parity(export_dir, data_root, split=split, limit=limit, checkpoint=checkpoint,
                           torch_precisions=precisions, tile=tile, overlap=overlap,
-                          device="cpu" if device == "auto" else device, threads=threads, progress=not quiet)
+                          device="cpu" if device == "auto" else device, threads=threads, progress=not quiet,
+                          verify=verify)
     click.echo(report.table())
     if json_path is not None:
         report.write_json(json_path)

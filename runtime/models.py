@@ -5,7 +5,7 @@ One table of backends keyed by name drives ``--backend`` choices, ``auto`` selec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nafnet_core import convert_to_tlc, load_checkpoint
@@ -36,6 +36,7 @@ class Artifact:
     path: Path
     fixed_shape: tuple[int, int] | None = None
     key: str = ""
+    built_for: dict | None = field(default=None, compare=False)  # engines: the manifest's tensorrt record
 
     @property
     def mode(self) -> str:
@@ -81,7 +82,8 @@ def read_export(export_dir: str | Path, verify_files: bool = False) -> ExportInf
             continue
         shape = rec.get("shape", {})
         fixed = (int(shape["height"]), int(shape["width"])) if shape.get("kind") == "tile" else None
-        artifacts.append(Artifact(backend, rec["precision"], export_dir / rec["file"], fixed, key))
+        artifacts.append(Artifact(backend, rec["precision"], export_dir / rec["file"], fixed, key,
+                                  rec.get("tensorrt") if backend == "trt" else None))
     source = data.get("source") or {}
     checkpoint, note = None, "the export was made from an in-memory model"
     if source.get("checkpoint"):
@@ -123,7 +125,7 @@ def _pick(artifacts: list[Artifact], backend: str, precision: str | None, prefer
 
 def open_runner(model: str | Path, backend: str = "auto", precision: str | None = None, *, preset: str | None = None,
                 tlc: bool = True, train_size: int | None = None, device: str = "auto", threads: int | None = None,
-                tiled_graph: bool | None = None) -> Runner:
+                tiled_graph: bool | None = None, verify: bool = True) -> Runner:
     """A (not yet activated) Runner for ``model``.
 
     Args:
@@ -137,6 +139,9 @@ def open_runner(model: str | Path, backend: str = "auto", precision: str | None 
         device: ``auto``, ``cpu`` or ``cuda`` for torch and onnxruntime.
         threads: onnxruntime intra-op threads.
         tiled_graph: for export directories, prefer the fixed-tile (True) or dynamic (False) ONNX graph.
+        verify: check an ONNX graph or engine against its manifest's sha256 before use, and an engine
+            against this machine's TensorRT version and GPU (False = ``--no-verify``). A lone file whose
+            folder has no manifest listing it has nothing to be checked against and is used as it is.
     """
     path = Path(model)
     if backend not in BACKENDS:
@@ -145,13 +150,21 @@ def open_runner(model: str | Path, backend: str = "auto", precision: str | None 
         raise UserError(f"{path}: no such model file or export directory")
     suffix = path.suffix.lower()
     if path.is_dir():
-        return _from_export_dir(path, backend, precision, device, threads, tiled_graph, tlc, train_size)
+        return _from_export_dir(path, backend, precision, device, threads, tiled_graph, tlc, train_size, verify)
     if suffix == ".onnx":
         _require(backend, ("auto", "onnxrt"), path)
+        if verify:
+            from export.manifest import verify_file
+
+            verify_file(path)
         return OnnxRuntimeRunner(path, precision or "fp32", device=device, threads=threads)
     if suffix in ENGINE_SUFFIXES:
         _require(backend, ("auto", "trt"), path)
-        return TensorRTRunner(path, precision or "fp16")
+        from export.manifest import verify_file
+
+        found = verify_file(path) if verify else None
+        built_for = found[0].artifacts[found[1]].get("tensorrt") if found else None
+        return TensorRTRunner(path, precision or "fp16", built_for=built_for, verify=verify)
     _require(backend, ("auto", "torch"), path)
     return torch_runner(path, precision or "fp32", preset=preset, tlc=tlc, train_size=train_size, device=device)
 
@@ -172,8 +185,15 @@ def _require(backend: str, allowed: tuple[str, ...], path: Path) -> None:
 
 
 def _from_export_dir(path: Path, backend: str, precision: str | None, device: str, threads: int | None,
-                     tiled_graph: bool | None, tlc: bool, train_size: int | None) -> Runner:
+                     tiled_graph: bool | None, tlc: bool, train_size: int | None, verify: bool = True) -> Runner:
     info = read_export(path)
+
+    def checked(art: Artifact) -> Path:
+        if verify:  # only the file about to be loaded is hashed
+            from export.manifest import load_manifest, verify_artifact
+
+            verify_artifact(load_manifest(path), art.key)
+        return art.path
     order = [backend] if backend != "auto" else ["trt", "onnxrt", "torch"]
     reasons = []
     for name in order:
@@ -181,12 +201,13 @@ def _from_export_dir(path: Path, backend: str, precision: str | None, device: st
             ready, why = tensorrt_ready()
             art = _pick(info.artifacts, "trt", precision, None)
             if art is not None and ready:
-                return TensorRTRunner(art.path, art.precision, art.fixed_shape, name=f"trt-{art.precision}-{art.mode}")
+                return TensorRTRunner(checked(art), art.precision, art.fixed_shape, name=f"trt-{art.precision}-{art.mode}",
+                                      built_for=art.built_for, verify=verify)
             reasons.append(f"trt: {why if art is not None else 'no engine in the export'}")
         elif name == "onnxrt":
             art = _pick(info.artifacts, "onnxrt", precision, tiled_graph)
             if art is not None:
-                return OnnxRuntimeRunner(art.path, art.precision, device=device, threads=threads,
+                return OnnxRuntimeRunner(checked(art), art.precision, device=device, threads=threads,
                                          name=f"onnxrt-{art.precision}-{art.mode}")
             reasons.append("onnxrt: no matching ONNX graph in the export")
         else:

@@ -64,20 +64,23 @@ class ParityRow:
 
 @dataclass
 class ParityReport:
+    """The rows, the number of images compared, and the pairs that could not be read (file -> reason)."""
+
     rows: list[ParityRow]
     images: int
     export_dir: str = ""
+    failed: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         ran = [r for r in self.rows if r.passed is not None]
-        return bool(ran) and all(r.passed for r in ran)
+        return bool(ran) and all(r.passed for r in ran) and not self.failed
 
     def to_json(self) -> dict:
         return {"pass": self.passed, "images": self.images, "export": self.export_dir,
                 "limits": {"whole": {k: {"max_abs_delta_psnr": v[0], "min_psnr_vs_reference": v[1]}
                                      for k, v in LIMITS.items()}, "tiled": {"max_abs_delta_psnr": TILED_LIMIT}},
-                "rows": [r.to_json() for r in self.rows]}
+                "rows": [r.to_json() for r in self.rows], "failed": self.failed}
 
     def write_json(self, path: str | Path) -> Path:
         return atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
@@ -102,7 +105,9 @@ class ParityReport:
         out = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]
         out.append("  ".join("-" * w for w in widths))
         out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in lines]
-        out.append(f"{'PASS' if self.passed else 'FAIL'}: {self.images} images; every row that ran "
+        out += [f"failed: {why}" for why in self.failed.values()]
+        skipped = f" ({len(self.failed)} pairs could not be read, listed above)" if self.failed else ""
+        out.append(f"{'PASS' if self.passed else 'FAIL'}: {self.images} images{skipped}; every row that ran "
                    f"{'passed' if self.passed else 'must pass'} (limits: fp32 |ΔPSNR|<=0.01 dB & >=60 dB vs ref, "
                    f"fp16 <=0.05 & >=45, bf16 <=0.10 & >=35, tiled <=0.05)")
         return "\n".join(out)
@@ -124,7 +129,7 @@ class _Case:
 
 def parity_cases(info: ExportInfo, *, torch_precisions: Sequence[str] = ("fp16", "bf16"),
                  tile: tuple[int, int] | None = None, device: str = "cpu",
-                 threads: int | None = None) -> tuple[Runner, list[_Case]]:
+                 threads: int | None = None, verify: bool = True) -> tuple[Runner, list[_Case]]:
     """(reference runner, the rows) for an export: torch fp16/bf16 whole, torch fp32 tiled (``tile``, default
     the export's own tile, else DEFAULT_TILE), every ONNX graph (dynamic whole, fixed tile tiled) and engine."""
     if tile is None:
@@ -146,7 +151,8 @@ def parity_cases(info: ExportInfo, *, torch_precisions: Sequence[str] = ("fp16",
             runner = OnnxRuntimeRunner(art.path, art.precision, device=device, threads=threads,
                                        name=f"onnxrt-{art.precision}-{art.mode}")
         else:
-            runner = TensorRTRunner(art.path, art.precision, art.fixed_shape, name=f"trt-{art.precision}-{art.mode}")
+            runner = TensorRTRunner(art.path, art.precision, art.fixed_shape, name=f"trt-{art.precision}-{art.mode}",
+                                    built_for=art.built_for, verify=verify)
         cases.append(_Case(ParityRow(art.backend, art.precision, mode), runner, "auto" if art.fixed_shape else "none"))
     if not any(a.backend == "trt" for a in info.artifacts):
         from .trt import tensorrt_available
@@ -243,18 +249,35 @@ def _finish(case: _Case, n: int, ref: _Case) -> ParityRow:
     return row
 
 
-def load_split(root: str | Path, split: str = "test", limit: int | None = None):
-    """(pairs iterator of (name, blur, sharp) tensors, count) of a data set split (train package's loader)."""
+def load_split(root: str | Path, split: str = "test", limit: int | None = None,
+               failed: dict[str, str] | None = None):
+    """(pairs iterator of (name, blur, sharp) tensors, count) of a data set split (train package's loader).
+
+    A pair that cannot be read, whose sizes differ or that is below the 11x11 SSIM window is skipped and
+    recorded in ``failed`` (blur file -> one-line reason), so one bad file does not stop the comparison.
+    """
     from train.data import load_pairs
 
     splits = load_pairs(root)
     if split not in splits:
         raise UserError(f"{root}: no split {split!r}; it has {', '.join(splits)}")
     pairs = splits[split][:limit] if limit else splits[split]
+    failed = {} if failed is None else failed
 
     def gen():
         for p in pairs:
-            yield p.name, to_tensor(read_image(p.blur)), to_tensor(read_image(p.sharp))
+            try:
+                blur, sharp = to_tensor(read_image(p.blur)), to_tensor(read_image(p.sharp))
+                if blur.shape != sharp.shape:
+                    raise UserError(f"{p.blur}: size {blur.shape[-1]}x{blur.shape[-2]} differs from its partner "
+                                    f"{p.sharp} ({sharp.shape[-1]}x{sharp.shape[-2]})")
+                if min(blur.shape[-2:]) < nc.metrics.SSIM_WINDOW:
+                    raise UserError(f"{p.blur}: {blur.shape[-1]}x{blur.shape[-2]} is too small to score (SSIM needs "
+                                    f"at least {nc.metrics.SSIM_WINDOW}x{nc.metrics.SSIM_WINDOW} pixels)")
+            except UserError as e:
+                failed[str(p.blur)] = str(e)
+                continue
+            yield p.name, blur, sharp
 
     return gen(), len(pairs)
 
@@ -262,13 +285,18 @@ def load_split(root: str | Path, split: str = "test", limit: int | None = None):
 def check_parity(export_dir: str | Path, data_root: str | Path, *, split: str = "test", limit: int | None = None,
                  checkpoint: str | Path | None = None, torch_precisions: Sequence[str] = ("fp16", "bf16"),
                  tile: tuple[int, int] | None = None, overlap: int | None = None,
-                 device: str = "cpu", threads: int | None = None, progress: bool = True) -> ParityReport:
-    """The ``parity`` command: verifies the export's files (sha256), then runs every row on the split."""
-    info = read_export(export_dir, verify_files=True)
+                 device: str = "cpu", threads: int | None = None, progress: bool = True,
+                 verify: bool = True) -> ParityReport:
+    """The ``parity`` command: verifies the export's files (sha256; ``verify=False`` skips it), then runs every
+    row on the split."""
+    info = read_export(export_dir, verify_files=verify)
     if checkpoint is not None:
         info.checkpoint, info.checkpoint_note = Path(checkpoint), ""
-    ref, cases = parity_cases(info, torch_precisions=torch_precisions, tile=tile, device=device, threads=threads)
-    pairs, n = load_split(data_root, split, limit)
+    ref, cases = parity_cases(info, torch_precisions=torch_precisions, tile=tile, device=device, threads=threads,
+                              verify=verify)
+    failed: dict[str, str] = {}
+    pairs, n = load_split(data_root, split, limit, failed)
     report = run_parity(ref, cases, pairs, overlap=overlap, progress=progress, total=n)
+    report.failed = failed
     report.export_dir = str(export_dir)
     return report

@@ -262,20 +262,31 @@ class TensorRTRunner(Runner):
     Args:
         path: the engine file.
         fixed_shape: (H, W) of a static engine, when known from the manifest; None for dynamic profiles.
+        built_for: the manifest's ``tensorrt`` record of the engine (TensorRT version, GPU, compute
+            capability). When given, activate refuses an engine built for another setup, with the reason.
+        verify: False skips that check (``--no-verify``).
     """
 
     backend = "trt"
 
     def __init__(self, path: str | Path, precision: str = "fp16", fixed_shape: tuple[int, int] | None = None,
-                 name: str | None = None):
+                 name: str | None = None, built_for: dict | None = None, verify: bool = True):
         super().__init__(precision, name)
         self.path = Path(path)
         self.fixed_shape = fixed_shape
+        self.built_for = built_for
+        self.verify = verify
         self._engine = None
 
     def _activate(self) -> None:
+        from export.manifest import engine_mismatch
+
         from . import trt
 
+        if self.verify and self.built_for is not None:
+            why = engine_mismatch(self.built_for, trt.current_env())
+            if why:
+                raise RunnerError(f"{self.path}: {why}")
         self._engine = trt.EngineSession(self.path)
         self.fixed_shape = self._engine.fixed_shape or self.fixed_shape
 

@@ -40,6 +40,15 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, trt.__version__
 
 
+def current_env() -> dict[str, str]:
+    """TensorRT version, GPU name and compute capability here, in the manifest's ``tensorrt`` record terms."""
+    from export.tensorrt_build import gpu_info
+
+    trt = import_tensorrt()
+    gpu, cc = gpu_info()
+    return {"version": trt.__version__, "gpu": gpu, "compute_capability": cc}
+
+
 class EngineSession:
     """A deserialized engine and one execution context; one input, one output, batch 1 tiles."""
 
