@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from nafnet_core.errors import UserError
+from nafnet_core.fileio import make_dirs
 from nafnet_core.images import DEFAULT_MAX_PIXELS, Decoded, ImageError, from_tensor, is_image_file, read_image, to_8bit, \
     to_tensor, write_image
 
@@ -138,6 +139,16 @@ def side_by_side(before: Decoded, after: Decoded, gap: int = 8) -> Decoded:
     return Decoded(np.concatenate([a, spacer, b], axis=1))
 
 
+def _check_inside(out_root: Path, dst: Path) -> None:
+    """Refuses an output whose folder resolves outside ``--out`` (a symlinked folder planted in it)."""
+    parent = dst.parent
+    while not parent.exists() and parent != parent.parent:  # folders still to be created are inside
+        parent = parent.parent
+    if not parent.resolve().is_relative_to(out_root):
+        raise UserError(f"{dst}: refusing to write outside the output folder {out_root} "
+                        f"({parent} resolves to {parent.resolve()}, a symlink?)")
+
+
 def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | None = None, *,
                tile: str | int | tuple[int, int] = "auto", overlap: int | None = None, overwrite: bool = False,
                compare: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> InferReport:
@@ -163,12 +174,15 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
     report = InferReport()
     start = time.perf_counter()
     bar = tqdm(items, unit="img", disable=not progress, dynamic_ncols=True, desc="infer")
+    make_dirs(out_dir)  # an output folder that cannot exist fails once, before any image
+    out_root = out_dir.resolve()
     for src, rel in bar:
         dst = out_dir / rel
         if dst.exists() and not overwrite:
             report.skipped.append(dst)
             continue
         try:
+            _check_inside(out_root, dst)
             image = read_image(src, max_pixels=max_pixels)
             restored = restore_image(runner, image, tile, overlap)
             write_image(dst, restored)
