@@ -204,3 +204,14 @@ def make_dataset(root: Path, cases: list[Case], *, train: bool = True, test: boo
 def one_line_naming(text: str, path: Path | str, fragment: str) -> bool:
     """Some line of ``text`` names ``path`` and contains ``fragment``."""
     return any(str(path) in line and fragment in line for line in text.splitlines())
+
+
+def tamper_weights(onnx_path: Path) -> None:
+    """Rewrites an ONNX file with its first float weight doubled: still a valid graph, other numbers."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    init = next(i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and i.dims)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 2, init.name))
+    onnx.save(model, str(onnx_path))
