@@ -172,8 +172,15 @@ def ort_providers(device: str = "auto") -> list[str]:
 def onnx_input_info(path: str | Path) -> tuple[tuple[int, int] | None, str]:
     """((H, W) if the graph's input is fixed else None, input element type) read from the graph header."""
     import onnx
+    from google.protobuf.message import DecodeError
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (OSError, ValueError, DecodeError) as e:
+        raise RunnerError(f"{path}: not a readable ONNX file (corrupt, truncated or another format): "
+                          f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    if not model.graph.input or not model.graph.node:
+        raise RunnerError(f"{path}: not an ONNX graph (no input or no nodes: empty file or another format)")
     inp = model.graph.input[0]
     dims = inp.type.tensor_type.shape.dim
     hw = [d.dim_value if d.HasField("dim_value") else None for d in dims[-2:]]
@@ -234,9 +241,13 @@ class OnnxRuntimeRunner(Runner):
         if self.profile:
             opts.enable_profiling = True
             opts.profile_file_prefix = str(self.path.with_suffix("")) + "_ort_profile"
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+        # onnxruntime's Fail / InvalidGraph / InvalidProtobuf / NoSuchFile... derive from Exception directly.
+        load_errors = tuple(v for v in vars(ort_errors).values() if isinstance(v, type) and issubclass(v, Exception))
         try:
             self._session = ort.InferenceSession(str(self.path), opts, providers=ort_providers(self.device))
-        except (RuntimeError, ValueError) as e:  # onnxruntime raises Fail / InvalidGraph (RuntimeError subclasses)
+        except (RuntimeError, ValueError, *load_errors) as e:
             raise RunnerError(f"{self.path}: onnxruntime cannot load this graph: {str(e).splitlines()[0][:300]}") from None
         self._in = self._session.get_inputs()[0].name
         self._out = self._session.get_outputs()[0].name

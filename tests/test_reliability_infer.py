@@ -230,3 +230,44 @@ def test_overwrite_replaces_a_bad_existing_output(tmp_path, tiny_checkpoint):
     res = _infer(tmp_path / "a.png", "--model", tiny_checkpoint, "--backend", "torch", "--out", tmp_path / "o",
                  "--overwrite")
     assert res.exit_code == 0 and read_image(tmp_path / "o" / "a.png").size == SIZE
+
+
+def test_onnx_external_data_outside_its_folder_is_refused(tmp_path):
+    """A lone .onnx whose weights point at a file outside its folder (../) is refused by onnxruntime."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    (tmp_path / "sub").mkdir()
+    np.ones(3, np.float32).tofile(tmp_path / "outside.bin")
+    w = numpy_helper.from_array(np.ones((1, 3, 1, 1), np.float32), "w")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    entry = w.external_data.add()
+    entry.key, entry.value = "location", "../outside.bin"
+    graph = helper.make_graph([helper.make_node("Mul", ["input", "w"], ["output"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 16, 16])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx_path = tmp_path / "sub" / "m.onnx"
+    onnx_path.write_bytes(model.SerializeToString())
+    Image.fromarray(pixels(16, 16)).save(tmp_path / "a.png")
+    res = _infer(tmp_path / "a.png", "--model", onnx_path, "--backend", "onnxrt", "--out", tmp_path / "o")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert f"Error: {onnx_path}: onnxruntime cannot load this graph" in res.output
+    assert "escapes model directory" in res.output
+    assert not (tmp_path / "o" / "a.png").exists()
+
+
+@pytest.mark.parametrize("kind", ["zero_byte", "text", "truncated"])
+def test_bad_onnx_file_is_one_line(tmp_path, tiny_onnx, kind):
+    onnx_path = tmp_path / "m.onnx"
+    data = tiny_onnx["tile"].read_bytes()
+    onnx_path.write_bytes({"zero_byte": b"", "text": b"not a graph\n", "truncated": data[: len(data) // 2]}[kind])
+    Image.fromarray(pixels(16, 16)).save(tmp_path / "a.png")
+    res = _infer(tmp_path / "a.png", "--model", onnx_path, "--backend", "onnxrt", "--out", tmp_path / "o")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {onnx_path}: "), res.output
+    assert not (tmp_path / "o" / "a.png").exists()
