@@ -11,6 +11,7 @@ import click
 from nafnet_core import __version__
 from nafnet_core.cli_common import Group
 from nafnet_core.commands import info
+from export.commands import export
 from train.commands import data, eval_cmd, train_cmd
 
 
@@ -30,6 +31,7 @@ main.add_command(info)
 main.add_command(data)
 main.add_command(train_cmd)
 main.add_command(eval_cmd)
+main.add_command(export)
 
 if __name__ == "__main__":
     main()

@@ -25,3 +25,31 @@ preset_option = click.option(
 train_size_option = click.option(
     "--train-size", type=click.IntRange(min=16), default=None,
     help="Crop size the model was trained on; sets the TLC kernels. Default: from the checkpoint, else 256.")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"720x1280"`` -> (720, 1280); ``"512"`` -> (512, 512). Raises ValueError with an example."""
+    text = str(text).strip().lower().replace("×", "x").replace(",", "x")
+    parts = text.split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"expected HEIGHTxWIDTH such as 512x512 or 720x1280, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+class SizeType(click.ParamType):
+    """A ``HEIGHTxWIDTH`` option value (``512x512``; a single number means a square)."""
+
+    name = "HxW"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = SizeType()

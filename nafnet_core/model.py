@@ -8,7 +8,12 @@ load without remapping.
 Mixed precision: the channel LayerNorm and the pooling reductions always compute
 in FP32, whatever the module's dtype (a residual stream reaching |x| ~ 175 makes
 the channel sums overflow FP16). A ``model.half()`` therefore runs with the same
-FP32 islands as the exported FP16 ONNX graph.
+FP32 islands as the exported FP16 ONNX graph. A half model also accepts FP32 input: it casts
+after padding, computes in FP16, and adds the global residual in the input's dtype, so FP32 in
+gives FP32 out with an exact FP32 skip path (the FP16 ONNX graph is exactly this model exported).
+
+Deploy-time folding (``export.fold``) removes the LayerNorm affine (``affine=False``) and
+beta/gamma (set to ``None``); the forward passes below accept both forms.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ class LayerNorm2d(nn.Module):
     Args:
         channels: number of channels.
         eps: added to the variance.
+        affine: learn a per-channel scale and shift (False once folded into the next conv).
     """
 
-    def __init__(self, channels: int, eps: float = 1e-6):
+    def __init__(self, channels: int, eps: float = 1e-6, affine: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
+        self.weight = nn.Parameter(torch.ones(channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(channels)) if affine else None
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
@@ -40,7 +46,8 @@ class LayerNorm2d(nn.Module):
         mu = x.mean(1, keepdim=True)
         var = (x - mu).pow(2).mean(1, keepdim=True)
         y = (x - mu) / (var + self.eps).sqrt()
-        y = self.weight.float().view(1, -1, 1, 1) * y + self.bias.float().view(1, -1, 1, 1)
+        if self.weight is not None:
+            y = self.weight.float().view(1, -1, 1, 1) * y + self.bias.float().view(1, -1, 1, 1)
         return y.to(dtype)
 
 
@@ -108,11 +115,11 @@ class NAFBlock(nn.Module):
         x = self.sg(x)
         x = x * self.sca(x)
         x = self.dropout1(self.conv3(x))
-        y = inp + x * self.beta
+        y = inp + (x if self.beta is None else x * self.beta)  # beta is None once folded into conv3
 
         x = self.sg(self.conv4(self.norm2(y)))
         x = self.dropout2(self.conv5(x))
-        return y + x * self.gamma
+        return y + (x if self.gamma is None else x * self.gamma)
 
 
 class NAFNet(nn.Module):
@@ -152,7 +159,7 @@ class NAFNet(nn.Module):
     def forward(self, inp: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C, H, W)
         h, w = inp.shape[-2:]
         inp = self.pad_input(inp)
-        x = self.intro(inp)
+        x = self.intro(inp.to(self.intro.weight.dtype))  # FP32 input into a half model: cast after padding
         skips = []
         for encoder, down in zip(self.encoders, self.downs):
             x = encoder(x)
@@ -161,7 +168,7 @@ class NAFNet(nn.Module):
         x = self.middle_blks(x)
         for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips)):
             x = decoder(up(x) + skip)
-        x = self.ending(x) + inp
+        x = self.ending(x).to(inp.dtype) + inp  # global residual in the input's dtype
         return x[:, :, :h, :w]
 
     def pad_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,175 @@
+"""``export_model``: checkpoint (or model) -> ONNX fp32/fp16 (dynamic and/or fixed tiles) [-> TensorRT] + manifest."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from nafnet_core import __version__
+from nafnet_core.checkpoint import load_checkpoint
+from nafnet_core.config import DEFAULT_BASE_RATIO, DEFAULT_TRAIN_SIZE, find_preset
+from nafnet_core.errors import UserError
+from nafnet_core.fileio import sha256_file
+from nafnet_core.metrics import psnr
+from nafnet_core.model import NAFNet, count_parameters
+from nafnet_core.tlc import convert_to_tlc, is_tlc, tlc_kernels
+
+from .fold import fold_for_deploy
+from .formats import FORMATS, Format, formats_for
+from .manifest import FORMAT as MANIFEST_FORMAT
+from .manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, file_record, onnx_metadata, write_manifest
+from .onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, save_onnx, set_metadata, to_onnx_proto, with_precision
+from .samples import sample_photo
+from .shapes import DEFAULT_TILE, ShapeSpec, make_profile
+from .trt_plan import TrtOptions
+
+
+def prepare_model(model: NAFNet, *, tlc: bool = True, fold: bool = True, train_size: int = DEFAULT_TRAIN_SIZE,
+                  base_ratio: float = DEFAULT_BASE_RATIO) -> NAFNet:
+    """The deploy model: a folded (optional) TLC (optional) copy in eval mode; ``model`` is untouched."""
+    if is_tlc(model):
+        raise ValueError("pass the model without TLC; export applies TLC itself (tlc=True)")
+    out = fold_for_deploy(model) if fold else model
+    out = convert_to_tlc(out, train_size=train_size, base_ratio=base_ratio) if tlc else out
+    return out.eval()
+
+
+def _shape_specs(tiles: Iterable[tuple[int, int]] | tuple[int, int] | None, dynamic: bool, batch: int) -> list[ShapeSpec]:
+    if tiles is None:
+        tiles = []
+    elif len(tiles) == 2 and all(isinstance(v, int) for v in tiles):
+        tiles = [tiles]
+    specs = ([ShapeSpec.dynamic()] if dynamic else []) + [ShapeSpec.tile(h, w, batch) for h, w in tiles]
+    if not specs:
+        raise UserError("nothing to export: ask for --dynamic and/or at least one --tile")
+    return list(dict.fromkeys(specs))
+
+
+def check_onnx(path: Path, reference: NAFNet, spec: ShapeSpec) -> dict[str, Any]:
+    """Runs the ONNX file in onnxruntime (CPU) on a photo and compares with the FP32 PyTorch ``reference``."""
+    import onnxruntime as ort
+
+    m = reference.config.pad_multiple
+    shape = (1, 3, 3 * m + 1, 4 * m + 3) if spec.is_dynamic else (spec.batch, 3, spec.height, spec.width)
+    x = sample_photo(shape[2], shape[3], batch=shape[0])
+    with torch.no_grad():
+        ref = reference(x)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+    diff = (out - ref).abs().max().item()
+    return {"input_shape": list(shape), "reference": "torch-fp32", "runtime": "onnxruntime-cpu",
+            "max_abs_diff": float(f"{diff:.3g}"),
+            "psnr_db": round(float(psnr(out.clamp(0, 1), ref.clamp(0, 1), data_range=1.0).min()), 2)}
+
+
+def _resolve_source(source: str | Path | NAFNet, preset: str | None, train_size: int | None):
+    if isinstance(source, NAFNet):
+        config = source.config
+        return source, {"checkpoint": None, "sha256": None, "kind": "module"}, find_preset(config), \
+            train_size or getattr(source, "train_size", DEFAULT_TRAIN_SIZE)
+    ckpt = load_checkpoint(source, preset=preset)
+    return ckpt.model, {"checkpoint": str(source), "sha256": sha256_file(source), "kind": ckpt.source}, \
+        ckpt.preset, train_size or ckpt.train_size
+
+
+def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: str | None = None,
+                 tiles: Iterable[tuple[int, int]] | tuple[int, int] | None = (DEFAULT_TILE,), dynamic: bool = True,
+                 batch: int = 1, fp16: bool = False, trt: bool = False, tlc: bool = True, fold: bool = True,
+                 opset: int = DEFAULT_OPSET, train_size: int | None = None, base_ratio: float = DEFAULT_BASE_RATIO,
+                 trt_options: TrtOptions | None = None, check: bool = True, progress: bool = False) -> Manifest:
+    """Exports a NAFNet into ``out_dir``; returns the manifest (written last, atomically).
+
+    Args:
+        source: a checkpoint path (project, official ``{'params': ...}`` .pth or safetensors) or a NAFNet.
+        out_dir: directory for the artifacts and ``manifest.json``.
+        preset: architecture of an official .pth (project checkpoints carry their config).
+        tiles: fixed (height, width) tiles to export (static graphs, TLC windows as constants).
+        dynamic: also export a graph with dynamic batch/height/width.
+        batch: batch of the fixed-tile graphs.
+        fp16: also write the mixed-precision FP16 ONNX for every shape.
+        trt: also build a TensorRT FP16 engine per shape from the FP16 ONNX (implies ``fp16``).
+        tlc: TLC local pooling (kernels from ``train_size``) instead of global pooling.
+        fold: deploy-time folding of LayerNorm affine and beta/gamma into convs (exact).
+        opset: ONNX opset.
+        train_size: training crop size for the TLC kernels (default: from the checkpoint, else 256).
+        base_ratio: TLC window / training feature size.
+        trt_options: TensorRT builder settings.
+        check: run each ONNX in onnxruntime on a photo and record max |diff| and PSNR vs PyTorch FP32.
+        progress: show a progress bar on stderr.
+    """
+    from tqdm import tqdm
+
+    model, source_rec, preset_name, train_size = _resolve_source(source, preset, train_size)
+    specs = _shape_specs(tiles, dynamic, batch)
+    formats = formats_for(fp16, trt)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # an interrupted export must leave no valid manifest
+
+    deploy = prepare_model(model, tlc=tlc, fold=fold, train_size=train_size, base_ratio=base_ratio)
+    data: dict[str, Any] = {
+        "format": MANIFEST_FORMAT, "schema_version": SCHEMA_VERSION, "project_version": __version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "model": {"preset": preset_name, "config": model.config.to_dict(), "parameters": count_parameters(model)},
+        "source": source_rec,
+        "tlc": {"enabled": tlc, "train_size": train_size, "base_ratio": base_ratio,
+                "kernels": [list(k) for k in tlc_kernels(model.config, train_size, base_ratio)] if tlc else None},
+        "folded": fold, "opset": opset,
+        "io": {"input": INPUT_NAME, "output": OUTPUT_NAME, "layout": "NCHW", "dtype": "float32",
+               "value_range": [0.0, 1.0], "pad_multiple": model.config.pad_multiple},
+        "artifacts": {},
+    }
+    onnx_formats = [f for f in formats if f.suffix == ".onnx"]
+    steps = len(onnx_formats) * len(specs) * (2 if check else 1)
+    with tqdm(total=steps, desc="export", unit="step", file=sys.stderr, disable=not progress) as bar:
+        for fmt in onnx_formats:
+            graph_model = with_precision(deploy, fmt.precision)
+            for spec in specs:
+                bar.set_postfix_str(fmt.artifact_name(spec))
+                rec = {"format": fmt.name, "precision": fmt.precision, "runtime": fmt.runtime,
+                       "shape": spec.to_dict()}
+                start = time.perf_counter()
+                proto = to_onnx_proto(graph_model, spec, opset=opset)
+                set_metadata(proto, onnx_metadata(data, rec))
+                path = save_onnx(proto, out_dir / fmt.file_name(spec))
+                del proto
+                rec = {**file_record(path), **rec, "export_seconds": round(time.perf_counter() - start, 1)}
+                bar.update()
+                if check:
+                    rec["check"] = check_onnx(path, deploy, spec)
+                    bar.update()
+                data["artifacts"][fmt.artifact_name(spec)] = rec
+    write_manifest(out_dir, data)
+
+    if trt:
+        _build_engines(data, out_dir, specs, trt_options or TrtOptions(), progress)
+        write_manifest(out_dir, data)
+    return Manifest(data, out_dir)
+
+
+def _build_engines(data: dict[str, Any], out_dir: Path, specs: list[ShapeSpec], options: TrtOptions,
+                   progress: bool) -> None:
+    from . import tensorrt_build  # lazy: imports tensorrt
+
+    engine_fmt: Format = FORMATS["trt-fp16"]
+    source_fmt = FORMATS[engine_fmt.built_from]
+    tensorrt_build.import_tensorrt(out_dir)  # fail fast, after the ONNX artifacts exist
+    for spec in specs:
+        onnx_name = source_fmt.artifact_name(spec)
+        profile = make_profile(spec, options.profile_hw, options.max_batch)
+        if progress:
+            print(f"building TensorRT engine {engine_fmt.artifact_name(spec)} ...", file=sys.stderr)
+        engine_path = out_dir / engine_fmt.file_name(spec)
+        trt_rec = tensorrt_build.build_engine(out_dir / data["artifacts"][onnx_name]["file"], engine_path, profile,
+                                              INPUT_NAME, options, out_dir)
+        data["artifacts"][engine_fmt.artifact_name(spec)] = {
+            **file_record(engine_path), "format": engine_fmt.name, "precision": engine_fmt.precision,
+            "runtime": engine_fmt.runtime, "shape": spec.to_dict(), "built_from": onnx_name, "tensorrt": trt_rec}
+
+
+__all__ = ["export_model", "prepare_model", "check_onnx"]

@@ -1,0 +1,97 @@
+"""Export benchmarks: export time, artifact sizes, onnxruntime CPU latency folded vs unfolded, tile sizes.
+
+    python -m export.bench --preset nafnet-gopro-width32 --size 720x1280 --repeats 5 --out runs/bench-export
+
+Weights are random (with non-zero beta/gamma so no block is skipped): latency does not depend on
+their values. Each latency is the median of ``--repeats`` runs after one warm-up run; the machine's
+other load makes single runs noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import nafnet_core as nc
+
+from .api import export_model
+from .shapes import parse_hw
+
+
+def _randomise(model: nc.NAFNet, seed: int = 0) -> nc.NAFNet:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("beta", "gamma")) or ".norm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if name.endswith("norm1.weight") or
+                                                                    name.endswith("norm2.weight") else 0.0))
+    return model.eval()
+
+
+def ort_latency(path: Path, shape: tuple[int, ...], repeats: int, threads: int = 0) -> float:
+    """Median seconds of ``repeats`` onnxruntime CPU runs after one warm-up."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = torch.rand(shape).numpy()
+    sess.run(None, {"input": x})
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, {"input": x})
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="nafnet-gopro-width32")
+    ap.add_argument("--size", default="720x1280", help="frame size for folded vs unfolded latency")
+    ap.add_argument("--tiles", default="256,384,512,768", help="square tile sides for the tile-size sweep ('' skips)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default="runs/bench-export")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    h, w = parse_hw(args.size)
+    model = _randomise(nc.create_model(args.preset))
+    rows: dict = {"preset": args.preset, "size": [h, w], "repeats": args.repeats}
+
+    # 1. Full export (folded, TLC): dynamic + frame-sized tile, fp32 + fp16: export time and sizes.
+    man = export_model(model, out / "folded", tiles=[(h, w)], dynamic=True, fp16=True, check=False)
+    rows["artifacts"] = {k: {"bytes": r["bytes"], "export_seconds": r["export_seconds"]} for k, r in man.artifacts.items()}
+    print(json.dumps(rows["artifacts"], indent=1), flush=True)
+    unf = export_model(model, out / "unfolded", tiles=[(h, w)], dynamic=False, fold=False, check=False)
+
+    # 2. onnxruntime CPU latency at the frame size: folded vs unfolded (static graph), and the dynamic graph.
+    shape = (1, 3, h, w)
+    lat = {
+        "fp32 folded, static": ort_latency(man.path(f"onnx-fp32-{h}x{w}"), shape, args.repeats),
+        "fp32 unfolded, static": ort_latency(unf.path(f"onnx-fp32-{h}x{w}"), shape, args.repeats),
+        "fp32 folded, dynamic": ort_latency(man.path("onnx-fp32-dynamic"), shape, args.repeats),
+    }
+    rows["latency_s"] = lat
+    print(json.dumps(lat, indent=1), flush=True)
+
+    # 3. Tile-size sweep: seconds per megapixel of the static folded fp32 graph.
+    sweep = {}
+    for side in [int(s) for s in args.tiles.split(",") if s.strip()]:
+        m = export_model(model, out / f"tile{side}", tiles=[(side, side)], dynamic=False, check=False)
+        sec = ort_latency(m.path(f"onnx-fp32-{side}x{side}"), (1, 3, side, side), args.repeats)
+        sweep[side] = {"seconds": sec, "s_per_mpix": sec / (side * side / 1e6)}
+        print(side, sweep[side], flush=True)
+    sweep["frame"] = {"seconds": lat["fp32 folded, static"], "s_per_mpix": lat["fp32 folded, static"] / (h * w / 1e6)}
+    rows["tile_sweep"] = sweep
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""CLI of the export package: ``export CHECKPOINT ...`` and ``export lint DIR_OR_ONNX``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from nafnet_core.cli_common import SIZE, Group, preset_option, train_size_option
+
+from .onnx_export import DEFAULT_OPSET
+from .shapes import DEFAULT_PROFILE, DEFAULT_TILE
+
+
+class ExportGroup(Group):
+    """``export`` is both a command and a group: a first argument that is not a subcommand is a checkpoint,
+    so ``export CKPT --trt`` runs ``export model CKPT --trt`` while ``export lint DIR`` runs ``lint``."""
+
+    default_command = "model"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=ExportGroup)
+def export() -> None:
+    """Export a checkpoint to ONNX (fp32/fp16, dynamic and fixed tiles) and TensorRT; lint the result.
+
+    \b
+    python cli.py export CHECKPOINT [OPTIONS]    same as `export model CHECKPOINT`
+    python cli.py export lint DIR_OR_ONNX        TensorRT readiness without a GPU
+
+    \b
+    Examples:
+      python cli.py export runs/demo/best.pt --fp16
+      python cli.py export NAFNet-GoPro-width32.pth --preset nafnet-gopro-width32 --trt
+      python cli.py export best.pt --tile 720x1280 --out exported/frame
+      python cli.py export lint exported/best --checkpoint runs/demo/best.pt
+    """
+
+
+def _profile(ctx, param, value):
+    if value is None:
+        return DEFAULT_PROFILE
+    from .shapes import ShapeError, parse_profile
+
+    try:
+        return parse_profile(value)
+    except ShapeError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@export.command("model")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@preset_option
+@train_size_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output directory. Default: exported/<checkpoint name>.")
+@click.option("--tile", "tiles", type=SIZE, multiple=True,
+              help=f"Fixed tile HxW (repeatable); TLC windows become constants. Default without --dynamic: "
+                   f"{DEFAULT_TILE[0]}x{DEFAULT_TILE[1]} plus the dynamic graph.")
+@click.option("--dynamic", is_flag=True, help="Export the dynamic batch/height/width graph (default when no --tile).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch of the fixed-tile graphs.")
+@click.option("--fp16", is_flag=True, help="Also write the mixed-precision FP16 ONNX (FP32 LayerNorm/pooling/CumSum/I/O).")
+@click.option("--trt", is_flag=True, help="Also build TensorRT FP16 engines from the FP16 ONNX (needs TensorRT and a GPU).")
+@click.option("--tlc/--no-tlc", default=True, show_default=True, help="TLC local pooling (kernels from --train-size).")
+@click.option("--fold/--no-fold", default=True, show_default=True,
+              help="Fold LayerNorm affine and beta/gamma into convs (exact; faster).")
+@click.option("--opset", type=click.IntRange(17, 23), default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Run every ONNX in onnxruntime on a photo and record max |diff| vs PyTorch in the manifest.")
+@click.option("--workspace", type=click.FloatRange(min=0.1), default=4.0, show_default=True,
+              help="TensorRT builder workspace (GiB).")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="TensorRT builder optimisation level.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TensorRT timing cache (reused and updated). Default: ~/.cache/nafnet-deblurring/tensorrt/.")
+@click.option("--profile", "profile_hw", callback=_profile, default=None, metavar="MIN:OPT:MAX",
+              help="TensorRT profile of the dynamic graph, e.g. 64x64:720x1280:1088x1920 (the default).")
+def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, batch, fp16, trt, tlc, fold, opset,
+              check, workspace, opt_level, timing_cache, profile_hw) -> None:
+    """Export CHECKPOINT to ONNX fp32 (and fp16 / TensorRT) with TLC, writing DIR/manifest.json last.
+
+    \b
+    Examples:
+      python cli.py export runs/demo/best.pt
+      python cli.py export NAFNet-GoPro-width32.pth --preset nafnet-gopro-width32 --fp16
+      python cli.py export best.pt --tile 512x512 --tile 720x1280 --trt --opt-level 5
+    """
+    from .api import export_model
+    from .trt_plan import TrtOptions
+
+    if not tiles and not dynamic:
+        tiles, dynamic = (DEFAULT_TILE,), True
+    out_dir = out_dir or Path("exported") / checkpoint.stem
+    options = TrtOptions(workspace_gib=workspace, opt_level=opt_level, timing_cache=timing_cache, profile_hw=profile_hw)
+    manifest = export_model(checkpoint, out_dir, preset=preset, tiles=list(tiles), dynamic=dynamic, batch=batch,
+                            fp16=fp16, trt=trt, tlc=tlc, fold=fold, opset=opset, train_size=train_size,
+                            trt_options=options, check=check, progress=True)
+    _print_artifacts(manifest)
+
+
+def _print_artifacts(manifest) -> None:
+    rows = []
+    for name, rec in manifest.artifacts.items():
+        c = rec.get("check")
+        checked = f"max|d| {c['max_abs_diff']:.1e}, {c['psnr_db']:.1f} dB vs torch fp32" if c else ""
+        rows.append((name, rec["file"], f"{rec['bytes'] / 1e6:.1f} MB", checked))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[3])
+    click.echo(f"manifest: {manifest.directory / 'manifest.json'}")
+
+
+@export.command("lint")
+@click.argument("target", metavar="DIR_OR_ONNX", type=click.Path(exists=True, path_type=Path))
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="PyTorch checkpoint for the FP16 range report (default: the manifest's source, if present).")
+@preset_option
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of sample images for the range report (default: bundled photos).")
+@click.option("--size", type=SIZE, default="256x256", show_default=True,
+              help="Size the bundled photos are resized to for the range report.")
+@click.option("--half-size", type=SIZE, default="128x128", show_default=True,
+              help="Crop for the PyTorch half-vs-fp32 PSNR (half is slow on CPU).")
+@click.option("--run/--no-run", default=True, show_default=True, help="Run each graph in onnxruntime.")
+def lint_cmd(target: Path, checkpoint, preset, images, size, half_size, run) -> None:
+    """Check TensorRT readiness of an export directory or .onnx file, without a GPU; FP16 range report.
+
+    Exits 1 if any check fails.
+
+    \b
+    Examples:
+      python cli.py export lint exported/best
+      python cli.py export lint exported/best/model-fp16-512x512.onnx --checkpoint runs/demo/best.pt
+    """
+    from .lint import lint_path
+
+    findings = lint_path(target, run=run)
+    for f in findings:
+        click.echo(f"{'PASS' if f.ok else 'FAIL'}  {f.file}  {f.check}" + (f": {f.detail}" if f.detail else ""))
+    checkpoint = checkpoint or _manifest_checkpoint(target)
+    if checkpoint is not None:
+        _range_report(checkpoint, preset, target, images, size, half_size)
+    else:
+        click.echo("FP16 range report skipped: pass --checkpoint (the manifest names no readable source)")
+    failed = sum(not f.ok for f in findings)
+    if failed:
+        raise click.ClickException(f"{failed} check(s) failed")
+
+
+def _manifest_checkpoint(target: Path) -> Path | None:
+    from .manifest import ManifestError, load_manifest
+
+    try:
+        src = load_manifest(target if target.is_dir() else target.parent).data["source"]["checkpoint"]
+    except ManifestError:
+        return None
+    return Path(src) if src and Path(src).is_file() else None
+
+
+def _range_report(checkpoint: Path, preset, target: Path, images, size, half_size) -> None:
+    from nafnet_core.checkpoint import load_checkpoint
+
+    from .api import prepare_model
+    from .lint import FP16_MAX, fp16_range_report
+    from .manifest import ManifestError, load_manifest
+    from .samples import load_images, sample_photo
+
+    try:
+        data = load_manifest(target if target.is_dir() else target.parent).data
+        tlc, fold, train_size = data["tlc"]["enabled"], data["folded"], data["tlc"]["train_size"]
+    except ManifestError:
+        data, tlc, fold, train_size = None, True, True, None
+    ckpt = load_checkpoint(checkpoint, preset=preset or (data or {}).get("model", {}).get("preset"))
+    model = prepare_model(ckpt.model, tlc=tlc, fold=fold, train_size=train_size or ckpt.train_size)
+    imgs = load_images(images) if images else [sample_photo(*size, index=i) for i in range(2)]
+    report = fp16_range_report(model, imgs, half_size)
+    click.echo(f"\nFP16 range report ({report.images} images, FP32 activations; FP16 max {FP16_MAX:.0f}):")
+    click.echo(f"  {'block':<22} {'max |act|':>10} {'max LN sum sq':>14} {'headroom':>9}")
+    for b in report.blocks:
+        flag = "  <- overflows FP16 (kept FP32 in the FP16 graph)" if b.max_sumsq > FP16_MAX else ""
+        click.echo(f"  {b.block:<22} {b.max_abs:>10.1f} {b.max_sumsq:>14.1f} {b.headroom:>8.1f}x{flag}")
+    if report.half_psnr_db is not None:
+        h, w = report.half_size
+        click.echo(f"PyTorch half vs fp32 at {h}x{w}: {report.half_psnr_db:.2f} dB")

@@ -1,0 +1,151 @@
+"""``DIR/manifest.json``: what an export directory holds, and the check that it is intact.
+
+Written last and atomically by :func:`export.export_model`, so an interrupted export never leaves a
+manifest that vouches for a partial file (an older manifest is removed before anything is written).
+Consumers (the runtime's Runners) call :func:`load_manifest` or :func:`verify` and pick artifacts.
+
+Schema (``schema_version`` 1)::
+
+    {
+      "format": "nafnet-deblurring-export", "schema_version": 1,
+      "project_version": "0.1.0", "created_utc": "2025-01-01T12:00:00Z",
+      "model":  {"preset": "nafnet-gopro-width32" | null, "config": {ModelConfig fields},
+                 "parameters": 17111907},
+      "source": {"checkpoint": "path/as/given" | null, "sha256": "<hex>" | null,
+                 "kind": "official" | "project" | "safetensors" | "module"},
+      "tlc":    {"enabled": true, "train_size": 256, "base_ratio": 1.5,
+                 "kernels": [[384, 384], [192, 192], [96, 96], [48, 48], [24, 24]]},   # level 0 .. middle
+      "folded": true,                       # LayerNorm affine and beta/gamma folded into convs
+      "opset": 18,
+      "io": {"input": "input", "output": "output", "layout": "NCHW", "dtype": "float32",
+             "value_range": [0.0, 1.0], "pad_multiple": 16},  # graphs pad/crop internally: any H, W
+      "artifacts": {                        # key: "<format>-<shape tag>", see export.formats
+        "onnx-fp32-dynamic": {
+          "format": "onnx-fp32", "file": "model-fp32-dynamic.onnx", "sha256": "<hex>", "bytes": 68634651,
+          "precision": "fp32", "runtime": "onnxruntime",
+          "shape": {"kind": "dynamic", "dims": {"batch": [1, null], "height": [1, null], "width": [1, null]}},
+          "check": {"input_shape": [1, 3, 37, 53], "reference": "torch-fp32", "max_abs_diff": 4e-07,
+                    "psnr_db": 128.1}                                                # optional
+        },
+        "onnx-fp16-512x512": {..., "shape": {"kind": "tile", "batch": 1, "height": 512, "width": 512}},
+        "trt-fp16-512x512": {..., "built_from": "onnx-fp16-512x512",
+          "tensorrt": {"version": "10.13.0", "gpu": "NVIDIA L4", "compute_capability": "8.9",
+                       "profile": {"min": [...], "opt": [...], "max": [...]}, "workspace_bytes": 4294967296,
+                       "builder_optimization_level": 3, "timing_cache": "path", "build_seconds": 61.2}}
+      }
+    }
+
+Every ONNX artifact carries the same facts in its ``metadata_props`` (keys ``nafnet.*``, see
+:func:`onnx_metadata`), so a lone ``.onnx`` file still says what it is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from nafnet_core.errors import UserError
+from nafnet_core.fileio import atomic_write_text, sha256_file
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "nafnet-deblurring-export"
+SCHEMA_VERSION = 1
+
+
+class ManifestError(UserError, ValueError):
+    """A missing, unreadable or inconsistent export directory; the message names the file."""
+
+
+@dataclass
+class Manifest:
+    """A loaded manifest: the raw ``data`` dict plus the directory it describes."""
+
+    data: dict[str, Any]
+    directory: Path
+
+    @property
+    def artifacts(self) -> dict[str, dict[str, Any]]:
+        return self.data["artifacts"]
+
+    def path(self, name: str) -> Path:
+        """Absolute path of artifact ``name``."""
+        if name not in self.artifacts:
+            raise ManifestError(f"{self.directory / MANIFEST_NAME}: no artifact {name!r}; "
+                                f"it has: {', '.join(self.artifacts) or '(none)'}")
+        return self.directory / self.artifacts[name]["file"]
+
+    def select(self, *, format: str | None = None, precision: str | None = None, runtime: str | None = None,
+               kind: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Artifacts matching every given field (``kind``: ``tile`` or ``dynamic``)."""
+        for name, rec in self.artifacts.items():
+            if format and rec["format"] != format or precision and rec["precision"] != precision:
+                continue
+            if runtime and rec["runtime"] != runtime or kind and rec["shape"]["kind"] != kind:
+                continue
+            yield name, rec
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """``{"file", "sha256", "bytes"}`` of a written artifact (file name relative to its directory)."""
+    return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def write_manifest(directory: str | Path, data: dict[str, Any]) -> Path:
+    """Writes ``DIR/manifest.json`` atomically (call it last)."""
+    path = Path(directory) / MANIFEST_NAME
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    """Reads and sanity-checks ``DIR/manifest.json`` (no hashing; see :func:`verify`)."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest; export into {directory} first (python cli.py export CHECKPOINT "
+                            f"--out {directory})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: unreadable manifest ({e}); re-run the export") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ManifestError(f"{path}: not a NAFNet-Deblurring export manifest")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ManifestError(f"{path}: schema_version {data.get('schema_version')!r}, this version reads "
+                            f"{SCHEMA_VERSION}; re-run the export")
+    if not isinstance(data.get("artifacts"), dict):
+        raise ManifestError(f"{path}: no artifacts table")
+    return Manifest(data, directory)
+
+
+def verify(directory: str | Path) -> Manifest:
+    """Loads the manifest and checks size and sha256 of every artifact; raises naming the first bad file."""
+    manifest = load_manifest(directory)
+    for name, rec in manifest.artifacts.items():
+        path = manifest.directory / rec["file"]
+        if not path.is_file():
+            raise ManifestError(f"{path}: missing (artifact {name!r} of {manifest.directory / MANIFEST_NAME}); "
+                                "re-run the export")
+        if path.stat().st_size != rec["bytes"] or sha256_file(path) != rec["sha256"]:
+            raise ManifestError(f"{path}: modified since export (size or sha256 differs from "
+                                f"{MANIFEST_NAME}); re-run the export")
+    return manifest
+
+
+def onnx_metadata(data: dict[str, Any], artifact: dict[str, Any]) -> dict[str, str]:
+    """The ``metadata_props`` written into one ONNX artifact (string values; JSON for structures)."""
+    return {
+        "nafnet.project_version": data["project_version"],
+        "nafnet.preset": data["model"]["preset"] or "",
+        "nafnet.config": json.dumps(data["model"]["config"], sort_keys=True),
+        "nafnet.train_size": str(data["tlc"]["train_size"]),
+        "nafnet.tlc": json.dumps(data["tlc"]),
+        "nafnet.folded": str(data["folded"]).lower(),
+        "nafnet.precision": artifact["precision"],
+        "nafnet.shape": json.dumps(artifact["shape"]),
+        "nafnet.opset": str(data["opset"]),
+        "nafnet.source_sha256": data["source"]["sha256"] or "",
+        "nafnet.io": json.dumps(data["io"]),
+    }

@@ -1,0 +1,104 @@
+"""The thin TensorRT layer: build a strongly typed FP16 engine from an FP16 ONNX file, and run one.
+
+Imports ``tensorrt`` lazily (this module is imported only by ``--trt``). Written against the
+TensorRT 10.12+/11 Python API: strongly typed network (the flag exists up to 10.x and is ignored in
+11, where every network is strongly typed), no ``BuilderFlag.FP16`` (the precisions come from the
+ONNX casts), workspace via ``set_memory_pool_limit``, ``builder_optimization_level``, and a timing
+cache created from the previous cache's bytes and serialised after the build.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nafnet_core.fileio import atomic_write_bytes
+
+from .shapes import Profile
+from .trt_plan import TensorRTUnavailable, TrtOptions, default_timing_cache, missing_message
+
+
+def import_tensorrt(out_dir: str | Path | None = None):
+    try:
+        import tensorrt as trt  # noqa: PLC0415 - optional heavy dependency
+    except ImportError:
+        raise TensorRTUnavailable(missing_message("TensorRT (the tensorrt Python package)", out_dir)) from None
+    return trt
+
+
+def gpu_info() -> tuple[str, str]:
+    """(GPU name, compute capability "8.9") of CUDA device 0, via torch; ("unknown", "0.0") without CUDA torch."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "unknown", "0.0"
+    major, minor = torch.cuda.get_device_capability(0)
+    return torch.cuda.get_device_name(0), f"{major}.{minor}"
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: Profile, input_name: str,
+                 options: TrtOptions, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Builds ``engine_path`` from ``onnx_path`` as written (strongly typed); returns the manifest's ``tensorrt`` record."""
+    trt = import_tensorrt(out_dir)
+    gpu, cc = gpu_info()
+    logger = trt.Logger(trt.Logger.WARNING)
+    try:
+        builder = trt.Builder(logger)
+    except (RuntimeError, TypeError) as e:
+        raise TensorRTUnavailable(missing_message(f"a CUDA GPU ({e})", out_dir)) from None
+    if builder is None:
+        raise TensorRTUnavailable(missing_message("a CUDA GPU (TensorRT could not create a builder)", out_dir))
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
+    config.builder_optimization_level = options.opt_level
+    cache_path = Path(options.timing_cache or default_timing_cache(trt.__version__, gpu, cc))
+    cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    trt_profile = builder.create_optimization_profile()
+    trt_profile.set_shape(input_name, profile.min, profile.opt, profile.max)
+    config.add_optimization_profile(trt_profile)
+
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if plan is None:
+        raise RuntimeError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
+    atomic_write_bytes(engine_path, bytes(plan))
+    atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    return {"version": trt.__version__, "gpu": gpu, "compute_capability": cc, "profile": profile.to_dict(),
+            "workspace_bytes": options.workspace_bytes, "builder_optimization_level": options.opt_level,
+            "strongly_typed": True, "timing_cache": str(cache_path), "timing_cache_reused": bool(cache_bytes),
+            "build_seconds": round(seconds, 2)}
+
+
+def run_engine(engine_path: str | Path, x: np.ndarray, input_name: str = "input", output_name: str = "output") -> np.ndarray:
+    """Runs a built engine once on NCHW float32 ``x`` (CUDA via torch); returns float32 NCHW. For tests and checks."""
+    import torch
+
+    trt = import_tensorrt()
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+    context = engine.create_execution_context()
+    inp = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).cuda()
+    context.set_input_shape(input_name, tuple(inp.shape))
+    out = torch.empty(tuple(context.get_tensor_shape(output_name)), dtype=torch.float32, device="cuda")
+    context.set_tensor_address(input_name, inp.data_ptr())
+    context.set_tensor_address(output_name, out.data_ptr())
+    stream = torch.cuda.current_stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise RuntimeError(f"{engine_path}: TensorRT execution failed")
+    stream.synchronize()
+    return out.cpu().numpy()

@@ -1,0 +1,113 @@
+"""Pure logic of export: shapes, profiles, the format table, TensorRT plan, graph checks, lint, range report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import nafnet_core as nc
+from export import FORMATS, ShapeSpec, TrtOptions, make_profile, parse_hw, parse_profile
+from export import graph
+from export.formats import formats_for
+from export.lint import fp16_range_report, lint_onnx
+from export.shapes import ShapeError
+from export.trt_plan import default_timing_cache, missing_message
+from tests.conftest import make_nontrivial, photo
+
+
+def test_parse_hw_and_profile():
+    assert parse_hw("720x1280") == (720, 1280)
+    assert parse_hw("512") == (512, 512)
+    assert parse_hw(" 64 X 96 ") == (64, 96)
+    for bad in ("0x5", "12x", "axb", "1x2x3", "-4"):
+        with pytest.raises(ShapeError, match="HEIGHTxWIDTH"):
+            parse_hw(bad)
+    assert parse_profile("64x64:720x1280:1088x1920") == ((64, 64), (720, 1280), (1088, 1920))
+    with pytest.raises(ShapeError, match="min <= opt <= max"):
+        parse_profile("64x64:720x1280:512x512")
+    with pytest.raises(ShapeError, match="MIN:OPT:MAX"):
+        parse_profile("64x64:720x1280")
+
+
+def test_shape_spec_tags_and_profiles():
+    tile, dyn = ShapeSpec.tile(512, 512), ShapeSpec.dynamic()
+    assert tile.tag == "512x512" and ShapeSpec.tile(720, 1280, 4).tag == "b4-720x1280" and dyn.tag == "dynamic"
+    assert tile.input_shape() == [1, 3, 512, 512] and dyn.input_shape() == ["batch", 3, "height", "width"]
+    assert ShapeSpec.from_dict(tile.to_dict()) == tile and ShapeSpec.from_dict(dyn.to_dict()) == dyn
+    p = make_profile(ShapeSpec.tile(720, 1280, 2))
+    assert p.min == p.opt == p.max == (2, 3, 720, 1280)
+    p = make_profile(dyn, ((64, 64), (720, 1280), (1088, 1920)), max_batch=4)
+    assert p.to_dict() == {"min": [1, 3, 64, 64], "opt": [1, 3, 720, 1280], "max": [4, 3, 1088, 1920]}
+    with pytest.raises(ShapeError):
+        ShapeSpec(height=5)
+    with pytest.raises(ShapeError):
+        ShapeSpec.tile(0, 4)
+
+
+def test_format_table_drives_names():
+    assert list(FORMATS) == ["onnx-fp32", "onnx-fp16", "trt-fp16"]
+    spec = ShapeSpec.tile(512, 512)
+    assert FORMATS["onnx-fp16"].artifact_name(spec) == "onnx-fp16-512x512"
+    assert FORMATS["trt-fp16"].file_name(spec) == "model-fp16-512x512.engine"
+    assert FORMATS["trt-fp16"].built_from == "onnx-fp16"
+    assert [f.name for f in formats_for(fp16=False, trt=False)] == ["onnx-fp32"]
+    assert [f.name for f in formats_for(fp16=False, trt=True)] == ["onnx-fp32", "onnx-fp16", "trt-fp16"]
+
+
+def test_tensorrt_plan(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = default_timing_cache("10.13.0.35", "NVIDIA GeForce RTX 4090", "8.9")
+    assert path == tmp_path / "nafnet-deblurring" / "tensorrt" / "trt-10.13.0.35-nvidia-geforce-rtx-4090-sm89.cache"
+    assert TrtOptions(workspace_gib=2).workspace_bytes == 2 * 2**30
+    with pytest.raises(ValueError):
+        TrtOptions(opt_level=6)
+    msg = missing_message("TensorRT", "out")
+    assert msg.count(".") >= 1 and "pip install" in msg and "out" in msg
+
+
+def _tiny_graph(op: str, axes_computed: bool = False, domain: str = "") -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])
+    nodes, inits = [], [helper.make_tensor("axes", TensorProto.INT64, [1], [1])]
+    axes = "axes"
+    if axes_computed:
+        nodes.append(helper.make_node("Shape", ["x"], ["s"]))
+        nodes.append(helper.make_node("Slice", ["s", "axes", "axes"], ["axes2"]))
+        axes = "axes2"
+    nodes.append(helper.make_node(op, ["x", axes], ["y"], domain=domain))
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                             opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_graph_checks_can_fail():
+    ok = _tiny_graph("CumSum")
+    assert graph.computed_axes(ok) == [] and graph.unsupported_ops(ok) == [] and graph.shape_arithmetic(ok) == []
+    bad = _tiny_graph("CumSum", axes_computed=True)
+    assert graph.computed_axes(bad) and graph.shape_arithmetic(bad) == ["Shape "]
+    assert graph.unsupported_ops(_tiny_graph("Foo", domain="custom")) == ["custom::Foo"]
+    assert graph.unsupported_ops(_tiny_graph("StringNormalizer")) == ["StringNormalizer"]
+
+
+def test_lint_reports_failures(tmp_path):
+    path = tmp_path / "bad.onnx"
+    onnx.save(_tiny_graph("CumSum", axes_computed=True), str(path))
+    findings = {f.check: f for f in lint_onnx(path)}
+    assert not findings["constant axes"].ok and "CumSum" in findings["constant axes"].detail
+    assert findings["onnx.checker"].ok
+
+
+def test_range_report_flags_overflow():
+    torch.manual_seed(0)
+    model = make_nontrivial(nc.create_model("tiny", width=4, enc_blk_nums=(1,), dec_blk_nums=(1,)))
+    imgs = [photo(24, 32)]
+    report = fp16_range_report(model, imgs, half_size=(16, 16))
+    assert [b.block for b in report.blocks] == ["encoders.0.0", "middle_blks.0", "decoders.0.0"]
+    assert all(0 < b.max_abs < 1e3 for b in report.blocks) and report.overflows == []
+    assert report.half_psnr_db > 40
+    with torch.no_grad():
+        model.intro.weight.mul_(3e3)  # a residual stream of ~1e3: channel sums of squares pass 65504
+    assert "encoders.0.0" in fp16_range_report(model, imgs, half_size=None).overflows

@@ -1,0 +1,165 @@
+"""NAFNet architecture: exact parameter counts, official names, and a functional reference forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nafnet_core as nc
+from conftest import make_nontrivial, photo
+from nafnet_core.config import ModelConfig, get_config
+from nafnet_core.model import LayerNorm2d, NAFNet
+
+
+@pytest.mark.parametrize("preset", sorted(nc.PRESET_PARAMS))
+def test_parameter_counts_exact(preset):
+    with torch.device("meta"):
+        model = nc.create_model(preset)
+    assert nc.count_parameters(model) == nc.PRESET_PARAMS[preset]
+
+
+def test_tiny_parameter_count():
+    assert nc.count_parameters(nc.create_model("tiny")) == 290_715
+
+
+def test_official_parameter_names():
+    with torch.device("meta"):
+        keys = set(nc.create_model("nafnet-gopro-width32").state_dict())
+    for key in ["intro.weight", "intro.bias", "ending.weight", "downs.0.weight", "downs.3.bias",
+                "ups.0.0.weight", "encoders.0.0.conv1.weight", "encoders.0.0.conv2.weight",
+                "encoders.3.27.sca.1.weight", "encoders.0.0.norm1.weight", "encoders.0.0.norm2.bias",
+                "encoders.0.0.beta", "encoders.0.0.gamma", "middle_blks.0.conv4.weight",
+                "decoders.3.0.conv5.bias"]:
+        assert key in keys, key
+    assert "ups.0.0.bias" not in keys  # the up-convs have no bias
+    assert not any("sca.0" in k for k in keys)  # pooling has no parameters
+
+
+def test_overrides_are_type_checked():
+    assert nc.create_model("tiny", width=4).config.width == 4
+    with pytest.raises(TypeError, match="width"):
+        get_config("tiny", width="16")
+    with pytest.raises(ValueError, match="unknown model option"):
+        get_config("tiny", widht=16)
+    with pytest.raises(KeyError, match="unknown preset"):
+        get_config("nafnet-huge")
+    with pytest.raises(ValueError, match="gate"):
+        get_config("tiny", gate="tanh")
+    with pytest.raises(ValueError, match="same length"):
+        ModelConfig(enc_blk_nums=(1, 1), dec_blk_nums=(1,))
+
+
+def test_layernorm2d_matches_layer_norm_over_channels():
+    torch.manual_seed(0)
+    ln = LayerNorm2d(6)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(2, 6, 5, 7) * 3 + 1
+    ref = F.layer_norm(x.permute(0, 2, 3, 1), (6,), ln.weight, ln.bias, eps=1e-6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(ln(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_layernorm2d_half_stays_finite_on_large_residuals():
+    # |x| ~ 300 over 64 channels: sum of squares ~ 5.8e6 overflows FP16 (65504) unless computed in FP32.
+    torch.manual_seed(0)
+    ln = LayerNorm2d(64).half()
+    x = (torch.randn(1, 64, 8, 8) * 300).half()
+    y = ln(x)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), LayerNorm2d(64)(x.float()), atol=2e-2, rtol=1e-2)
+
+
+# --- an independent, functional NAFNet written from DESIGN.md §2, reading the state dict directly ---
+
+def _ref_block(sd, p, x, gate):
+    def conv(name, t, **kw):
+        return F.conv2d(t, sd[p + name + ".weight"], sd.get(p + name + ".bias"), **kw)
+
+    def ln(name, t):
+        mu = t.mean(1, keepdim=True)
+        var = ((t - mu) ** 2).mean(1, keepdim=True)
+        return (t - mu) / torch.sqrt(var + 1e-6) * sd[p + name + ".weight"][None, :, None, None] + sd[p + name + ".bias"][None, :, None, None]
+
+    act = {"simple": lambda a: a, "reglu": F.relu, "geglu": F.gelu, "swiglu": F.silu}[gate]
+
+    def g(t):
+        a, b = t.chunk(2, 1)
+        return act(a) * b
+
+    c2 = sd[p + "conv2.weight"].shape[0]
+    t = g(conv("conv2", conv("conv1", ln("norm1", x)), padding=1, groups=c2))
+    t = t * conv("sca.1", t.mean((2, 3), keepdim=True))
+    y = x + conv("conv3", t) * sd[p + "beta"]
+    t = conv("conv5", g(conv("conv4", ln("norm2", y))))
+    return y + t * sd[p + "gamma"]
+
+
+def reference_nafnet(sd, cfg, x):
+    h, w = x.shape[-2:]
+    m = 2 ** len(cfg.enc_blk_nums)
+    x = F.pad(x, (0, -w % m, 0, -h % m))
+    t = F.conv2d(x, sd["intro.weight"], sd["intro.bias"], padding=1)
+    skips = []
+    for i, n in enumerate(cfg.enc_blk_nums):
+        for j in range(n):
+            t = _ref_block(sd, f"encoders.{i}.{j}.", t, cfg.gate)
+        skips.append(t)
+        t = F.conv2d(t, sd[f"downs.{i}.weight"], sd[f"downs.{i}.bias"], stride=2)
+    for j in range(cfg.middle_blk_num):
+        t = _ref_block(sd, f"middle_blks.{j}.", t, cfg.gate)
+    for i, n in enumerate(cfg.dec_blk_nums):
+        t = F.pixel_shuffle(F.conv2d(t, sd[f"ups.{i}.0.weight"]), 2) + skips[-1 - i]
+        for j in range(n):
+            t = _ref_block(sd, f"decoders.{i}.{j}.", t, cfg.gate)
+    t = F.conv2d(t, sd["ending.weight"], sd["ending.bias"], padding=1) + x
+    return t[..., :h, :w]
+
+
+@pytest.mark.parametrize("gate", ["simple", "swiglu"])
+@pytest.mark.parametrize("hw", [(37, 53), (64, 48)])
+def test_forward_matches_functional_reference(gate, hw):
+    torch.manual_seed(1)
+    model = make_nontrivial(nc.create_model("tiny", gate=gate, enc_blk_nums=[1, 2, 1, 1]))
+    x = photo(*hw)
+    with torch.no_grad():
+        out = model(x)
+        ref = reference_nafnet(model.state_dict(), model.config, x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # the check can fail: the blocks do change the image
+    assert (out - x).abs().max() > 1e-2
+
+
+def test_gates_differ():
+    torch.manual_seed(0)
+    x = photo(32, 32)
+    outs = {}
+    for gate in nc.GATES:
+        torch.manual_seed(0)
+        model = make_nontrivial(nc.create_model("tiny", gate=gate))
+        with torch.no_grad():
+            outs[gate] = model(x)
+    assert all((outs["simple"] - outs[g]).abs().max() > 1e-4 for g in ("reglu", "geglu", "swiglu"))
+
+
+def test_fresh_model_is_identity_plus_ending():
+    # beta = gamma = 0 at init: every block is skipped; with the ending conv zeroed the net is the identity.
+    model = nc.create_model("tiny").eval()
+    with torch.no_grad():
+        model.ending.weight.zero_()
+        model.ending.bias.zero_()
+        x = torch.rand(1, 3, 21, 35)
+        torch.testing.assert_close(model(x), x)
+
+
+def test_dropout_option_builds_dropout_layers():
+    model = nc.create_model("tiny", drop_out_rate=0.5)
+    assert isinstance(model.encoders[0][0].dropout1, torch.nn.Dropout)
+    assert isinstance(nc.create_model("tiny").encoders[0][0].dropout1, torch.nn.Identity)
+
+
+def test_model_is_nafnet_with_config():
+    model = nc.create_model("seed-v1")
+    assert isinstance(model, NAFNet) and model.config == get_config("seed-v1") and model.padder_size == 16
