@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A short run of the tiny preset: the "few hundred steps" quality run shared by several tests.
 QUALITY_STEPS = 300
-QUALITY_SETS = {"steps": QUALITY_STEPS, "crop": 48, "val_every": QUALITY_STEPS, "save_every": QUALITY_STEPS}
+QUALITY_SETS = {"steps": QUALITY_STEPS, "crop": 64, "val_every": QUALITY_STEPS, "save_every": QUALITY_STEPS}
 
 
 @pytest.fixture(scope="module", autouse=True)
