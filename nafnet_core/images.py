@@ -14,6 +14,7 @@ restored file is written the way the input was.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from dataclasses import dataclass, replace
@@ -30,7 +31,8 @@ from .metrics import quantize
 #: File suffixes read as images (lower case).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: Largest image accepted by default (pixels); beyond it a file is refused as a possible decompression bomb.
-DEFAULT_MAX_PIXELS = 200_000_000
+#: The environment variable NAFNET_MAX_PIXELS sets it for every command (infer also has --max-pixels).
+DEFAULT_MAX_PIXELS = int(os.environ.get("NAFNET_MAX_PIXELS") or 200_000_000)
 #: JPEG / WebP quality used when writing.
 JPEG_QUALITY = 95
 
@@ -81,7 +83,8 @@ def is_image_file(path: str | Path) -> bool:
 def _check_pixels(path: Path, w: int, h: int, max_pixels: int) -> None:
     if w * h > max_pixels:
         raise ImageError(f"{path}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
-                         "(possible decompression bomb); raise --max-pixels if the image is genuine")
+                         "(possible decompression bomb); if the image is genuine raise the limit with "
+                         "--max-pixels (infer) or the NAFNET_MAX_PIXELS environment variable")
 
 
 def _orient(a: np.ndarray, orientation: int | None) -> np.ndarray:

@@ -55,3 +55,19 @@ def test_good_pairs_are_kept_and_loop_reported(checked):
 def test_missing_and_unreadable_folder(tmp_path):
     res = CliRunner().invoke(main, ["data", "check", str(tmp_path / "nope")])
     assert res.exit_code == 1 and res.output.startswith("Error: ") and "no such folder" in res.output
+
+
+def test_pixel_limit_is_configurable_for_every_command(tmp_path):
+    """NAFNET_MAX_PIXELS sets the decompression-bomb limit of data check, eval and train (infer: --max-pixels)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = make_dataset(tmp_path / "ds", [], n_good=1)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "NAFNET_MAX_PIXELS": "1000"}
+    r = subprocess.run([sys.executable, str(repo / "cli.py"), "data", "check", str(root)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert one_line_naming(r.stdout, root / "train/blur/a1.png", "48x40 = 1,920 pixels exceeds the limit of 1,000")
+    assert "NAFNET_MAX_PIXELS" in r.stdout

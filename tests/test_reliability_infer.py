@@ -73,7 +73,8 @@ def test_decompression_bomb_limit_is_configurable(tmp_path, tiny_checkpoint):
                  "--max-pixels", 1000)
     assert res.exit_code == 1
     assert one_line_naming(res.stderr, tmp_path / "a.png", f"{SIZE[1]}x{SIZE[0]} = 1,920 pixels exceeds the limit of "
-                                                           "1,000 (possible decompression bomb); raise --max-pixels")
+                                                           "1,000 (possible decompression bomb); if the image is genuine raise the "
+                                                           "limit with --max-pixels")
     res = _infer(tmp_path / "a.png", "--model", tiny_checkpoint, "--backend", "torch", "--out", tmp_path / "o",
                  "--max-pixels", 1920)
     assert res.exit_code == 0 and (tmp_path / "o" / "a.png").is_file()

@@ -82,6 +82,25 @@ def test_unusual_but_valid_files_train(tmp_path):
     assert result.last_val["images"] == len(cases) // 2 + len(cases) % 2  # the val half of the test folder
 
 
+def test_unscorable_validation_pair_stops_with_last_saved(tmp_path):
+    """A validation image below the 11x11 SSIM window: one error naming it at the first validation, and
+    last.pt saved at that step (the steps since the last save are kept)."""
+    from PIL import Image
+
+    from tests.reliability_cases import pixels
+    from train.config import build_config
+    from train.loop import TrainingError, train
+
+    root = make_dataset(tmp_path / "ds", [], n_good=2)
+    for kind in ("blur", "sharp"):  # sorts first: in the val half
+        Image.fromarray(pixels(8, 8)).save(root / "test" / kind / "a0.png")
+    cfg = build_config("tiny", sets={"data": str(root), "crop": 32, "batch": 2, "steps": 10, "val_every": 3,
+                                     "save_every": 100, "workers": 0})
+    with pytest.raises(TrainingError, match=r"a0.png: 8x8 is too small to score.*Saved .*last.pt at step 3"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert load_checkpoint(tmp_path / "run" / "last.pt").extra["step"] == 3
+
+
 # --------------------------------------------------------------------------------------- kills and signals
 
 def _checkpoints_all_load(run_dir: Path) -> dict[str, int]:

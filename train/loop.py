@@ -252,7 +252,9 @@ def _train(cfg: TrainConfig, run_dir: Path, info: ddp.DistInfo, *, resume: bool,
             res = evaluate(ema if ema is not None else model, val_pairs, tlc=cfg.val_tlc, train_size=cfg.crop,
                            device=dev, keep_samples=3, images=images)
             if res.failed:
-                raise TrainingError("validation pairs that cannot be scored: " + "; ".join(res.failed.values()))
+                save_last()
+                raise TrainingError("validation pairs that cannot be scored: " + "; ".join(res.failed.values())
+                                    + f". Saved {last_path} at step {step}; fix or remove them, then --resume")
             row = res.summary()
             metrics.add(step=step, epoch=round(stream.epoch_at(step), 3), kind="val", val_psnr=row["psnr"],
                         val_ssim=row["ssim"], val_input_psnr=row["input_psnr"], val_input_ssim=row["input_ssim"],
