@@ -9,7 +9,6 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import nafnet_core as nc
 from cli import main
 from nafnet_core.images import read_image, to_tensor, to_uint8
 from runtime.infer import AUTO_WHOLE_MAX_PIXELS, choose_tiling, collect_inputs
