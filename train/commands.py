@@ -11,6 +11,8 @@ import click
 
 from nafnet_core.cli_common import preset_option, train_size_option
 
+from .config import PRESETS as TRAIN_PRESETS
+
 
 @click.group(name="data")
 def data() -> None:
@@ -77,7 +79,7 @@ def data_synth(out: Path, seed: int, count: int, size: str) -> None:
 
 
 @click.command(name="train")
-@click.option("--preset", type=click.Choice(["gopro", "gopro-width64", "seed", "tiny"]), default=None,
+@click.option("--preset", type=click.Choice(list(TRAIN_PRESETS)), default=None,
               help="Training preset [default: gopro, the official NAFNet GoPro recipe].")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML or JSON file of config keys, applied over the preset.")
