@@ -53,3 +53,17 @@ class SizeType(click.ParamType):
 
 
 SIZE = SizeType()
+
+
+def fmt(value, spec: str = "") -> str:
+    """``format(value, spec)``, or ``-`` for a missing value (table cells)."""
+    return "-" if value is None else format(value, spec)
+
+
+def text_table(head: list[str], rows: list[list]) -> str:
+    """A plain-text table: left-aligned columns, a rule under the header; the last column is free-length."""
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    widths[-1] = len(head[-1])  # the last column (a status or note) is not padded
+    out = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(out)

@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import nafnet_core as nc
+from nafnet_core.cli_common import fmt, text_table
 
 from .tiling import TileSpec, restore_tensor
 
@@ -236,17 +237,12 @@ def bench_table(result: dict) -> str:
             "% roof", "vs torch", "status"]
     lines = []
     for r in result["rows"]:
-        def f(v, spec=""):
-            return "-" if v is None else format(v, spec)
-        lines.append([r["backend"], r["precision"], r["mode"], r["size"], f(r["median_ms"], ".0f"), f(r["min_ms"], ".0f"),
-                      f(r["max_ms"], ".0f"), f(r["images_per_s"], ".3f"), f(r["peak_rss_mb"], ".0f"),
-                      f(r["gflops_per_s"], ".1f"),
+        lines.append([r["backend"], r["precision"], r["mode"], r["size"], fmt(r["median_ms"], ".0f"), fmt(r["min_ms"], ".0f"),
+                      fmt(r["max_ms"], ".0f"), fmt(r["images_per_s"], ".3f"), fmt(r["peak_rss_mb"], ".0f"),
+                      fmt(r["gflops_per_s"], ".1f"),
                       "-" if r["fraction_of_matmul_roof"] is None else f"{100 * r['fraction_of_matmul_roof']:.1f}",
-                      f(r["vs_torch"], ".2f"), r["status"]])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    widths[-1] = len(head[-1])  # the status column is last and free-length: no padding
-    out = ["  ".join(str(x).ljust(wd) for x, wd in zip(head, widths)), "  ".join("-" * wd for wd in widths)]
-    out += ["  ".join(str(x).ljust(wd) for x, wd in zip(line, widths)).rstrip() for line in lines]
+                      fmt(r["vs_torch"], ".2f"), r["status"]])
+    out = [text_table(head, lines)]
     out.append(f"model {result['model_gflop']} GFLOP at {result['size']}; this machine's fp32 matmul roof "
                f"{result['matmul_gflops']} GFLOP/s ({result['threads']} threads); median of {result['repeats']} "
                f"after {result['warmup']} warm-up, each backend in its own process")

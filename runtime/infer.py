@@ -23,7 +23,7 @@ from nafnet_core.images import DEFAULT_MAX_PIXELS, Decoded, ImageError, from_ten
     to_tensor, write_image
 
 from .runners import Runner
-from .tiling import DEFAULT_TILE, TileSpec, count_tiles, default_overlap, padded_size, restore_tensor
+from .tiling import DEFAULT_TILE, TileSpec, default_overlap, padded_size, restore_tensor
 
 #: With ``tile="auto"``, dynamic-shape models run whole images up to this many (padded) pixels and tile
 #: larger ones, so memory stays bounded (a 1280x720 frame runs whole: see BENCHMARKS.md).

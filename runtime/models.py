@@ -116,10 +116,13 @@ def tensorrt_ready() -> tuple[bool, str]:
 
 
 def _pick(artifacts: list[Artifact], backend: str, precision: str | None, prefer_tile: bool | None) -> Artifact | None:
+    """The artifact to run: the asked precision (else fp32 for ONNX), and the dynamic graph unless
+    ``prefer_tile`` (a 1280x720 frame then runs whole: no tile overlap to recompute, BENCHMARKS.md;
+    larger images are tiled by the runtime either way)."""
     cands = [a for a in artifacts if a.backend == backend and (precision is None or a.precision == precision)]
-    if prefer_tile is not None:
-        cands.sort(key=lambda a: (a.fixed_shape is None) == prefer_tile)
-    cands.sort(key=lambda a: a.precision != "fp32" if precision is None and backend != "trt" else False)
+    want_tile = bool(prefer_tile)
+    cands.sort(key=lambda a: ((a.precision != "fp32") if precision is None and backend != "trt" else False,
+                              (a.fixed_shape is not None) != want_tile))
     return cands[0] if cands else None
 
 

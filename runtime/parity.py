@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 import torch
 
 import nafnet_core as nc
+from nafnet_core.cli_common import fmt, text_table
 from nafnet_core.errors import UserError
 from nafnet_core.fileio import atomic_write_text
 from nafnet_core.images import read_image, to_tensor
@@ -88,11 +89,6 @@ class ParityReport:
     def table(self) -> str:
         head = ["backend", "precision", "mode", "PSNR", "SSIM", "ΔPSNR", "vs ref dB", "max|Δ|", "ms/img", "pass", "status"]
 
-        def fmt(v, spec):
-            if v is None:
-                return "-"
-            return format(v, spec)
-
         lines = []
         for r in self.rows:
             vs_ref = "identical" if r.psnr_vs_reference is None and r.max_abs_diff == 0 else fmt(r.psnr_vs_reference, ".1f")
@@ -100,11 +96,7 @@ class ParityReport:
             lines.append([r.backend, r.precision, r.mode, fmt(r.psnr, ".3f"), fmt(r.ssim, ".4f"),
                           fmt(r.delta_psnr, "+.4f"), vs_ref, fmt(r.max_abs_diff, ".2e"), fmt(r.ms_per_image, ".0f"),
                           verdict, r.status])
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-        widths[-1] = len(head[-1])  # the status column is last and free-length: no padding
-        out = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]
-        out.append("  ".join("-" * w for w in widths))
-        out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in lines]
+        out = [text_table(head, lines)]
         out += [f"failed: {why}" for why in self.failed.values()]
         skipped = f" ({len(self.failed)} pairs could not be read, listed above)" if self.failed else ""
         out.append(f"{'PASS' if self.passed else 'FAIL'}: {self.images} images{skipped}; every row that ran "

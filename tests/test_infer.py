@@ -9,13 +9,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import nafnet_core as nc
 from cli import main
 from nafnet_core.images import read_image, to_tensor, to_uint8
 from runtime.infer import AUTO_WHOLE_MAX_PIXELS, choose_tiling, collect_inputs
 from runtime.runners import TorchRunner
 from tests.conftest import photo
-from tests.test_runtime_fixtures import MINI, TILE
+from tests.test_runtime_fixtures import TILE
 
 
 def u8(h, w, index=0):

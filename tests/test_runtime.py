@@ -12,7 +12,7 @@ from runtime.models import open_runner
 from runtime.runners import OnnxRuntimeRunner, RunnerError, TensorRTRunner, TorchRunner, cuda_device_count, ort_providers
 from runtime.trt import tensorrt_available
 from tests.conftest import photo
-from tests.test_runtime_fixtures import MINI, TILE
+from tests.test_runtime_fixtures import TILE
 
 
 def test_torch_runner_lifecycle_and_precisions(tiny_tlc):
@@ -83,6 +83,16 @@ def test_tensorrt_engine_runs(tmp_path):
     if not ok:
         pytest.skip(f"needs TensorRT and a GPU: {why}")
     pytest.skip("engine building belongs to the export package; covered by parity on GPU machines")
+
+
+def test_open_runner_from_export_dir(tiny_export):
+    auto = open_runner(tiny_export)  # no TensorRT here: onnxruntime, fp32, the dynamic graph
+    assert isinstance(auto, OnnxRuntimeRunner) and auto.precision == "fp32" and auto.fixed_shape is None
+    tiled = open_runner(tiny_export, "onnxrt", "fp16", tiled_graph=True)
+    assert tiled.precision == "fp16" and tiled.fixed_shape == (TILE, TILE)
+    assert isinstance(open_runner(tiny_export, "torch"), TorchRunner)  # from the manifest's source checkpoint
+    with pytest.raises(RunnerError, match="trt"):
+        open_runner(tiny_export, "trt")
 
 
 def test_open_runner_dispatch(tiny_checkpoint, tiny_onnx):
