@@ -220,6 +220,16 @@ def _tiff_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
+_FILE_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError, UnidentifiedImageError)
+
+
+def _file_error(path: Path, e: Exception) -> ImageError:
+    """The one-line error for a file that cannot be opened as an image at all (one of ``_FILE_ERRORS``)."""
+    reason = {FileNotFoundError: "no such file", IsADirectoryError: "is a directory, not an image",
+              PermissionError: "permission denied"}.get(type(e), "not a readable image (unknown format or not an image file)")
+    return ImageError(f"{path}: {reason}")
+
+
 def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(height, width) of an image file from its header, without decoding the pixels (fast).
 
@@ -242,14 +252,8 @@ def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
                 Image.MAX_IMAGE_PIXELS = limit
         with im:
             w, h = im.size
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
-    except PermissionError:
-        raise ImageError(f"{path}: permission denied") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not a readable image (unknown format or not an image file)") from None
+    except _FILE_ERRORS as e:
+        raise _file_error(path, e) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"{path}: cannot read image header (truncated or corrupt): {e}") from None
     _check_pixels(path, w, h, max_pixels)
@@ -273,14 +277,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
         return _read_pillow(path, max_pixels)
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
-    except PermissionError:
-        raise ImageError(f"{path}: permission denied") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not a readable image (unknown format or not an image file)") from None
+    except _FILE_ERRORS as e:
+        raise _file_error(path, e) from None
     except MemoryError:
         raise ImageError(f"{path}: not enough memory to decode this image") from None
     except (OSError, ValueError, SyntaxError, EOFError, KeyError, IndexError, TypeError, Image.DecompressionBombError,
