@@ -166,14 +166,18 @@ class _PillowFallback(Exception):
     """Internal: a file the specialised reader leaves to Pillow."""
 
 
-def _read_pillow(path: Path, max_pixels: int) -> Decoded:
-    with _PIL_LOCK:
-        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit, checked below
+def _open_unlimited(path: Path) -> Image.Image:
+    """``Image.open`` without Pillow's own pixel limit: callers apply ours (``_check_pixels``), which is configurable."""
+    with _PIL_LOCK:  # Image.MAX_IMAGE_PIXELS is process-global
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            im = Image.open(path)
+            return Image.open(path)
         finally:
             Image.MAX_IMAGE_PIXELS = limit
-    with im:
+
+
+def _read_pillow(path: Path, max_pixels: int) -> Decoded:
+    with _open_unlimited(path) as im:
         w, h = im.size
         _check_pixels(path, w, h, max_pixels)
         icc = im.info.get("icc_profile")
@@ -244,13 +248,7 @@ def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
             _check_pixels(path, size[1], size[0], max_pixels)
             return size
     try:
-        with _PIL_LOCK:
-            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                im = Image.open(path)
-            finally:
-                Image.MAX_IMAGE_PIXELS = limit
-        with im:
+        with _open_unlimited(path) as im:
             w, h = im.size
     except _FILE_ERRORS as e:
         raise _file_error(path, e) from None
