@@ -42,6 +42,15 @@ def photo(height: int, width: int, index: int = 0) -> torch.Tensor:
     return F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
+def small_model(seed: int | None = None) -> torch.nn.Module:
+    """The smallest useful NAFNet for fast tests: width 4, two levels, non-trivial weights."""
+    from nafnet_core import create_model
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return make_nontrivial(create_model("tiny", width=4, enc_blk_nums=(1, 1), dec_blk_nums=(1, 1)))
+
+
 @pytest.fixture
 def tiny_model():
     from nafnet_core import create_model

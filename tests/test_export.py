@@ -20,20 +20,15 @@ from export import graph
 from export.api import prepare_model
 from export.onnx_export import read_metadata
 from nafnet_core.fileio import sha256_file
-from tests.conftest import make_nontrivial, photo
+from tests.conftest import photo, small_model
 
 TRAIN = 16
 TILE = (40, 56)
 
 
-def small_model() -> nc.NAFNet:
-    torch.manual_seed(0)
-    return make_nontrivial(nc.create_model("tiny", width=4, enc_blk_nums=(1, 1), dec_blk_nums=(1, 1)))
-
-
 @pytest.fixture(scope="session")
 def model():
-    return small_model()
+    return small_model(seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -186,9 +181,9 @@ def test_folded_graph_has_fewer_nodes(tlc_export, plain_export):
 # --- manifest -----------------------------------------------------------------------------------------
 
 
-def test_manifest_hashes_and_metadata(tlc_export):
+def test_manifest_hashes_and_metadata(tlc_export, model):
     data = json.loads((tlc_export.directory / "manifest.json").read_text())
-    assert data["tlc"]["kernels"] == [list(k) for k in nc.tlc_kernels(small_model().config, TRAIN)]
+    assert data["tlc"]["kernels"] == [list(k) for k in nc.tlc_kernels(model.config, TRAIN)]
     for name, rec in data["artifacts"].items():
         path = tlc_export.directory / rec["file"]
         assert sha256_file(path) == rec["sha256"] and path.stat().st_size == rec["bytes"]

@@ -11,14 +11,14 @@ from click.testing import CliRunner
 
 import nafnet_core as nc
 from cli import main
-from tests.conftest import make_nontrivial
+from tests.conftest import make_nontrivial, small_model
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    project = make_nontrivial(nc.create_model("tiny", width=4, enc_blk_nums=(1, 1), dec_blk_nums=(1, 1)))
+    project = small_model()
     nc.save_checkpoint(d / "small.pt", project, train_size=16)
     official = make_nontrivial(nc.create_model("tiny"))
     nc.save_official(d / "official.pth", official)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 import nafnet_core as nc
 from cli import main
-from tests.conftest import make_nontrivial
+from tests.conftest import small_model
 from tests.reliability_cases import CASES, deny_read, make_dataset, one_line_naming, unreadable_paths
 
 # Too small for the 11x11 SSIM window: eval cannot score them (every other entry point processes them).
@@ -26,7 +26,7 @@ UNSCORABLE = {"one_by_one", "one_by_n"}
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    model = make_nontrivial(nc.create_model("tiny", width=4, enc_blk_nums=(1, 1), dec_blk_nums=(1, 1)))
+    model = small_model()
     return nc.save_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.pt", model, train_size=32)
 
 

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 import nafnet_core as nc
 from cli import main
 from export import ManifestError, engine_mismatch, export_model, load_manifest, verify, verify_artifact, verify_file
-from tests.conftest import make_nontrivial
+from tests.conftest import small_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    model = make_nontrivial(nc.create_model("tiny", width=4, enc_blk_nums=(1, 1), dec_blk_nums=(1, 1)))
+    model = small_model()
     return nc.save_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.pt", model, train_size=16)
 
 

@@ -6,8 +6,6 @@ scoring (DESIGN.md §5), so the figures are those of the PNG files the model wou
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import time
@@ -26,6 +24,7 @@ from nafnet_core.model import NAFNet
 from nafnet_core.tlc import convert_to_tlc, is_tlc
 
 from .data import Pair, to_chw
+from .report import csv_text
 
 COLUMNS = ("name", "height", "width", "psnr", "ssim", "input_psnr", "input_ssim", "seconds")
 
@@ -53,12 +52,7 @@ class EvalResult:
                 "seconds_per_image": self.mean("seconds"), "failed": len(self.failed)}
 
     def csv_text(self) -> str:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-        w.writeheader()
-        for r in self.rows:
-            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-        return buf.getvalue()
+        return csv_text(COLUMNS, self.rows, ".6f")
 
     def write_csv(self, path: str | Path) -> None:
         atomic_write_text(path, self.csv_text())

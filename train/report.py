@@ -18,6 +18,16 @@ METRIC_COLUMNS = ("step", "epoch", "kind", "lr", "loss", "train_psnr", "val_psnr
                   "val_input_ssim", "images_per_s", "elapsed_s")
 
 
+def csv_text(columns, rows: list[dict], float_format: str) -> str:
+    """CSV with a header of ``columns``; float cells formatted with ``float_format`` (e.g. ``.6f``)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (format(v, float_format) if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
 class MetricsLog:
     """Rows of ``metrics.csv`` (``kind`` = train | val), rewritten atomically on every :meth:`flush`.
 
@@ -38,12 +48,7 @@ class MetricsLog:
         self.rows.append({k: row.get(k, "") for k in METRIC_COLUMNS})
 
     def flush(self) -> None:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
-        w.writeheader()
-        for r in self.rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-        atomic_write_text(self.path, buf.getvalue())
+        atomic_write_text(self.path, csv_text(METRIC_COLUMNS, self.rows, ".6g"))
 
     def series(self, kind: str, key: str) -> tuple[list[int], list[float]]:
         xs, ys = [], []
