@@ -31,11 +31,11 @@ from .trt_plan import TrtOptions
 
 def prepare_model(model: NAFNet, *, tlc: bool = True, fold: bool = True, train_size: int = DEFAULT_TRAIN_SIZE,
                   base_ratio: float = DEFAULT_BASE_RATIO) -> NAFNet:
-    """The deploy model: a folded (optional) TLC (optional) copy in eval mode; ``model`` is untouched."""
+    """The deploy model: a TLC (optional), then folded (optional) copy in eval mode; ``model`` is untouched."""
     if is_tlc(model):
         raise ValueError("pass the model without TLC; export applies TLC itself (tlc=True)")
-    out = fold_for_deploy(model) if fold else model
-    out = convert_to_tlc(out, train_size=train_size, base_ratio=base_ratio) if tlc else out
+    out = convert_to_tlc(model, train_size=train_size, base_ratio=base_ratio) if tlc else model
+    out = fold_for_deploy(out) if fold else out
     return out.eval()
 
 

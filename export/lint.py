@@ -28,6 +28,7 @@ from nafnet_core.metrics import psnr
 from nafnet_core.model import LayerNorm2d, NAFBlock, NAFNet
 
 from . import graph
+from .fold import DeployBlock
 from .manifest import MANIFEST_NAME, ManifestError, verify
 from .shapes import ShapeSpec
 
@@ -164,7 +165,7 @@ def fp16_range_report(model: NAFNet, images: list[torch.Tensor], half_size: tupl
     report = RangeReport(images=len(images))
     handles = []
     for name, block in model.named_modules():
-        if not isinstance(block, NAFBlock):
+        if not isinstance(block, (NAFBlock, DeployBlock)):  # as trained, or folded for deployment
             continue
         row = BlockRange(name)
         report.blocks.append(row)

@@ -7,6 +7,7 @@ test images (37x53, 30x70) are larger than the level-0 window and TLC differs fr
 
 from __future__ import annotations
 
+import copy
 import json
 
 import onnx
@@ -161,13 +162,33 @@ def test_folding_is_exact_and_leaves_input_untouched(model):
     assert is_folded(folded) and not is_folded(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(n.endswith(("beta", "gamma", "norm1.weight")) for n, _ in folded.named_parameters())
-    x = photo(37, 53)
-    tlc_a, tlc_b = nc.convert_to_tlc(model, train_size=TRAIN), nc.convert_to_tlc(folded, train_size=TRAIN)
-    with torch.no_grad():
-        a, b = tlc_a(x), tlc_b(x)
-    assert (a - b).abs().max().item() <= 1e-5
-    assert (a - x).abs().max().item() > 0.1  # the blocks do something
+    tlc_a = nc.convert_to_tlc(model, train_size=TRAIN)
+    tlc_b = fold_for_deploy(tlc_a)
+    # Larger than every window (attention on the window grid), smaller than the level-0 window in one
+    # direction, and smaller than every window (global means).
+    for h, w in [(37, 53), (16, 40), (64, 17), (8, 8)]:
+        x = photo(h, w)
+        with torch.no_grad():
+            a, b, c = tlc_a(x), tlc_b(x), folded(x)
+            plain = model(x)
+        assert (a - b).abs().max().item() <= 1e-5, (h, w)
+        assert (plain - c).abs().max().item() <= 1e-5, (h, w)
+        assert (a - x).abs().max().item() > 0.1  # the blocks do something
+    with torch.no_grad():  # ... and TLC differs from global pooling at 37x53
+        assert (tlc_a(photo(37, 53)) - model(photo(37, 53))).abs().max().item() > 1e-3
     assert fold_for_deploy(folded).state_dict().keys() == folded.state_dict().keys()  # idempotent
+    with pytest.raises(ValueError, match="apply TLC first"):
+        nc.convert_to_tlc(folded, train_size=TRAIN)
+
+
+def test_folded_half_model_keeps_fp32_window_means(model):
+    """The deploy attention of a half model sums in FP32 (FP16 sums would overflow) and stays close to FP32."""
+    deploy = fold_for_deploy(nc.convert_to_tlc(model, train_size=TRAIN))
+    x = photo(37, 53)
+    with torch.no_grad():
+        ref, half = deploy(x), copy.deepcopy(deploy).half()(x)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert (half - ref).abs().max().item() < 2e-2
 
 
 def test_folded_graph_has_fewer_nodes(tlc_export, plain_export):
@@ -176,6 +197,8 @@ def test_folded_graph_has_fewer_nodes(tlc_export, plain_export):
     unfolded = graph.op_counts(onnx.load(str(plain_export.path(tag))))
     blocks = 5  # 2 encoders + middle + 2 decoders
     assert unfolded["Mul"] - folded["Mul"] == 4 * blocks  # norm1/norm2 scale, beta, gamma
+    assert unfolded["Split"] >= 2 * blocks and folded["Split"] == 0  # gates split into conv pairs
+    assert folded["Conv"] - unfolded["Conv"] == 3 * blocks  # conv1, conv2, conv4 in halves
 
 
 # --- manifest -----------------------------------------------------------------------------------------
