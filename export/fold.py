@@ -11,13 +11,18 @@ Each NAFBlock (eval mode, dropout inactive) becomes a :class:`DeployBlock`:
   Output channels of a 1x1 or depthwise conv are independent, so the conv pair is split into one pair per
   half and the gate multiplies their outputs: no Split node, and every op between the convs keeps
   onnxruntime's blocked (NCHWc) layout instead of reordering to NCHW and back.
+* Channel means as MatMuls. The bare norm (:class:`ChannelNorm`) takes its per-pixel channel mean and variance
+  as ``(1, C) @ (C, H*W)`` products by a 1/C row instead of ReduceMean over axis 1.
 * TLC attention on the window grid. ``x * conv(pad(means))``: a 1x1 conv commutes with replicate padding, so
   it runs on the H-k1+1 x W-k2+1 grid of window means (a third of a 720x1280 frame at every level) and the
   padding comes after; the means stay transposed (``window_means_t``) through the conv and are transposed
   back on that small grid.
 
-Measured on ``nafnet-gopro-width32`` with TLC at 720x1280 (onnxruntime CPU, 2 threads; BENCHMARKS.md):
-7.6 s folded only, 6.6 s with the attention on the grid, 5.5 s with split gates too.
+  On the small maps of the deep levels the window means are two MatMuls by band matrices (:data:`BAND_MAX_MACS`).
+
+Measured on ``nafnet-gopro-width32`` with TLC at 720x1280 (onnxruntime CPU, 2 threads, one process; the
+per-step figures of BENCHMARKS.md): 7.6 s folded only, 6.6 s with the attention on the grid, 5.3 s with split
+gates, 4.95 s with MatMul channel means, 4.75 s with band means on the deep levels.
 
 The folding arithmetic is done in float64 and rounded once; the rest only reorders FP32 operations, so the
 deploy model equals the original to FP32 rounding (tests: <= 1e-5). In a half model the window means are
@@ -33,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nafnet_core.model import Gate, GlobalAvgPool2d, LayerNorm2d, NAFBlock, NAFNet
-from nafnet_core.tlc import LocalAvgPool2d, covers_map, window_means_t
+from nafnet_core.tlc import LocalAvgPool2d, band_means, covers_map, window_means_t
 
 
 def _fold_affine_into_conv(norm: LayerNorm2d, conv: nn.Conv2d) -> LayerNorm2d:
@@ -49,8 +54,32 @@ def _fold_affine_into_conv(norm: LayerNorm2d, conv: nn.Conv2d) -> LayerNorm2d:
         conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
     else:
         conv.bias.copy_(new_bias.to(conv.bias.dtype))
-    bare = LayerNorm2d(norm.weight.numel(), eps=norm.eps, affine=False)
-    return bare.to(norm.weight.device)
+    return ChannelNorm(norm.weight.numel(), eps=norm.eps)
+
+
+class ChannelNorm(LayerNorm2d):
+    """The folded LayerNorm2d (no affine) with its channel means as MatMuls by a 1/C row, in FP32.
+
+    onnxruntime reduces over the channel axis of NCHW slowly: 52 ms per ReduceMean on 32x720x1280, 634 ms
+    of a 5.3 s width32 frame; the (1, C) @ (C, H*W) product takes 94 ms for all of them.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__(channels, eps=eps, affine=False)
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
+        dtype = x.dtype
+        x = x.float()
+        n, c, h, w = x.shape
+        avg = torch.full((1, c), 1.0 / c, dtype=torch.float32, device=x.device)
+        mu = (avg @ x.reshape(n, c, h * w)).reshape(n, 1, h, w)
+        d = x - mu
+        var = (avg @ (d * d).reshape(n, c, h * w)).reshape(n, 1, h, w)
+        return (d / (var + self.eps).sqrt()).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, eps={self.eps}"
 
 
 def _fold_scale_into_conv(scale: torch.Tensor | None, conv: nn.Conv2d) -> None:
@@ -97,8 +126,23 @@ class GatedConv(nn.Module):
         return (a if self.act is None else self.act(a)) * self.b(x)
 
 
+#: Band-matrix window means (two MatMuls) replace the cumulative sums where they cost at most this many
+#: multiply-adds per element: on a 720x1280 frame the two deepest levels (90x160 -> 97, 45x80 -> 50) but not
+#: 180x320 (191, no faster in onnxruntime). Measured with width32: 4.95 s -> 4.75 s (BENCHMARKS.md).
+BAND_MAX_MACS = 120
+
+
+def band_cost(h: int, w: int, kernel: tuple[int, int]) -> float:
+    """Multiply-adds per input element of :func:`~nafnet_core.tlc.band_means` on an h x w map."""
+    ho, wo = h - min(h, kernel[0]) + 1, w - min(w, kernel[1]) + 1
+    return ho * (1 + wo / h)
+
+
 class Attention(nn.Module):
     """The SCA's attention map ``conv(pool(x))``; with a TLC kernel the conv runs on the window grid.
+
+    Window means come from band matrices on small fixed-shape maps (:data:`BAND_MAX_MACS`), else from the
+    cumulative sums of :func:`~nafnet_core.tlc.window_means_t` (always for symbolic shapes).
 
     Args:
         conv: the SCA's 1x1 conv.
@@ -114,8 +158,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None or covers_map(x, self.kernel):
             return self.conv(self.pool(x))
-        means_t, pad = window_means_t(x, self.kernel)
-        a = self.conv(means_t.to(x.dtype)).transpose(-1, -2)
+        h, w = x.shape[-2:]
+        if isinstance(h, int) and isinstance(w, int) and band_cost(h, w, self.kernel) <= BAND_MAX_MACS:
+            means, pad = band_means(x, self.kernel)
+            a = self.conv(means.to(x.dtype))
+        else:
+            means_t, pad = window_means_t(x, self.kernel)
+            a = self.conv(means_t.to(x.dtype)).transpose(-1, -2)
         return F.pad(a, pad, mode="replicate")
 
     def extra_repr(self) -> str:

@@ -59,8 +59,33 @@ def window_means_t(x: torch.Tensor, kernel: tuple[int, int]) -> tuple[torch.Tens
     s = s.transpose(-1, -2)  # (N, C, W, H - k1 + 1)
     s = F.pad(s.cumsum(-2), (0, 0, 1, 0))
     s = s[..., k2:, :] - s[..., : w + 1 - k2, :]  # (N, C, W - k2 + 1, H - k1 + 1)
+    return s / (k1 * k2), _border(k1, k2)
+
+
+def _border(k1, k2) -> tuple:
+    """Replicate padding (left, right, top, bottom) from the window grid back to the map: d // 2 before."""
     dh, dw = k1 - 1, k2 - 1  # = h - out_h, w - out_w
-    return s / (k1 * k2), (dw // 2, (dw + 1) // 2, dh // 2, (dh + 1) // 2)
+    return (dw // 2, (dw + 1) // 2, dh // 2, (dh + 1) // 2)
+
+
+def band_means(x: torch.Tensor, kernel: tuple[int, int]) -> tuple[torch.Tensor, tuple]:
+    """FP32 means of ``x`` (N, C, H, W) over every clamped k1 x k2 window, (N, C, H - k1 + 1, W - k2 + 1),
+    and the replicate padding back to H x W, like :func:`window_means_t` but not transposed.
+
+    The windows are summed directly as ``B_h @ x @ B_w^T`` with band matrices of ``1/k``:
+    (H - k1 + 1) * (1 + (W - k2 + 1) / H) multiply-adds per element, no scans. Cheaper than the
+    cumulative sums on small maps (the deep levels); needs a concrete shape.
+    """
+    h, w = x.shape[-2:]
+    k1, k2 = min(h, kernel[0]), min(w, kernel[1])
+    return _band(h, k1, x.device) @ x.float() @ _band(w, k2, x.device).T, _border(k1, k2)
+
+
+def _band(n: int, k: int, device) -> torch.Tensor:
+    """(n - k + 1, n) matrix whose row i is 1/k on columns i .. i + k - 1."""
+    i = torch.arange(n - k + 1, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    return ((j >= i) & (j < i + k)).float() / k
 
 
 def local_mean(x: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:

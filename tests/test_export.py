@@ -17,7 +17,7 @@ import torch
 
 import nafnet_core as nc
 from export import ManifestError, export_model, fold_for_deploy, is_folded, load_manifest, verify
-from export import graph
+from export import fold, graph
 from export.api import prepare_model
 from export.onnx_export import read_metadata
 from nafnet_core.fileio import sha256_file
@@ -121,7 +121,9 @@ def test_fp16_graph_node_types(fp16_export):
     m = onnx.load(str(fp16_export.path(f"onnx-fp16-{TILE[0]}x{TILE[1]}")))
     prec = graph.node_precisions(m)
     assert set(prec["Conv"]) == {"fp16"} and prec["Conv"]["fp16"] == graph.op_counts(m)["Conv"]
-    for op in ("ReduceMean", "Pow", "Sqrt", "CumSum"):
+    # Folded: channel norms and (on this small tile) TLC window means are MatMuls; all must stay FP32.
+    assert {"MatMul", "Sqrt"} <= prec.keys()
+    for op in graph.FP32_OPS & prec.keys():
         assert set(prec[op]) == {"fp32"}, op
     for vi in list(m.graph.input) + list(m.graph.output):
         assert vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -156,7 +158,9 @@ def test_half_model_takes_fp32_input_with_fp32_residual(model):
 # --- folding ------------------------------------------------------------------------------------------
 
 
-def test_folding_is_exact_and_leaves_input_untouched(model):
+@pytest.mark.parametrize("band_max_macs", [fold.BAND_MAX_MACS, 0], ids=["band-means", "cumsum-means"])
+def test_folding_is_exact_and_leaves_input_untouched(model, band_max_macs, monkeypatch):
+    monkeypatch.setattr(fold, "BAND_MAX_MACS", band_max_macs)  # both window-mean forms of the attention
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folded = fold_for_deploy(model)
     assert is_folded(folded) and not is_folded(model)
@@ -191,12 +195,16 @@ def test_folded_half_model_keeps_fp32_window_means(model):
     assert (half - ref).abs().max().item() < 2e-2
 
 
-def test_folded_graph_has_fewer_nodes(tlc_export, plain_export):
+def test_folded_graph_has_the_deploy_form(tlc_export, plain_export):
     tag = f"onnx-fp32-{TILE[0]}x{TILE[1]}"
     folded = graph.op_counts(onnx.load(str(tlc_export.path(tag))))
     unfolded = graph.op_counts(onnx.load(str(plain_export.path(tag))))
     blocks = 5  # 2 encoders + middle + 2 decoders
-    assert unfolded["Mul"] - folded["Mul"] == 4 * blocks  # norm1/norm2 scale, beta, gamma
+    # norm1/norm2 scale, beta, gamma gone; the variance's square is a Mul instead of a Pow (2 norms per block).
+    assert unfolded["Mul"] - folded["Mul"] == 4 * blocks - 2 * blocks
+    assert folded["Pow"] == 0 and folded["ReduceMean"] == 0 and unfolded["ReduceMean"] >= 4 * blocks
+    # Channel means: 2 MatMuls per norm; TLC window means on this small tile: 2 band MatMuls per block.
+    assert folded["MatMul"] == 4 * blocks + 2 * blocks and folded["CumSum"] == 0
     assert unfolded["Split"] >= 2 * blocks and folded["Split"] == 0  # gates split into conv pairs
     assert folded["Conv"] - unfolded["Conv"] == 3 * blocks  # conv1, conv2, conv4 in halves
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import nafnet_core as nc
 from conftest import make_nontrivial, photo
 from nafnet_core.model import GlobalAvgPool2d
-from nafnet_core.tlc import LocalAvgPool2d, local_mean, tlc_kernels
+from nafnet_core.tlc import LocalAvgPool2d, band_means, local_mean, tlc_kernels, window_means_t
 
 
 def reference_local_mean(x, kernel):
@@ -55,6 +55,23 @@ def test_local_mean_matches_direct_reference(shape, kernel):
     ref = reference_local_mean(x, kernel)
     assert out.shape[:2] == x.shape[:2]
     torch.testing.assert_close(out.expand_as(x), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape,kernel", [sk for sk in SHAPES if sk[0][-2] > sk[1][0] or sk[0][-1] > sk[1][1]])
+def test_window_grids_match_direct_reference(shape, kernel):
+    """The two window-mean forms of the deploy attention (transposed cumulative sums, band matrices) give the
+    reference's un-padded grid and the padding back to H x W."""
+    torch.manual_seed(hash(shape) % 1000)
+    x = torch.randn(shape) * 2 + 0.5
+    means_t, pad_t = window_means_t(x, kernel)
+    means, pad = band_means(x, kernel)
+    h, w = x.shape[-2:]
+    k1, k2 = min(h, kernel[0]), min(w, kernel[1])
+    grid = F.avg_pool2d(x.double(), (k1, k2), stride=1).float()
+    torch.testing.assert_close(means_t.transpose(-1, -2), grid, atol=1e-5, rtol=0)
+    torch.testing.assert_close(means, grid, atol=1e-5, rtol=0)
+    assert pad == pad_t
+    torch.testing.assert_close(F.pad(means, pad, mode="replicate"), reference_local_mean(x, kernel), atol=1e-5, rtol=0)
 
 
 def test_local_mean_is_local():
