@@ -93,7 +93,8 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
         fp16: also write the mixed-precision FP16 ONNX for every shape.
         trt: also build a TensorRT FP16 engine per shape from the FP16 ONNX (implies ``fp16``).
         tlc: TLC local pooling (kernels from ``train_size``) instead of global pooling.
-        fold: deploy-time folding of LayerNorm affine and beta/gamma into convs (exact).
+        fold: the deploy form of every block (``export.fold``: folding, split gates, TLC attention on the
+            window grid); the same arithmetic to FP32 rounding.
         opset: ONNX opset.
         train_size: training crop size for the TLC kernels (default: from the checkpoint, else 256).
         base_ratio: TLC window / training feature size.

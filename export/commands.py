@@ -68,7 +68,8 @@ def _profile(ctx, param, value):
 @click.option("--trt", is_flag=True, help=f"Also build trt-fp16 (needs TensorRT and a GPU): {FORMATS['trt-fp16'].description}.")
 @click.option("--tlc/--no-tlc", default=True, show_default=True, help="TLC local pooling (kernels from --train-size).")
 @click.option("--fold/--no-fold", default=True, show_default=True,
-              help="Fold LayerNorm affine and beta/gamma into convs (exact; faster).")
+              help="Deploy form: fold LayerNorm affine and beta/gamma into convs, split gates, TLC attention on the "
+                   "window grid (same arithmetic, ~1.5x faster in onnxruntime).")
 @click.option("--opset", type=click.IntRange(17, 23), default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run every ONNX in onnxruntime on a photo and record max |diff| vs PyTorch in the manifest.")

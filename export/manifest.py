@@ -15,7 +15,7 @@ Schema (``schema_version`` 1)::
                  "kind": "official" | "project" | "safetensors" | "module"},
       "tlc":    {"enabled": true, "train_size": 256, "base_ratio": 1.5,
                  "kernels": [[384, 384], [192, 192], [96, 96], [48, 48], [24, 24]]},   # level 0 .. middle
-      "folded": true,                       # LayerNorm affine and beta/gamma folded into convs
+      "folded": true,                       # deploy form of the blocks (export/fold.py)
       "opset": 18,
       "io": {"input": "input", "output": "output", "layout": "NCHW", "dtype": "float32",
              "value_range": [0.0, 1.0], "pad_multiple": 16},  # graphs pad/crop internally: any H, W
