@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -46,6 +47,46 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             tmp_path.unlink()
         raise
     _fsync_dir(path.parent)
+
+
+#: Names :func:`atomic_path` gives its temporary files: ``.<final name>.<8 random chars><suffix>.part``.
+_PART_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}(\.[^.]*)?\.part$")
+
+
+@contextlib.contextmanager
+def output_folder(folder: str | os.PathLike) -> Iterator[list[Path]]:
+    """Holds ``folder`` (created if missing) as an output folder for the duration of a run.
+
+    Every run holds a shared ``flock`` on the folder itself. When no other run holds it, temporary
+    files that :func:`atomic_path` left in the tree (a run killed mid-write) are removed first; their
+    paths are yielded. The kernel drops the lock of a killed process, so a crash never blocks a re-run.
+    Where ``flock`` does not exist (Windows) nothing is removed.
+    """
+    folder = make_dirs(folder)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield []
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        removed: list[Path] = []
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another run is writing here: its temporary files are live
+            pass
+        else:
+            for root, _dirs, files in os.walk(folder):
+                for name in files:
+                    if _PART_NAME.match(name):
+                        path = Path(root) / name
+                        with contextlib.suppress(FileNotFoundError):
+                            path.unlink()
+                            removed.append(path)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield removed
+    finally:
+        os.close(fd)
 
 
 def make_dirs(path: str | os.PathLike) -> Path:

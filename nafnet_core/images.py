@@ -32,7 +32,8 @@ from .metrics import quantize
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: Largest image accepted by default (pixels); beyond it a file is refused as a possible decompression bomb.
 #: The environment variable NAFNET_MAX_PIXELS sets it for every command (infer also has --max-pixels).
-DEFAULT_MAX_PIXELS = int(os.environ.get("NAFNET_MAX_PIXELS") or 200_000_000)
+DEFAULT_MAX_PIXELS = 200_000_000
+MAX_PIXELS_ENV = "NAFNET_MAX_PIXELS"
 #: JPEG / WebP quality used when writing.
 JPEG_QUALITY = 95
 
@@ -79,6 +80,22 @@ def is_image_file(path: str | Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- decode
+
+def max_pixels_limit(max_pixels: int | None = None) -> int:
+    """``max_pixels``, or else $NAFNET_MAX_PIXELS, or else :data:`DEFAULT_MAX_PIXELS`.
+
+    Read when used, not at import, so a bad value is one clear error rather than a crash of every command.
+    """
+    if max_pixels is not None:
+        return max_pixels
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    if not raw.isdigit() or int(raw) < 1:
+        raise UserError(f"{MAX_PIXELS_ENV}={raw!r} is not a positive whole number of pixels; unset it or set "
+                        f"e.g. {MAX_PIXELS_ENV}=400000000")
+    return int(raw)
+
 
 def _check_pixels(path: Path, w: int, h: int, max_pixels: int) -> None:
     if w * h > max_pixels:
@@ -234,14 +251,14 @@ def _file_error(path: Path, e: Exception) -> ImageError:
     return ImageError(f"{path}: {reason}")
 
 
-def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+def image_size(path: str | Path, max_pixels: int | None = None) -> tuple[int, int]:
     """(height, width) of an image file from its header, without decoding the pixels (fast).
 
     Checks what can be checked cheaply: the file exists, is an image format Pillow knows, its header is
     intact and its size is within ``max_pixels``. A file truncated after its header passes; a full decode
     (:func:`read_image`) finds that. EXIF orientation is not applied.
     """
-    path = Path(path)
+    path, max_pixels = Path(path), max_pixels_limit(max_pixels)
     if path.suffix.lower() in (".tif", ".tiff"):
         size = _tiff_size(path)  # Pillow cannot open float or some 16-bit RGB TIFFs that read_image reads
         if size is not None:
@@ -258,12 +275,12 @@ def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
     return h, w
 
 
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def read_image(path: str | Path, max_pixels: int | None = None) -> Decoded:
     """Decodes ``path`` upright (EXIF/TIFF orientation applied), keeping depth, alpha and grayness.
 
     Raises :class:`ImageError` naming the file for anything unreadable, too large or unsupported.
     """
-    path = Path(path)
+    path, max_pixels = Path(path), max_pixels_limit(max_pixels)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             try:
@@ -416,7 +433,7 @@ def _write_tiff(path: Path, a: np.ndarray) -> None:
 
 # ----------------------------------------------------------------------------------------------- 8-bit RGB
 
-def read_rgb8(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_rgb8(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Decodes ``path`` to uint8 HWC RGB (orientation applied; alpha dropped; gray replicated; 16-bit reduced)."""
     image = read_image(path, max_pixels)
     return (to_8bit(image) if image.dtype != np.uint8 else image).rgb

@@ -9,7 +9,7 @@ import click
 
 from nafnet_core.cli_common import preset_option, train_size_option
 from nafnet_core.errors import UserError
-from nafnet_core.images import DEFAULT_MAX_PIXELS
+from nafnet_core.images import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, max_pixels_limit
 
 from .models import BACKENDS
 
@@ -64,8 +64,9 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @preset_option
 @train_size_option
 @click.option("--threads", type=click.IntRange(1), default=None, help="onnxruntime threads (default: all cores).")
-@click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
-              help="Refuse larger images (decompression-bomb guard).")
+@click.option("--max-pixels", type=click.IntRange(1), default=None,
+              help=f"Refuse larger images (decompression-bomb guard). Default: ${MAX_PIXELS_ENV} or "
+                   f"{DEFAULT_MAX_PIXELS:,}.")
 @verify_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def infer(input_path: Path, model: Path, backend: str, precision: str | None, device: str, out_dir: Path | None,
@@ -86,6 +87,7 @@ def infer(input_path: Path, model: Path, backend: str, precision: str | None, de
     from .infer import default_output, infer_path
     from .models import open_runner
 
+    max_pixels = max_pixels_limit(max_pixels)  # a bad NAFNET_MAX_PIXELS fails before the model loads
     runner = open_runner(model, backend, precision, preset=preset, tlc=tlc, train_size=train_size, device=device,
                          threads=threads, verify=verify)
     out_dir = out_dir or default_output(input_path)
@@ -93,6 +95,8 @@ def infer(input_path: Path, model: Path, backend: str, precision: str | None, de
         click.echo(f"{runner.name}: {model} -> {out_dir}", err=True)
         report = infer_path(runner, input_path, out_dir, tile=tile, overlap=overlap, overwrite=overwrite,
                             compare=compare, max_pixels=max_pixels, progress=not quiet)
+    if report.removed_parts:
+        click.echo(f"removed {len(report.removed_parts)} temporary file(s) an interrupted run left in {out_dir}")
     n = len(report.written)
     rate = f", {n / report.seconds:.2f} images/s" if n and report.seconds > 0 else ""
     click.echo(f"wrote {n}, skipped {len(report.skipped)} existing, failed {len(report.failed)} "

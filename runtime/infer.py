@@ -9,6 +9,7 @@ keeps going past unreadable files and reports them at the end.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,9 @@ import numpy as np
 import torch
 
 from nafnet_core.errors import UserError
-from nafnet_core.fileio import make_dirs
-from nafnet_core.images import DEFAULT_MAX_PIXELS, Decoded, ImageError, from_tensor, is_image_file, read_image, to_8bit, \
-    to_tensor, write_image
+from nafnet_core.fileio import output_folder
+from nafnet_core.images import Decoded, ImageError, from_tensor, is_image_file, max_pixels_limit, read_image, \
+    to_8bit, to_tensor, write_image
 
 from .runners import Runner
 from .tiling import DEFAULT_TILE, TileSpec, default_overlap, padded_size, restore_tensor
@@ -96,6 +97,8 @@ class InferReport:
     skipped: list[Path] = field(default_factory=list)
     failed: dict[Path, str] = field(default_factory=dict)
     seconds: float = 0.0
+    #: temporary files an interrupted earlier run left in the output tree, removed before this one.
+    removed_parts: list[Path] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -151,7 +154,7 @@ def _check_inside(out_root: Path, dst: Path) -> None:
 
 def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | None = None, *,
                tile: str | int | tuple[int, int] = "auto", overlap: int | None = None, overwrite: bool = False,
-               compare: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> InferReport:
+               compare: bool = False, max_pixels: int | None = None, progress: bool = True) -> InferReport:
     """Deblurs a file or a folder tree (recursive) into ``out_dir``, mirroring the tree.
 
     Args:
@@ -161,20 +164,31 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
         tile / overlap: see :func:`choose_tiling`.
         overwrite: re-process images whose output exists (default: skip them, so a re-run resumes).
         compare: also write input | output images under ``<out_dir>_compare``.
-        max_pixels: decompression-bomb limit per image.
+        max_pixels: decompression-bomb limit per image (default: $NAFNET_MAX_PIXELS or 200 million).
         progress: show a progress bar (stderr).
     """
-    from tqdm import tqdm
-
     input_path = Path(input_path)
     out_dir = Path(out_dir) if out_dir is not None else default_output(input_path)
     compare_dir = out_dir.parent / f"{out_dir.name}_compare"
     check_tile(runner, tile)
+    max_pixels = max_pixels_limit(max_pixels)  # a bad NAFNET_MAX_PIXELS fails once, before any image
     items = collect_inputs(input_path, exclude=[out_dir, compare_dir])
     report = InferReport()
     start = time.perf_counter()
+    # An output folder that cannot exist fails once, before any image; a killed run's temporary files go.
+    with contextlib.ExitStack() as held:
+        for folder in [out_dir] + ([compare_dir] if compare else []):
+            report.removed_parts += held.enter_context(output_folder(folder))
+        _run(runner, items, out_dir, compare_dir, report, tile, overlap, overwrite, compare, max_pixels, progress)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _run(runner: Runner, items: list[tuple[Path, Path]], out_dir: Path, compare_dir: Path, report: InferReport,
+         tile, overlap, overwrite: bool, compare: bool, max_pixels: int, progress: bool) -> None:
+    from tqdm import tqdm
+
     bar = tqdm(items, unit="img", disable=not progress, dynamic_ncols=True, desc="infer")
-    make_dirs(out_dir)  # an output folder that cannot exist fails once, before any image
     out_root = out_dir.resolve()
     for src, rel in bar:
         dst = out_dir / rel
@@ -192,6 +206,4 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
             report.failed[src] = str(e)
             continue
         report.written.append(dst)
-    report.seconds = time.perf_counter() - start
     bar.close()
-    return report

@@ -71,3 +71,12 @@ def test_pixel_limit_is_configurable_for_every_command(tmp_path):
     assert r.returncode == 1
     assert one_line_naming(r.stdout, root / "train/blur/a1.png", "48x40 = 1,920 pixels exceeds the limit of 1,000")
     assert "NAFNET_MAX_PIXELS" in r.stdout
+
+
+def test_bad_pixel_limit_env_is_one_error(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "ds", [], n_good=1)
+    monkeypatch.setenv("NAFNET_MAX_PIXELS", "lots")
+    res = CliRunner().invoke(main, ["data", "check", str(root)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.startswith("Error: NAFNET_MAX_PIXELS='lots' is not a positive whole number of pixels")
+    assert len(res.output.strip().splitlines()) == 1

@@ -219,6 +219,33 @@ def test_kill9_mid_folder_then_rerun(tmp_path, tiny_checkpoint):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"wrote {n - done}, skipped {done} existing, failed 0" in r.stdout
     assert finals_decode() == n
+    assert not list(out.glob(".*.part"))  # a temporary file the kill left (if any) is gone after the re-run
+
+
+def test_rerun_removes_temporary_files_of_a_killed_run_only(tmp_path, tiny_checkpoint):
+    """Stale atomic-write temporaries go; user files that merely look similar stay; while another run holds
+    the output folder (its temporaries may be live) nothing is removed."""
+    import fcntl
+
+    Image.fromarray(pixels()).save(tmp_path / "a.png")
+    out = tmp_path / "o"
+    (out / "sub").mkdir(parents=True)
+    stale = [out / ".a.png.k3x_9q1z.png.part", out / "sub" / ".b.jpg.abcdefgh.jpg.part"]
+    keep = [out / ".notes.part", out / "x.png.part", out / ".a.png.part", out / ".hidden"]
+    for f in stale + keep:
+        f.write_bytes(b"partial")
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # another run writing here
+        res = _infer(tmp_path / "a.png", "--model", tiny_checkpoint, "--backend", "torch", "--out", out)
+        assert res.exit_code == 0 and "removed" not in res.stdout
+        assert all(f.exists() for f in stale + keep)
+    finally:
+        os.close(fd)
+    res = _infer(tmp_path / "a.png", "--model", tiny_checkpoint, "--backend", "torch", "--out", out, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert f"removed 2 temporary file(s) an interrupted run left in {out}" in res.stdout
+    assert not any(f.exists() for f in stale) and all(f.exists() for f in keep)
 
 
 def test_overwrite_replaces_a_bad_existing_output(tmp_path, tiny_checkpoint):
@@ -272,3 +299,20 @@ def test_bad_onnx_file_is_one_line(tmp_path, tiny_onnx, kind):
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {onnx_path}: "), res.output
     assert not (tmp_path / "o" / "a.png").exists()
+
+
+@pytest.mark.parametrize("value", ["2e8", "abc", "0", "-5"])
+def test_bad_pixel_limit_env_is_one_error_before_any_image(tmp_path, tiny_checkpoint, monkeypatch, value):
+    """A bad NAFNET_MAX_PIXELS is one clear error naming the variable, not a crash at import or a failure per file."""
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(pixels()).save(src / "a.png")
+    monkeypatch.setenv("NAFNET_MAX_PIXELS", value)
+    res = _infer(src, "--model", tiny_checkpoint, "--backend", "torch", "--out", tmp_path / "out")
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip().splitlines() == [f"Error: NAFNET_MAX_PIXELS={value!r} is not a positive whole number "
+                                               "of pixels; unset it or set e.g. NAFNET_MAX_PIXELS=400000000"]
+    assert not (tmp_path / "out" / "a.png").exists()
+    monkeypatch.setenv("NAFNET_MAX_PIXELS", "100")  # a valid value is the limit for infer too
+    res = _infer(src, "--model", tiny_checkpoint, "--backend", "torch", "--out", tmp_path / "out")
+    assert res.exit_code == 1 and "exceeds the limit of 100" in res.output

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from nafnet_core.errors import UserError
-from nafnet_core.images import ImageError, image_size, is_image_file, read_rgb8
+from nafnet_core.images import ImageError, image_size, is_image_file, max_pixels_limit, read_rgb8
 
 RAW_SPLITS = ("train", "test")
 SPLITS = ("train", "val", "test")
@@ -182,6 +182,7 @@ def check_dataset(root: str | Path, *, full: bool = False, min_size: int = 0, bl
         blur_dir: ``blur`` or ``blur_gamma`` (GOPRO_Large).
         progress: show a progress bar on stderr.
     """
+    max_pixels_limit()  # a bad NAFNET_MAX_PIXELS is one error before the scan, not one per file
     report = scan(root, blur_dir=blur_dir)
     todo = [(s, p) for s in SPLITS for p in report.pairs[s]]
     bad: set[Pair] = set()
