@@ -69,7 +69,7 @@ def _profile(ctx, param, value):
 @click.option("--tlc/--no-tlc", default=True, show_default=True, help="TLC local pooling (kernels from --train-size).")
 @click.option("--fold/--no-fold", default=True, show_default=True,
               help="Deploy form: fold LayerNorm affine and beta/gamma into convs, split gates, TLC attention on the "
-                   "window grid (same arithmetic, ~1.5x faster in onnxruntime).")
+                   "window grid (same arithmetic, ~1.3x faster in onnxruntime).")
 @click.option("--opset", type=click.IntRange(17, 23), default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run every ONNX in onnxruntime on a photo and record max |diff| vs PyTorch in the manifest.")
