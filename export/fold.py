@@ -47,7 +47,7 @@ def _fold_affine_into_conv(norm: LayerNorm2d, conv: nn.Conv2d) -> LayerNorm2d:
         return norm
     w, b = norm.weight.double(), norm.bias.double()  # (C,)
     weight = conv.weight.double()  # (O, C, 1, 1)
-    bias = conv.bias.double() if conv.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    bias = conv.bias.double() if conv.bias is not None else weight.new_zeros(weight.shape[0])
     conv.weight.copy_((weight * w.view(1, -1, 1, 1)).to(conv.weight.dtype))
     new_bias = bias + weight[:, :, 0, 0] @ b
     if conv.bias is None:

@@ -28,7 +28,7 @@ from nafnet_core.metrics import psnr
 from nafnet_core.model import LayerNorm2d, NAFBlock, NAFNet
 
 from . import graph
-from .fold import DeployBlock
+from .fold import DeployBlock, GatedConv
 from .manifest import MANIFEST_NAME, ManifestError, verify
 from .shapes import ShapeSpec
 
@@ -181,7 +181,8 @@ def fp16_range_report(model: NAFNet, images: list[torch.Tensor], half_size: tupl
             row.max_abs = max(row.max_abs, x.abs().max().item())
 
         for sub in block.modules():
-            if sub is not block and not list(sub.children()):
+            # leaves, and the deploy form's gate products (act(a) * b is no leaf's output there)
+            if sub is not block and (not list(sub.children()) or isinstance(sub, GatedConv)):
                 handles.append(sub.register_forward_hook(track_abs))
             if isinstance(sub, LayerNorm2d):
                 handles.append(sub.register_forward_pre_hook(track_sumsq))

@@ -3,7 +3,7 @@
 Imports ``tensorrt`` lazily (this module is imported only by ``--trt``). Written against the
 TensorRT 10.12+/11 Python API: strongly typed network (the flag exists up to 10.x and is ignored in
 11, where every network is strongly typed), no ``BuilderFlag.FP16`` (the precisions come from the
-ONNX casts), workspace via ``set_memory_pool_limit``, ``builder_optimization_level``, and a timing
+ONNX casts), TF32 cleared (the FP32 islands stay FP32), workspace via ``set_memory_pool_limit``, ``builder_optimization_level``, and a timing
 cache created from the previous cache's bytes and serialised after the build.
 """
 
@@ -63,6 +63,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: Profil
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
     config.builder_optimization_level = options.opt_level
+    # TF32 is on by default for FP32 tensors: on Ampere and newer it would round the FP32 islands' MatMul
+    # inputs (LayerNorm channel means, TLC band means) to 10-bit mantissas; they must be real FP32.
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
     cache_path = Path(options.timing_cache or default_timing_cache(trt.__version__, gpu, cc))
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)

@@ -8,7 +8,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import UserError
 
@@ -49,44 +49,75 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     _fsync_dir(path.parent)
 
 
-#: Names :func:`atomic_path` gives its temporary files: ``.<final name>.<8 random chars><suffix>.part``.
-_PART_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}(\.[^.]*)?\.part$")
+#: The random part :func:`atomic_path`'s temporary names carry (``tempfile.mkstemp``: 8 of ``[a-z0-9_]``).
+_TEMP_RANDOM = re.compile(r"[a-z0-9_]{8}(\.[^.]*)?")
 
 
 @contextlib.contextmanager
-def output_folder(folder: str | os.PathLike) -> Iterator[list[Path]]:
-    """Holds ``folder`` (created if missing) as an output folder for the duration of a run.
+def output_folder(folder: str | os.PathLike) -> Iterator[bool]:
+    """Creates ``folder`` and holds a shared ``flock`` on it for the duration of a run.
 
-    Every run holds a shared ``flock`` on the folder itself. When no other run holds it, temporary
-    files that :func:`atomic_path` left in the tree (a run killed mid-write) are removed first; their
-    paths are yielded. The kernel drops the lock of a killed process, so a crash never blocks a re-run.
-    Where ``flock`` does not exist (Windows) nothing is removed.
+    Yields True when no other run held the folder at the start: then temporary files that an earlier,
+    killed run left for this run's outputs are not live and :func:`remove_temporaries` may remove them.
+    The kernel drops a killed process's lock, so a crash never blocks a re-run. False where ``flock``
+    does not exist or does not work (Windows, some network filesystems): nothing should be removed.
     """
     folder = make_dirs(folder)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
-        yield []
+        yield False
         return
-    fd = os.open(folder, os.O_RDONLY)
     try:
-        removed: list[Path] = []
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # another run is writing here: its temporary files are live
-            pass
-        else:
-            for root, _dirs, files in os.walk(folder):
-                for name in files:
-                    if _PART_NAME.match(name):
-                        path = Path(root) / name
-                        with contextlib.suppress(FileNotFoundError):
-                            path.unlink()
-                            removed.append(path)
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        yield removed
+            alone = True
+        except OSError:  # another run is writing here (or no flock): its temporaries may be live
+            alone = False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            alone = False
+        yield alone
     finally:
         os.close(fd)
+
+
+def remove_temporaries(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Removes the temporary files :func:`atomic_path` left beside any of ``paths`` (an interrupted write
+    of exactly that file: ``.<name>.<8 random chars><suffix>.part``); returns what it removed.
+
+    Only call it while holding the outputs' folder alone (:func:`output_folder` yielded True).
+    """
+    wanted: dict[Path, set[str]] = {}
+    for p in map(Path, paths):
+        wanted.setdefault(p.parent, set()).add(p.name)
+    removed = []
+    for parent, names in wanted.items():
+        try:
+            entries = list(os.scandir(parent))
+        except OSError:  # not created yet: nothing was left there
+            continue
+        for entry in entries:
+            name = entry.name
+            if not (name.startswith(".") and name.endswith(".part")) or not entry.is_file(follow_symlinks=False):
+                continue
+            stem = name[1:-len(".part")]  # <final name>.<random><suffix>
+            if any(_TEMP_RANDOM.fullmatch(stem[len(final) + 1:]) for final in _prefixes(stem, names)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def _prefixes(stem: str, names: set[str]) -> list[str]:
+    """The final names in ``names`` that ``stem`` could be a temporary of (it starts with ``name.``)."""
+    return [stem[:i] for i, ch in enumerate(stem) if ch == "." and stem[:i] in names]
 
 
 def make_dirs(path: str | os.PathLike) -> Path:

@@ -15,6 +15,7 @@ restored file is written the way the input was.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import warnings
 from dataclasses import dataclass, replace
@@ -91,7 +92,7 @@ def max_pixels_limit(max_pixels: int | None = None) -> int:
     raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
     if not raw:
         return DEFAULT_MAX_PIXELS
-    if not raw.isdigit() or int(raw) < 1:
+    if not re.fullmatch(r"[0-9]+", raw) or int(raw) < 1:
         raise UserError(f"{MAX_PIXELS_ENV}={raw!r} is not a positive whole number of pixels; unset it or set "
                         f"e.g. {MAX_PIXELS_ENV}=400000000")
     return int(raw)

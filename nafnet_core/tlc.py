@@ -174,4 +174,5 @@ def convert_to_tlc(
 
 
 def is_tlc(model: nn.Module) -> bool:
-    return any(isinstance(m, LocalAvgPool2d) for m in model.modules())
+    """True for a model :func:`convert_to_tlc` made (also once folded for deployment, which keeps ``tlc``)."""
+    return getattr(model, "tlc", None) is not None or any(isinstance(m, LocalAvgPool2d) for m in model.modules())

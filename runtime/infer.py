@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from nafnet_core.errors import UserError
-from nafnet_core.fileio import output_folder
+from nafnet_core.fileio import output_folder, remove_temporaries
 from nafnet_core.images import Decoded, ImageError, from_tensor, is_image_file, max_pixels_limit, read_image, \
     to_8bit, to_tensor, write_image
 
@@ -175,10 +175,12 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
     items = collect_inputs(input_path, exclude=[out_dir, compare_dir])
     report = InferReport()
     start = time.perf_counter()
-    # An output folder that cannot exist fails once, before any image; a killed run's temporary files go.
+    # An output folder that cannot exist fails once, before any image. Temporary files a killed run left
+    # for this run's outputs go, unless another run is writing into the same folder.
     with contextlib.ExitStack() as held:
         for folder in [out_dir] + ([compare_dir] if compare else []):
-            report.removed_parts += held.enter_context(output_folder(folder))
+            if held.enter_context(output_folder(folder)):
+                report.removed_parts += remove_temporaries(folder / rel for _, rel in items)
         _run(runner, items, out_dir, compare_dir, report, tile, overlap, overwrite, compare, max_pixels, progress)
     report.seconds = time.perf_counter() - start
     return report

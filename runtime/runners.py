@@ -153,7 +153,12 @@ def cuda_device_count() -> int:
     return int(count.value)
 
 
-def ort_providers(device: str = "auto") -> list[str]:
+#: The CUDA EP computes FP32 MatMul/Conv in TF32 by default on Ampere and newer (10-bit mantissa inputs);
+#: the graphs' FP32 islands (LayerNorm channel means, TLC band means) must be real FP32.
+CUDA_EP_OPTIONS = {"use_tf32": "0"}
+
+
+def ort_providers(device: str = "auto") -> list:
     """onnxruntime providers to ask for: the CUDA EP only when it is built in AND a GPU exists.
 
     onnxruntime-gpu lists CUDAExecutionProvider even on machines without a GPU, and asking for it there
@@ -166,7 +171,7 @@ def ort_providers(device: str = "auto") -> list[str]:
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers() and cuda_device_count() > 0
     if device == "cuda" and not has_cuda:
         raise RunnerError("onnxrt: CUDA requested but no CUDA GPU / CUDA execution provider here; use --device cpu")
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", CUDA_EP_OPTIONS), "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
 
 
 def onnx_input_info(path: str | Path) -> tuple[tuple[int, int] | None, str]:

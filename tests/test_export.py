@@ -21,7 +21,7 @@ from export import fold, graph
 from export.api import prepare_model
 from export.onnx_export import read_metadata
 from nafnet_core.fileio import sha256_file
-from tests.conftest import photo, small_model
+from tests.conftest import make_nontrivial, photo, small_model
 
 TRAIN = 16
 TILE = (40, 56)
@@ -183,16 +183,65 @@ def test_folding_is_exact_and_leaves_input_untouched(model, band_max_macs, monke
     assert fold_for_deploy(folded).state_dict().keys() == folded.state_dict().keys()  # idempotent
     with pytest.raises(ValueError, match="apply TLC first"):
         nc.convert_to_tlc(folded, train_size=TRAIN)
+    assert nc.is_tlc(tlc_b) and not nc.is_tlc(folded)  # a folded TLC model still says it has TLC
+    with pytest.raises(ValueError, match="without TLC"):
+        prepare_model(tlc_b, tlc=False)
 
 
-def test_folded_half_model_keeps_fp32_window_means(model):
-    """The deploy attention of a half model sums in FP32 (FP16 sums would overflow) and stays close to FP32."""
+@pytest.mark.parametrize("gate,dw_expand,ffn_expand", [("reglu", 2, 2), ("geglu", 1, 2), ("swiglu", 2, 4)])
+def test_folding_is_exact_for_every_gate(gate, dw_expand, ffn_expand):
+    from nafnet_core import create_model
+
+    torch.manual_seed(1)
+    model = make_nontrivial(create_model("tiny", width=4, enc_blk_nums=(1,), dec_blk_nums=(1,), gate=gate,
+                                         dw_expand=dw_expand, ffn_expand=ffn_expand))
+    tlc = nc.convert_to_tlc(model, train_size=TRAIN)
+    deploy = fold_for_deploy(tlc)
+    for h, w in [(37, 53), (24, 24), (5, 97)]:
+        x = photo(h, w)
+        with torch.no_grad():
+            a, b = tlc(x), deploy(x)
+        assert (a - b).abs().max().item() <= 1e-5, (gate, h, w)
+        assert (a - x).abs().max().item() > 0.1
+
+
+def test_folded_half_model_stays_close_to_fp32(model):
     deploy = fold_for_deploy(nc.convert_to_tlc(model, train_size=TRAIN))
     x = photo(37, 53)
     with torch.no_grad():
         ref, half = deploy(x), copy.deepcopy(deploy).half()(x)
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert (half - ref).abs().max().item() < 2e-2
+
+
+@pytest.mark.parametrize("band_max_macs", [fold.BAND_MAX_MACS, 0], ids=["band-means", "cumsum-means"])
+def test_half_deploy_attention_sums_in_fp32(band_max_macs, monkeypatch):
+    """Sums over 96x96 windows of 20s reach 184,320, past FP16's 65,504: a half attention must still give
+    conv(20) everywhere (cumulative sums in FP16 give inf/NaN here)."""
+    monkeypatch.setattr(fold, "BAND_MAX_MACS", band_max_macs)
+    conv = torch.nn.Conv2d(4, 4, 1)
+    attention = fold.Attention(conv, (96, 96)).half()
+    x = torch.full((1, 4, 120, 130), 20.0, dtype=torch.float16)
+    with torch.no_grad():
+        out = attention(x)
+        expected = conv(torch.full((1, 4, 1, 1), 20.0, dtype=torch.float16))
+    assert out.shape == x.shape and out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), expected.float().expand_as(out), atol=1e-2, rtol=0)
+
+
+def test_fp16_graph_places_cumulative_sums_in_fp32(model, monkeypatch):
+    """The FP16 export of the deploy form when the window means are cumulative sums (large maps, dynamic
+    graphs): CumSum, its slices and the transposed grid in FP32, convs in FP16."""
+    from export.onnx_export import to_onnx_proto, with_precision
+    from export.shapes import ShapeSpec
+
+    monkeypatch.setattr(fold, "BAND_MAX_MACS", 0)
+    deploy = with_precision(prepare_model(model, train_size=TRAIN), "fp16")
+    m = to_onnx_proto(deploy, ShapeSpec.tile(*TILE, 1))
+    prec = graph.node_precisions(m)
+    assert set(prec["CumSum"]) == {"fp32"} and prec["CumSum"]["fp32"] >= 2
+    assert "fp32" in prec["Transpose"]
+    assert graph.fp16_placement_problems(m) == []
 
 
 def test_folded_graph_has_the_deploy_form(tlc_export, plain_export):

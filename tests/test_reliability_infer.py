@@ -230,8 +230,11 @@ def test_rerun_removes_temporary_files_of_a_killed_run_only(tmp_path, tiny_check
     Image.fromarray(pixels()).save(tmp_path / "a.png")
     out = tmp_path / "o"
     (out / "sub").mkdir(parents=True)
-    stale = [out / ".a.png.k3x_9q1z.png.part", out / "sub" / ".b.jpg.abcdefgh.jpg.part"]
-    keep = [out / ".notes.part", out / "x.png.part", out / ".a.png.part", out / ".hidden"]
+    stale = [out / ".a.png.k3x_9q1z.png.part", out / ".a.png.abcdefgh.png.part"]
+    # Not temporaries of this run's output a.png: user files, another file's (a checkpoint being written, an
+    # output of a nested run), temporaries in subfolders this run does not write.
+    keep = [out / ".notes.part", out / "x.png.part", out / ".a.png.part", out / ".hidden", out / ".b.png.abcdefgh.png.part",
+            out / ".last.pth.1pv0rmpv.pth.part", out / "sub" / ".a.png.abcdefgh.png.part", out / ".a.png.toolongxx.png.part"]
     for f in stale + keep:
         f.write_bytes(b"partial")
     fd = os.open(out, os.O_RDONLY)
@@ -301,7 +304,7 @@ def test_bad_onnx_file_is_one_line(tmp_path, tiny_onnx, kind):
     assert not (tmp_path / "o" / "a.png").exists()
 
 
-@pytest.mark.parametrize("value", ["2e8", "abc", "0", "-5"])
+@pytest.mark.parametrize("value", ["2e8", "abc", "0", "-5", "²"])
 def test_bad_pixel_limit_env_is_one_error_before_any_image(tmp_path, tiny_checkpoint, monkeypatch, value):
     """A bad NAFNET_MAX_PIXELS is one clear error naming the variable, not a crash at import or a failure per file."""
     src = tmp_path / "in"

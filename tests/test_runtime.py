@@ -108,3 +108,15 @@ def test_open_runner_dispatch(tiny_checkpoint, tiny_onnx):
     x = photo(96, 128)
     with open_runner(tiny_checkpoint, device="cpu") as a, OnnxRuntimeRunner(tiny_onnx["dynamic"]) as b:
         np.testing.assert_allclose(a.infer(x).numpy(), b.infer(x).numpy(), atol=2e-5)
+
+
+def test_onnxruntime_cuda_provider_turns_tf32_off(monkeypatch):
+    """With a GPU, the CUDA EP is asked for with TF32 off: the FP32 islands' MatMuls must stay FP32."""
+    import onnxruntime as ort
+
+    import runtime.runners as runners
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(runners, "cuda_device_count", lambda: 1)
+    assert ort_providers("auto") == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    assert ort_providers("cpu") == ["CPUExecutionProvider"]
