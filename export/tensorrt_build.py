@@ -84,7 +84,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: Profil
     atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     return {"version": trt.__version__, "gpu": gpu, "compute_capability": cc, "profile": profile.to_dict(),
             "workspace_bytes": options.workspace_bytes, "builder_optimization_level": options.opt_level,
-            "strongly_typed": True, "timing_cache": str(cache_path), "timing_cache_reused": bool(cache_bytes),
+            "strongly_typed": True, "tf32": False, "timing_cache": str(cache_path), "timing_cache_reused": bool(cache_bytes),
             "build_seconds": round(seconds, 2)}
 
 
