@@ -20,9 +20,9 @@ Each NAFBlock (eval mode, dropout inactive) becomes a :class:`DeployBlock`:
 
   On the small maps of the deep levels the window means are two MatMuls by band matrices (:data:`BAND_MAX_MACS`).
 
-Measured on ``nafnet-gopro-width32`` with TLC at 720x1280 (onnxruntime CPU, 2 threads, one process; the
-per-step figures of BENCHMARKS.md): 7.6 s folded only, 6.6 s with the attention on the grid, 5.3 s with split
-gates, 4.95 s with MatMul channel means, 4.75 s with band means on the deep levels.
+Measured on ``nafnet-gopro-width32`` with TLC at 720x1280 (onnxruntime CPU, 2 threads, one process, min of 3;
+the ablation table of BENCHMARKS.md): 7.60 s folded only, 6.65 s with the attention on the grid, 5.51 s with
+split gates, 4.88 s with MatMul channel means, 4.63 s with band means on the deep levels.
 
 The folding arithmetic is done in float64 and rounded once; the rest only reorders FP32 operations, so the
 deploy model equals the original to FP32 rounding (tests: <= 1e-5). In a half model the window means are
@@ -41,20 +41,19 @@ from nafnet_core.model import Gate, GlobalAvgPool2d, LayerNorm2d, NAFBlock, NAFN
 from nafnet_core.tlc import LocalAvgPool2d, band_means, covers_map, window_means_t
 
 
-def _fold_affine_into_conv(norm: LayerNorm2d, conv: nn.Conv2d) -> LayerNorm2d:
+def _fold_affine_into_conv(norm: LayerNorm2d, conv: nn.Conv2d) -> "ChannelNorm":
     """Moves ``norm``'s affine into the following 1x1 ``conv`` (in place on ``conv``); returns the bare norm."""
-    if norm.weight is None:
-        return norm
-    w, b = norm.weight.double(), norm.bias.double()  # (C,)
-    weight = conv.weight.double()  # (O, C, 1, 1)
-    bias = conv.bias.double() if conv.bias is not None else weight.new_zeros(weight.shape[0])
-    conv.weight.copy_((weight * w.view(1, -1, 1, 1)).to(conv.weight.dtype))
-    new_bias = bias + weight[:, :, 0, 0] @ b
-    if conv.bias is None:
-        conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
-    else:
-        conv.bias.copy_(new_bias.to(conv.bias.dtype))
-    return ChannelNorm(norm.weight.numel(), eps=norm.eps)
+    if norm.weight is not None:
+        w, b = norm.weight.double(), norm.bias.double()  # (C,)
+        weight = conv.weight.double()  # (O, C, 1, 1)
+        bias = conv.bias.double() if conv.bias is not None else weight.new_zeros(weight.shape[0])
+        conv.weight.copy_((weight * w.view(1, -1, 1, 1)).to(conv.weight.dtype))
+        new_bias = bias + weight[:, :, 0, 0] @ b
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+        else:
+            conv.bias.copy_(new_bias.to(conv.bias.dtype))
+    return ChannelNorm(conv.in_channels, eps=norm.eps)
 
 
 class ChannelNorm(LayerNorm2d):
@@ -128,7 +127,7 @@ class GatedConv(nn.Module):
 
 #: Band-matrix window means (two MatMuls) replace the cumulative sums where they cost at most this many
 #: multiply-adds per element: on a 720x1280 frame the two deepest levels (90x160 -> 97, 45x80 -> 50) but not
-#: 180x320 (191, no faster in onnxruntime). Measured with width32: 4.95 s -> 4.75 s (BENCHMARKS.md).
+#: 180x320 (191, no faster in onnxruntime). Measured with width32: 4.88 s -> 4.63 s (BENCHMARKS.md ablation).
 BAND_MAX_MACS = 120
 
 
