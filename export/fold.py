@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nafnet_core.model import Gate, GlobalAvgPool2d, LayerNorm2d, NAFBlock, NAFNet
+from nafnet_core.model import Gate, GlobalAvgPool2d, LayerNorm2d, NAFBlock, NAFNet, global_mean
 from nafnet_core.tlc import LocalAvgPool2d, band_means, covers_map, window_means_t
 
 
@@ -152,11 +152,10 @@ class Attention(nn.Module):
         super().__init__()
         self.conv = conv
         self.kernel = kernel
-        self.pool = GlobalAvgPool2d()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None or covers_map(x, self.kernel):
-            return self.conv(self.pool(x))
+            return self.conv(global_mean(x))
         h, w = x.shape[-2:]
         if isinstance(h, int) and isinstance(w, int) and band_cost(h, w, self.kernel) <= BAND_MAX_MACS:
             means, pad = band_means(x, self.kernel)

@@ -3,8 +3,9 @@
 Imports ``tensorrt`` lazily (this module is imported only by ``--trt``). Written against the
 TensorRT 10.12+/11 Python API: strongly typed network (the flag exists up to 10.x and is ignored in
 11, where every network is strongly typed), no ``BuilderFlag.FP16`` (the precisions come from the
-ONNX casts), TF32 cleared (the FP32 islands stay FP32), workspace via ``set_memory_pool_limit``, ``builder_optimization_level``, and a timing
-cache created from the previous cache's bytes and serialised after the build.
+ONNX casts), TF32 cleared (the FP32 islands stay FP32), workspace via ``set_memory_pool_limit``,
+``builder_optimization_level``, and a timing cache created from the previous cache's bytes and serialised
+after the build.
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: Profil
     atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     return {"version": trt.__version__, "gpu": gpu, "compute_capability": cc, "profile": profile.to_dict(),
             "workspace_bytes": options.workspace_bytes, "builder_optimization_level": options.opt_level,
-            "strongly_typed": True, "tf32": False, "timing_cache": str(cache_path), "timing_cache_reused": bool(cache_bytes),
-            "build_seconds": round(seconds, 2)}
+            "strongly_typed": True, "tf32": False, "timing_cache": str(cache_path),
+            "timing_cache_reused": bool(cache_bytes), "build_seconds": round(seconds, 2)}
 
 
 def run_engine(engine_path: str | Path, x: np.ndarray, input_name: str = "input", output_name: str = "output") -> np.ndarray:

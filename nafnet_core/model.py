@@ -73,11 +73,16 @@ class Gate(nn.Module):
         return self.kind
 
 
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over H and W, computed in FP32, in ``x``'s dtype: (N, C, H, W) -> (N, C, 1, 1)."""
+    return x.float().mean((2, 3), keepdim=True).to(x.dtype)
+
+
 class GlobalAvgPool2d(nn.Module):
     """Mean over H and W, computed in FP32 (the official ``nn.AdaptiveAvgPool2d(1)``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C, 1, 1)
-        return x.float().mean((2, 3), keepdim=True).to(x.dtype)
+        return global_mean(x)
 
 
 class NAFBlock(nn.Module):

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DEFAULT_BASE_RATIO, DEFAULT_TRAIN_SIZE, ModelConfig
-from .model import GlobalAvgPool2d, NAFBlock, NAFNet
+from .model import GlobalAvgPool2d, NAFBlock, NAFNet, global_mean
 
 
 def _sym_min(a, b):
@@ -95,7 +95,7 @@ def local_mean(x: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
     mean (returned as (N, C, 1, 1), which broadcasts like the official ``adaptive_avg_pool2d``).
     """
     if covers_map(x, kernel):
-        return x.float().mean((2, 3), keepdim=True).to(x.dtype)
+        return global_mean(x)
     means_t, pad = window_means_t(x, kernel)
     return F.pad(means_t.transpose(-1, -2).to(x.dtype), pad, mode="replicate")
 

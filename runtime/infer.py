@@ -167,6 +167,8 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
         max_pixels: decompression-bomb limit per image (default: $NAFNET_MAX_PIXELS or 200 million).
         progress: show a progress bar (stderr).
     """
+    from tqdm import tqdm
+
     input_path = Path(input_path)
     out_dir = Path(out_dir) if out_dir is not None else default_output(input_path)
     compare_dir = out_dir.parent / f"{out_dir.name}_compare"
@@ -181,31 +183,22 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
         for folder in [out_dir] + ([compare_dir] if compare else []):
             if held.enter_context(output_folder(folder)):
                 report.removed_parts += remove_temporaries(folder / rel for _, rel in items)
-        _run(runner, items, out_dir, compare_dir, report, tile, overlap, overwrite, compare, max_pixels, progress)
+        out_root = out_dir.resolve()
+        for src, rel in tqdm(items, unit="img", disable=not progress, dynamic_ncols=True, desc="infer"):
+            dst = out_dir / rel
+            if dst.exists() and not overwrite:
+                report.skipped.append(dst)
+                continue
+            try:
+                _check_inside(out_root, dst)
+                image = read_image(src, max_pixels=max_pixels)
+                restored = restore_image(runner, image, tile, overlap)
+                write_image(dst, restored)
+                if compare:
+                    write_image(compare_dir / rel, side_by_side(image, restored))
+            except (ImageError, UserError) as e:
+                report.failed[src] = str(e)
+                continue
+            report.written.append(dst)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _run(runner: Runner, items: list[tuple[Path, Path]], out_dir: Path, compare_dir: Path, report: InferReport,
-         tile, overlap, overwrite: bool, compare: bool, max_pixels: int, progress: bool) -> None:
-    from tqdm import tqdm
-
-    bar = tqdm(items, unit="img", disable=not progress, dynamic_ncols=True, desc="infer")
-    out_root = out_dir.resolve()
-    for src, rel in bar:
-        dst = out_dir / rel
-        if dst.exists() and not overwrite:
-            report.skipped.append(dst)
-            continue
-        try:
-            _check_inside(out_root, dst)
-            image = read_image(src, max_pixels=max_pixels)
-            restored = restore_image(runner, image, tile, overlap)
-            write_image(dst, restored)
-            if compare:
-                write_image(compare_dir / rel, side_by_side(image, restored))
-        except (ImageError, UserError) as e:
-            report.failed[src] = str(e)
-            continue
-        report.written.append(dst)
-    bar.close()

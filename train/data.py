@@ -182,7 +182,7 @@ def check_dataset(root: str | Path, *, full: bool = False, min_size: int = 0, bl
         blur_dir: ``blur`` or ``blur_gamma`` (GOPRO_Large).
         progress: show a progress bar on stderr.
     """
-    max_pixels_limit()  # a bad NAFNET_MAX_PIXELS is one error before the scan, not one per file
+    limit = max_pixels_limit()  # a bad NAFNET_MAX_PIXELS is one error before the scan, not one per file
     report = scan(root, blur_dir=blur_dir)
     todo = [(s, p) for s in SPLITS for p in report.pairs[s]]
     bad: set[Pair] = set()
@@ -194,7 +194,7 @@ def check_dataset(root: str | Path, *, full: bool = False, min_size: int = 0, bl
         sizes = []
         for path in (pair.blur, pair.sharp):
             try:
-                sizes.append(read_rgb8(path).shape[:2] if full else image_size(path))
+                sizes.append(read_rgb8(path, limit).shape[:2] if full else image_size(path, limit))
             except ImageError as e:
                 report.problems.append(str(e))
                 bad.add(pair)
