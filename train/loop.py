@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from nafnet_core import create_model, read_checkpoint, save_checkpoint
 from nafnet_core.errors import UserError
-from nafnet_core.fileio import atomic_write_text
+from nafnet_core.fileio import FolderBusyError, atomic_write_text, exclusive_folder
 from nafnet_core.model import NAFNet
 
 from . import distributed as ddp
@@ -155,10 +155,39 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     """
     info = ddp.setup(device)
     try:
-        return Trainer(cfg, Path(run_dir), info, resume=resume, progress=progress and info.is_main,
-                       stop_at=stop_at).run()
+        with hold_run_dir(Path(run_dir), info) as dead_holder:
+            trainer = Trainer(cfg, Path(run_dir), info, resume=resume, progress=progress and info.is_main,
+                              stop_at=stop_at)
+            if dead_holder is not None:
+                trainer.say(f"{run_dir}: took over the run directory from PID {dead_holder}, which is no longer "
+                            "running")
+            return trainer.run()
     finally:
         ddp.cleanup(info)
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path, info: ddp.DistInfo) -> Iterator[int | None]:
+    """Rank 0 holds ``run_dir`` exclusively for the whole run (:func:`nafnet_core.fileio.exclusive_folder`,
+    the folder lock ``infer`` takes shared); a second trainer on it stops here, before any work, on every
+    rank. Yields the PID of a dead process whose stale lock was taken over, else None.
+
+    Args:
+        run_dir: the run directory.
+        info: this process's place in the process group.
+    """
+    with contextlib.ExitStack() as stack:
+        busy, dead_holder = None, None
+        if info.is_main:
+            try:
+                dead_holder = stack.enter_context(exclusive_folder(
+                    run_dir, advice="two trainers on one run directory overwrite each other's checkpoints: wait "
+                    "for it to end or stop it, or choose another --name / --runs"))
+            except FolderBusyError as e:
+                busy = e
+        if ddp.from_main(info, busy is not None):
+            raise busy or TrainingError(f"{run_dir}: held by another process (rank 0's message names it)")
+        yield dead_holder
 
 
 class Trainer:
