@@ -7,7 +7,8 @@ from collections import Counter
 import onnx
 from onnx import TensorProto
 
-#: Operators onnx-tensorrt (TensorRT 10.x, docs/operators.md) lists as supported ("Y"), restricted to the
+#: Operators onnx-tensorrt lists as supported ("Y") for TensorRT 10.x
+#: (https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md), restricted to the
 #: ONNX domain; anything an image-to-image CNN export plausibly contains. Not in it: Sequence*, string ops,
 #: NonMaxSuppression's relatives, random normal, ...
 TRT_SUPPORTED_OPS = frozenset("""
@@ -31,7 +32,7 @@ CONSTANT_INPUTS = {"ReduceMean": 1, "ReduceSum": 1, "CumSum": 1, "Pad": 3, "Slic
 
 #: Ops that must compute in FP32 inside an FP16 graph: LayerNorm2d (ReduceMean, Pow, Sqrt; folded: MatMul
 #: channel means), the pooling means (ReduceMean) and the TLC window sums (CumSum; band MatMuls on small
-#: maps). DESIGN.md §3, §6. The network's only MatMuls are these means.
+#: maps). docs/DESIGN.md §4 (TLC), §7 (Export). The network's only MatMuls are these means.
 FP32_OPS = frozenset({"ReduceMean", "Pow", "Sqrt", "CumSum", "MatMul"})
 
 _FLOAT_TYPES = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16",
