@@ -6,7 +6,7 @@ Checked in every text file ``git ls-files`` lists (binary files skipped):
   citing file's folder (URLs are ignored: citing a public page is fine), and no absolute ``.md`` path;
 - markdown links ``[text](target)`` in ``.md`` files must point at an existing file;
 - no mention of a ``shared`` folder beside the repository (the ``..`` + ``/shared`` form);
-- design references ``DESIGN.md §N`` must name ``docs/DESIGN.md`` and an existing section number; a
+- design references (``docs/DESIGN.md §N``) must name that file and an existing section number; a
   title in parentheses after the number (``§4 (TLC)``) must be that section's title; inside
   ``docs/DESIGN.md`` every bare ``§N`` must exist;
 - a quoted section title right after a ``.md`` path (``BENCHMARKS.md "Export"``) must begin a heading of
