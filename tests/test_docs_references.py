@@ -4,6 +4,8 @@ Checked in every text file ``git ls-files`` lists (binary files skipped):
 
 - paths ending in ``.md`` and ``docs/...`` paths must exist, relative to the repository root or to the
   citing file's folder (URLs are ignored: citing a public page is fine), and no absolute ``.md`` path;
+  names the code itself writes (a Python string literal that is a whole ``.md`` file name) are files of an
+  output folder, not citations;
 - markdown links ``[text](target)`` in ``.md`` files must point at an existing file;
 - no mention of a ``shared`` folder beside the repository (the ``..`` + ``/shared`` form);
 - design references (``docs/DESIGN.md §N``) must name that file and an existing section number; a
@@ -18,6 +20,7 @@ that it is known to fail.
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -82,9 +85,24 @@ def _resolves(root: Path, citing: str, target: str, from_root: bool = True) -> P
     return None
 
 
-def find_problems(citing: str, text: str, root: Path) -> list[str]:
+def output_names(sources: dict[str, str]) -> set[str]:
+    """``.md`` file names that Python ``sources`` (path -> text) hold as whole string literals: files the
+    code writes or reads in output folders (e.g. an export's command sheet), which prose may name."""
+    names = set()
+    for path, text in sources.items():
+        try:
+            tree = ast.parse(text, filename=path)
+        except SyntaxError:
+            continue
+        names |= {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                  and re.fullmatch(r"[\w.-]+\.md", n.value)}
+    return names
+
+
+def find_problems(citing: str, text: str, root: Path, outputs: set[str] = frozenset()) -> list[str]:
     """One ``file:line: what`` entry per citation in ``text`` (file ``citing``, relative to ``root``) of a
-    document that is not in the repository."""
+    document that is not in the repository; ``outputs`` are file names the code writes (see
+    :func:`output_names`), accepted outside ``docs/`` and ``..``."""
     problems: list[str] = []
     sections = design_sections(root)
     design = (root / DESIGN).resolve()
@@ -97,7 +115,10 @@ def find_problems(citing: str, text: str, root: Path) -> list[str]:
         for m in _ABS_MD_PATH.finditer(line):
             problems.append(f"{where}: cites {m.group(1)}, an absolute path outside the repository")
         for m in _MD_PATH.finditer(line):
-            if _resolves(root, citing, m.group(1)) is None:
+            token = m.group(1)
+            if Path(token).name in outputs and not token.startswith(("docs/", "../")):
+                continue
+            if _resolves(root, citing, token) is None:
                 problems.append(f"{where}: cites {m.group(1)}, which is not in the repository")
         for m in _DOCS_PATH.finditer(line):
             if _resolves(root, citing, m.group(1)) is None and not m.group(1).endswith(".md"):  # .md: above
@@ -176,10 +197,10 @@ def test_no_tracked_file_cites_a_document_outside_the_repository():
     problems = []
     files = tracked_files(ROOT)
     assert DESIGN in files, f"{DESIGN} is not tracked by git"
-    for rel in files:
-        text = read_text(ROOT / rel)
-        if text is not None:
-            problems += find_problems(rel, text, ROOT)
+    texts = {rel: text for rel in files if (text := read_text(ROOT / rel)) is not None}
+    outputs = output_names({rel: text for rel, text in texts.items() if rel.endswith(".py")})
+    for rel, text in texts.items():
+        problems += find_problems(rel, text, ROOT, outputs)
     assert not problems, "citations of documents that are not in the repository:\n" + "\n".join(problems)
 
 
@@ -234,6 +255,14 @@ def test_checker_finds_a_broken_markdown_link_and_a_bad_self_reference(repo: Pat
 ])
 def test_checker_accepts_good_citations(repo: Path, text: str):
     assert find_problems("code.py", text + "\n", repo) == []
+
+
+def test_names_the_code_writes_are_not_citations(repo: Path):
+    outputs = output_names({"a.py": f'NAME = "NOTES{MD}"\nx = f"{{d}}/OTHER{MD}"\n', "bad.py": "def ("})
+    assert outputs == {f"NOTES{MD}"}
+    assert find_problems("code.py", f"writes DIR/NOTES{MD} and NOTES{MD}\n", repo, outputs) == []
+    assert find_problems("code.py", f"see NOTES{MD}\n", repo)  # without the literal it is a citation
+    assert find_problems("code.py", f"see {DOCS}NOTES{MD}\n", repo, outputs)  # docs/ paths must exist
 
 
 def test_checker_resolves_relative_to_the_citing_file(repo: Path):
