@@ -7,8 +7,7 @@ from collections import Counter
 import onnx
 from onnx import TensorProto
 
-#: Operators onnx-tensorrt lists as supported ("Y") for TensorRT 10.x
-#: (https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md), restricted to the
+#: Operators onnx-tensorrt (TensorRT 10.x, docs/operators.md) lists as supported ("Y"), restricted to the
 #: ONNX domain; anything an image-to-image CNN export plausibly contains. Not in it: Sequence*, string ops,
 #: NonMaxSuppression's relatives, random normal, ...
 TRT_SUPPORTED_OPS = frozenset("""

@@ -5,7 +5,8 @@ Checked in every text file ``git ls-files`` lists (binary files skipped):
 - paths ending in ``.md`` and ``docs/...`` paths must exist, relative to the repository root or to the
   citing file's folder (URLs are ignored: citing a public page is fine), and no absolute ``.md`` path;
   names the code itself writes (a Python string literal that is a whole ``.md`` file name) are files of an
-  output folder, not citations;
+  output folder, not citations; a path of another project listed in :data:`EXTERNAL_DOCS` is accepted on a
+  line that names that project;
 - markdown links ``[text](target)`` in ``.md`` files must point at an existing file;
 - no mention of a ``shared`` folder beside the repository (the ``..`` + ``/shared`` form);
 - design references (``docs/DESIGN.md §N``) must name that file and an existing section number; a
@@ -31,6 +32,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DESIGN = "docs/DESIGN.md"
 SECTION = "\u00a7"  # the section sign
+
+#: Paths inside other public repositories that the code cites by name: path -> the repository's name, which
+#: must appear on the same line (so the path cannot be mistaken for one of this repository).
+EXTERNAL_DOCS = {"docs/operators.md": "onnx-tensorrt"}
 
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s)\]>\"'`]+")
 _MD_LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)[^)\n]*\)")
@@ -116,12 +121,13 @@ def find_problems(citing: str, text: str, root: Path, outputs: set[str] = frozen
             problems.append(f"{where}: cites {m.group(1)}, an absolute path outside the repository")
         for m in _MD_PATH.finditer(line):
             token = m.group(1)
-            if Path(token).name in outputs and not token.startswith(("docs/", "../")):
+            if Path(token).name in outputs and not token.startswith(("docs/", "../")) or _external(token, line):
                 continue
             if _resolves(root, citing, token) is None:
                 problems.append(f"{where}: cites {m.group(1)}, which is not in the repository")
         for m in _DOCS_PATH.finditer(line):
-            if _resolves(root, citing, m.group(1)) is None and not m.group(1).endswith(".md"):  # .md: above
+            if _resolves(root, citing, m.group(1)) is None and not m.group(1).endswith(".md") \
+                    and not _external(m.group(1), line):  # .md paths: above
                 problems.append(f"{where}: cites {m.group(1)}, which is not in the repository")
         if is_markdown:
             for m in _MD_LINK.finditer(raw):
@@ -147,6 +153,11 @@ def find_problems(citing: str, text: str, root: Path, outputs: set[str] = frozen
         if (root / citing).resolve() == design:
             problems += _check_sections(where, line, sections)
     return sorted(set(problems), key=problems.index)
+
+
+def _external(token: str, line: str) -> bool:
+    """True for a path of another repository (:data:`EXTERNAL_DOCS`) on a line that names that repository."""
+    return any(token.endswith(path) and repo in line for path, repo in EXTERNAL_DOCS.items())
 
 
 def _check_sections(where: str, refs: str, sections: dict[int, str]) -> list[str]:
@@ -255,6 +266,11 @@ def test_checker_finds_a_broken_markdown_link_and_a_bad_self_reference(repo: Pat
 ])
 def test_checker_accepts_good_citations(repo: Path, text: str):
     assert find_problems("code.py", text + "\n", repo) == []
+
+
+def test_paths_of_named_other_repositories_are_not_citations(repo: Path):
+    assert find_problems("code.py", f"onnx-tensorrt's {DOCS}operators{MD} lists the ops\n", repo) == []
+    assert find_problems("code.py", f"see {DOCS}operators{MD}\n", repo)  # without the repository's name
 
 
 def test_names_the_code_writes_are_not_citations(repo: Path):
