@@ -71,7 +71,7 @@ def test_layernorm2d_half_stays_finite_on_large_residuals():
     torch.testing.assert_close(y.float(), LayerNorm2d(64)(x.float()), atol=2e-2, rtol=1e-2)
 
 
-# --- an independent, functional NAFNet written from DESIGN.md §2, reading the state dict directly ---
+# --- an independent, functional NAFNet written from docs/DESIGN.md §3 (The model), reading the state dict directly ---
 
 def _ref_block(sd, p, x, gate):
     def conv(name, t, **kw):
