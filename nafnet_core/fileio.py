@@ -53,6 +53,14 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 _TEMP_RANDOM = re.compile(r"[a-z0-9_]{8}(\.[^.]*)?")
 
 
+#: The file in a folder held by :func:`exclusive_folder` that names the holder's PID.
+HOLDER_FILE = ".holder.pid"
+
+
+class FolderBusyError(UserError):
+    """A folder that another live process holds (:func:`exclusive_folder`); the message names its PID."""
+
+
 @contextlib.contextmanager
 def output_folder(folder: str | os.PathLike) -> Iterator[bool]:
     """Creates ``folder`` and holds a shared ``flock`` on it for the duration of a run.
@@ -61,18 +69,16 @@ def output_folder(folder: str | os.PathLike) -> Iterator[bool]:
     killed run left for this run's outputs are not live and :func:`remove_temporaries` may remove them.
     The kernel drops a killed process's lock, so a crash never blocks a re-run. False where ``flock``
     does not exist or does not work (Windows, some network filesystems): nothing should be removed.
+    A folder that a process holds with :func:`exclusive_folder` (a training run directory) raises
+    :class:`FolderBusyError` naming that process.
     """
     folder = make_dirs(folder)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+    fd = _open_for_flock(folder)
+    if fd is None:
         yield False
         return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        yield False
-        return
+    import fcntl
+
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -80,12 +86,107 @@ def output_folder(folder: str | os.PathLike) -> Iterator[bool]:
         except OSError:  # another run is writing here (or no flock): its temporaries may be live
             alone = False
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            _flock_shared(fd, folder)
         except OSError:
             alone = False
         yield alone
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | os.PathLike, advice: str) -> Iterator[int | None]:
+    """Creates ``folder`` and holds an exclusive ``flock`` on it (the lock :func:`output_folder` shares)
+    for the duration of a run, with this process's PID in ``folder/.holder.pid``.
+
+    A folder that another live process holds raises :class:`FolderBusyError`: one line with the holder's
+    PID and ``advice``. The kernel drops the lock of a process that died, even by ``kill -9``, so its stale
+    lock is simply taken over: the context then yields the dead holder's PID (else None). A folder this
+    call created and leaves empty is removed again. Where ``flock`` does not work nothing is locked.
+
+    Args:
+        folder: the folder to hold.
+        advice: what the user can do when it is busy, e.g. "wait for it or choose another --name".
+    """
+    folder = Path(folder)
+    created = not folder.exists()
+    folder = make_dirs(folder)
+    fd = _open_for_flock(folder)
+    holder = folder / HOLDER_FILE
+    mine = False
+    try:
+        if fd is not None:
+            import fcntl
+
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                mine = True
+            except BlockingIOError:
+                raise FolderBusyError(f"{folder}: in use by {_holder_text(folder)}; {advice}") from None
+            except OSError:  # no flock on this filesystem: run unlocked
+                pass
+        previous = _holder_pid(folder) if mine else None
+        if mine:
+            atomic_write_text(holder, f"{os.getpid()}\n")
+        yield previous if previous != os.getpid() else None
+    finally:
+        if mine:  # still held: nobody else can be writing the file now
+            with contextlib.suppress(OSError):
+                holder.unlink()
+        if fd is not None:
+            os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only succeeds if the run wrote nothing
+
+
+def _open_for_flock(folder: Path) -> int | None:
+    """A read-only descriptor of ``folder`` to ``flock``, or None where that is not possible (not POSIX)."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    try:
+        return os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def _flock_shared(fd: int, folder: Path, wait_s: float = 2.0) -> None:
+    """A shared lock; an exclusive holder (another run converting its probe, briefly, or a training run for
+    its whole length) is waited for at most ``wait_s``, then named in a :class:`FolderBusyError`."""
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise FolderBusyError(f"{folder}: in use by {_holder_text(folder)}; wait for it to end or choose "
+                                      "another output folder") from None
+            time.sleep(0.05)
+
+
+def _holder_pid(folder: Path) -> int | None:
+    try:
+        return int((folder / HOLDER_FILE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _holder_text(folder: Path) -> str:
+    pid = _holder_pid(folder)
+    if pid is not None:
+        try:
+            os.kill(pid, 0)  # the PID file can be a dead holder's for an instant after the lock changed hands
+        except ProcessLookupError:
+            pid = None
+        except OSError:  # alive, another user's
+            pass
+    return f"another running process (PID {pid})" if pid is not None else "another running process"
 
 
 def remove_temporaries(paths: Iterable[str | os.PathLike]) -> list[Path]:

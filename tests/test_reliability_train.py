@@ -173,6 +173,84 @@ def test_kill9_at_random_points_then_resume(tmp_path):
     assert not list(run_dir.glob(".*.part"))  # resume removed what the kills left behind
 
 
+# ------------------------------------------------------------------------------- two trainers, one run dir
+
+@pytest.fixture
+def procs():
+    """Every process a test starts; all are killed and reaped at teardown, whatever the test did."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.communicate(timeout=30)
+
+
+def test_second_trainer_on_a_held_run_dir_stops_and_a_dead_holders_lock_is_taken_over(tmp_path, procs):
+    """A live ``train`` holds its run directory: a second one (``--resume`` or a fresh start) stops before
+    any work with one line naming the holder's PID, and the holder trains on undisturbed. After a
+    ``kill -9`` of the holder, a new ``train --resume`` takes the stale lock over and trains."""
+    root = make_dataset(tmp_path / "ds", [], n_good=2)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, str(ROOT / "cli.py"), "train", "--data", str(root), "--runs", str(tmp_path),
+            "--name", "r", "--no-progress"]
+    run_dir = tmp_path / "r"
+    holder = subprocess.Popen(base + ["--preset", "tiny", *SETS, *_sets(steps=100_000, save_every=1,
+                                                                       val_every=100_000)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    procs.append(holder)
+    _run_until(holder, run_dir, 1)
+    assert (run_dir / ".holder.pid").read_text().split() == [str(holder.pid)]
+
+    for extra in (["--resume"], ["--preset", "tiny", *SETS]):
+        second = subprocess.Popen(base + extra, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  cwd=tmp_path)
+        procs.append(second)
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 1, (extra, out, err[-2000:])
+        lines = [l for l in (out + err).splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"Error: {run_dir}: in use by another running process "
+                                                        f"(PID {holder.pid}); two trainers"), (extra, lines)
+    _run_until(holder, run_dir, _checkpoints_all_load(run_dir)["last.pt"] + 1)  # the holder trains on
+
+    holder.kill()  # SIGKILL: no clean-up runs, the PID file stays; the kernel drops the lock
+    holder.communicate(timeout=60)
+    assert (run_dir / ".holder.pid").read_text().split() == [str(holder.pid)]
+    killed_at = _checkpoints_all_load(run_dir)["last.pt"]
+    heir = subprocess.Popen(base + ["--resume"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    procs.append(heir)
+    _run_until(heir, run_dir, killed_at + 2)
+    assert (run_dir / ".holder.pid").read_text().split() == [str(heir.pid)]
+    heir.send_signal(signal.SIGTERM)
+    _, err = heir.communicate(timeout=120)
+    assert heir.returncode == 0, err[-2000:]
+    assert f"{run_dir}: took over the run directory from PID {holder.pid}, which is no longer running" in err
+    assert "SIGTERM received: saved" in err
+    assert not (run_dir / ".holder.pid").exists()  # a clean exit releases it
+
+
+def test_train_refuses_a_run_dir_held_in_this_process(tmp_path):
+    """The library call too (not only the CLI): the held folder is named with the holder's PID, nothing runs.
+    ``infer`` (which shares the same folder lock) writing into a training run directory is refused the same
+    way after a bounded wait, instead of blocking until the training ends."""
+    from nafnet_core.fileio import FolderBusyError, exclusive_folder, output_folder
+    from train.config import build_config
+    from train.loop import train
+
+    run_dir = tmp_path / "run"
+    with exclusive_folder(run_dir, advice="x"):
+        with pytest.raises(FolderBusyError, match=rf"{run_dir}: in use by another running process \(PID {os.getpid()}\)"):
+            train(build_config("tiny", sets={"data": str(tmp_path / "nowhere")}), run_dir, progress=False)
+        assert sorted(p.name for p in run_dir.iterdir()) == [".holder.pid"]
+        t0 = time.monotonic()
+        with pytest.raises(FolderBusyError, match=rf"in use by another running process \(PID {os.getpid()}\); wait"):
+            with output_folder(run_dir):
+                pass
+        assert time.monotonic() - t0 < 30
+    assert not run_dir.exists()  # created by the lock, left empty: removed again
+
+
 # ------------------------------------------------------------------------------------ tampered state, config
 
 def test_resume_refuses_a_malicious_last_pt(tmp_path):

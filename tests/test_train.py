@@ -358,6 +358,11 @@ def test_ddp_two_cpu_processes_match_one_process(cache_dir, tmp_path):
     print(f"DDP(2) vs 1 process: max |dw| {diff:.2e}; largest weight change in training {moved:.2e}")
     assert diff < 1e-5 and moved > 1e-3, (diff, moved)
     assert read_checkpoint(tmp_path / "ddp" / "last.pt")["extra"]["world_size"] == 2
+    # Rank 0 alone logs to TensorBoard (when the package is installed): one event file.
+    import importlib.util
+
+    events = list((tmp_path / "ddp").glob("events.out.tfevents.*"))
+    assert len(events) == (1 if importlib.util.find_spec("tensorboard") else 0), events
 
 
 def test_bench_reports_images_per_second():

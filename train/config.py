@@ -22,6 +22,7 @@ import yaml
 from nafnet_core.config import PRESETS as MODEL_PRESETS
 from nafnet_core.errors import UserError
 
+from .dashboard import MODES as TENSORBOARD_MODES
 from .data import CROP_MODES
 
 LOSSES = ("psnr", "l1", "charbonnier")
@@ -71,6 +72,8 @@ class TrainConfig:
         seed: model init, data order and augmentation.
         workers: DataLoader worker processes per rank.
         cache: keep decoded images in memory (auto: on for data sets under 2 GB of pixels).
+        tensorboard: TensorBoard event files in the run directory: auto (when the package is installed) | on |
+            off.
     """
 
     model: str = "nafnet-gopro-width32"
@@ -109,6 +112,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 4
     cache: str = "auto"
+    tensorboard: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,7 +121,7 @@ class TrainConfig:
         _check_types(self)
         choices = {"crop_mode": CROP_MODES, "loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
                    "amp": AMP_MODES, "model": tuple(MODEL_PRESETS), "blur_dir": ("blur", "blur_gamma"),
-                   "cache": ("auto", "on", "off")}
+                   "cache": ("auto", "on", "off"), "tensorboard": TENSORBOARD_MODES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
@@ -253,8 +257,9 @@ def build_config(preset: str | None = "gopro", file: str | Path | None = None, s
     if file is not None:
         merged |= load_config_file(file)
     if sets:
-        unknown = sorted(set(sets) - set(merged))
+        known = set(merged) | {f.name for f in dataclasses.fields(TrainConfig)}  # a resumed run may predate a key
+        unknown = sorted(set(sets) - known)
         if unknown:
-            raise ConfigError(f"--set: unknown key(s) {unknown}; known keys: {', '.join(sorted(merged))}")
+            raise ConfigError(f"--set: unknown key(s) {unknown}; known keys: {', '.join(sorted(known))}")
         merged |= sets
     return TrainConfig.from_dict(merged, where=str(file) if file and not sets else "config")

@@ -5,7 +5,9 @@
 
 A run directory holds ``config.json``, ``splits/{train,val,test}.txt``, ``last.pt`` (everything needed
 to resume exactly), ``best.pt`` (best validation PSNR), ``metrics.csv``, ``curves.png`` and
-``samples.png`` (blur | output | sharp). Every file is written atomically.
+``samples.png`` (blur | output | sharp), and TensorBoard event files (:mod:`train.dashboard`). Every file
+is written atomically, except the event files, which are append-only logs. While a run goes on, rank 0
+holds the directory (:func:`hold_run_dir`): a second trainer on it stops before any work.
 
 Exact resume: the data order and augmentation are pure functions of ``(seed, step)``
 (:class:`train.data.SampleStream`), dropout is reseeded from ``(seed, step, rank)`` at every step, and
@@ -33,11 +35,12 @@ import torch.nn as nn
 
 from nafnet_core import create_model, read_checkpoint, save_checkpoint
 from nafnet_core.errors import UserError
-from nafnet_core.fileio import atomic_write_text
+from nafnet_core.fileio import FolderBusyError, atomic_write_text, exclusive_folder
 from nafnet_core.model import NAFNet
 
 from . import distributed as ddp
 from .config import TrainConfig
+from .dashboard import Dashboard, summary_writer_class
 from .data import PairDataset, PairTransform, SampleStream, check_dataset, train_loader, write_split_lists
 from .evaluate import evaluate
 from .objectives import LOSS_FUNCTIONS, lr_at
@@ -155,10 +158,39 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     """
     info = ddp.setup(device)
     try:
-        return Trainer(cfg, Path(run_dir), info, resume=resume, progress=progress and info.is_main,
-                       stop_at=stop_at).run()
+        with hold_run_dir(Path(run_dir), info) as dead_holder:
+            trainer = Trainer(cfg, Path(run_dir), info, resume=resume, progress=progress and info.is_main,
+                              stop_at=stop_at)
+            if dead_holder is not None:
+                trainer.say(f"{run_dir}: took over the run directory from PID {dead_holder}, which is no longer "
+                            "running")
+            return trainer.run()
     finally:
         ddp.cleanup(info)
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path, info: ddp.DistInfo) -> Iterator[int | None]:
+    """Rank 0 holds ``run_dir`` exclusively for the whole run (:func:`nafnet_core.fileio.exclusive_folder`,
+    the folder lock ``infer`` takes shared); a second trainer on it stops here, before any work, on every
+    rank. Yields the PID of a dead process whose stale lock was taken over, else None.
+
+    Args:
+        run_dir: the run directory.
+        info: this process's place in the process group.
+    """
+    with contextlib.ExitStack() as stack:
+        busy, dead_holder = None, None
+        if info.is_main:
+            try:
+                dead_holder = stack.enter_context(exclusive_folder(
+                    run_dir, advice="two trainers on one run directory overwrite each other's checkpoints: wait "
+                    "for it to end or stop it, or choose another --name / --runs"))
+            except FolderBusyError as e:
+                busy = e
+        if ddp.from_main(info, busy is not None):
+            raise busy or TrainingError(f"{run_dir}: held by another process (rank 0's message names it)")
+        yield dead_holder
 
 
 class Trainer:
@@ -188,6 +220,8 @@ class Trainer:
         self.step, self.best_psnr, self.best_step, self.bad_vals = 0, -math.inf, -1, 0
         self.lr = cfg.lr
         self.t_start = time.perf_counter()
+        self.writer_class: type | None = None  # TensorBoard (rank 0, when on)
+        self.dashboard = Dashboard(self.run_dir, None)
 
     def say(self, msg: str) -> None:
         """One line on stderr, from rank 0 only.
@@ -284,9 +318,18 @@ class Trainer:
         self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda"
                                                        else None) if self.info.enabled else self.model
 
+    def setup_dashboard(self) -> None:
+        """Checks that TensorBoard logging can run (``cfg.tensorboard``; rank 0), before any work."""
+        if not self.main:
+            return
+        self.writer_class = summary_writer_class(self.cfg.tensorboard)
+        if self.writer_class is None and self.cfg.tensorboard == "auto":
+            self.say("TensorBoard logging off: the tensorboard package is not installed (pip install tensorboard)")
+
     def setup(self) -> dict | None:
         """Everything before the first step; returns the state to resume (None for a new run)."""
         state = self.read_state()
+        self.setup_dashboard()
         self.setup_data()
         self.setup_model()
         return state
@@ -420,10 +463,12 @@ class Trainer:
         psnr_avg = ddp.mean_over_ranks(self.info, w["psnr"] / w["n"])
         ips = w["images"] / max(1e-9, time.perf_counter() - w["t"])
         if self.main:
-            self.metrics.add(step=self.step, epoch=round(self.stream.epoch_at(self.step), 3), kind="train", lr=self.lr,
-                             loss=loss_avg, train_psnr=psnr_avg, images_per_s=round(ips, 2),
-                             elapsed_s=round(time.perf_counter() - self.t_start, 1))
+            row = self.metrics.add(step=self.step, epoch=round(self.stream.epoch_at(self.step), 3), kind="train",
+                                   lr=self.lr, loss=loss_avg, train_psnr=psnr_avg, images_per_s=round(ips, 2),
+                                   elapsed_s=round(time.perf_counter() - self.t_start, 1))
+            self.dashboard.add_row(row)
             self.metrics.flush()
+            self.dashboard.flush()
             if pbar:
                 pbar.set_postfix(loss=f"{loss_avg:.4f}", psnr=f"{psnr_avg:.2f}", lr=f"{self.lr:.2e}",
                                  img_s=f"{ips:.1f}")
@@ -450,9 +495,10 @@ class Trainer:
                 raise TrainingError("validation pairs that cannot be scored: " + "; ".join(res.failed.values())
                                     + f". Saved {self.last_path} at step {step}; fix or remove them, then --resume")
             row = res.summary()
-            self.metrics.add(step=step, epoch=round(self.stream.epoch_at(step), 3), kind="val", val_psnr=row["psnr"],
-                             val_ssim=row["ssim"], val_input_psnr=row["input_psnr"],
-                             val_input_ssim=row["input_ssim"], elapsed_s=round(time.perf_counter() - self.t_start, 1))
+            self.dashboard.add_row(self.metrics.add(
+                step=step, epoch=round(self.stream.epoch_at(step), 3), kind="val", val_psnr=row["psnr"],
+                val_ssim=row["ssim"], val_input_psnr=row["input_psnr"], val_input_ssim=row["input_ssim"],
+                elapsed_s=round(time.perf_counter() - self.t_start, 1)))
             improved = row["psnr"] > self.best_psnr
             if improved:
                 self.best_psnr, self.best_step, self.bad_vals = row["psnr"], step, 0
@@ -461,7 +507,9 @@ class Trainer:
             else:
                 self.bad_vals += 1
             write_sample_grid(res.samples, self.run_dir / "samples.png")
+            self.dashboard.add_samples(res.samples, step)
             self.metrics.flush()
+            self.dashboard.flush()
             plot_curves(self.metrics, self.run_dir / "curves.png", title=self.run_dir.name)
             self.say(f"step {step}: val PSNR {row['psnr']:.2f} dB SSIM {row['ssim']:.4f} (blurry input "
                      f"{row['input_psnr']:.2f} dB / {row['input_ssim']:.4f}){' *best*' if improved else ''} "
@@ -493,10 +541,11 @@ class Trainer:
         batches = iter(train_loader(self.train_set, self.stream, self.step, workers=cfg.workers,
                                     pin_memory=self.dev.type == "cuda"))
         self.net.train()
+        self.dashboard = Dashboard(self.run_dir, self.writer_class, resumed_step=None if state is None else self.step)
         status, last_val = "done", {}
         self.t_start = time.perf_counter()
         self._new_window()
-        with _StopSignal() as stop, self._progress_bar() as pbar:
+        with _StopSignal() as stop, self._progress_bar() as pbar, contextlib.closing(self.dashboard):
             while self.step < self.total_steps:
                 loss, psnr = self.train_step(batches)
                 self.log(loss, psnr, pbar)

@@ -44,8 +44,10 @@ class MetricsLog:
             with open(self.path, newline="") as f:
                 self.rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= up_to_step]
 
-    def add(self, **row) -> None:
+    def add(self, **row) -> dict:
+        """Appends a row (missing columns empty) and returns it as stored."""
         self.rows.append({k: row.get(k, "") for k in METRIC_COLUMNS})
+        return self.rows[-1]
 
     def flush(self) -> None:
         atomic_write_text(self.path, csv_text(METRIC_COLUMNS, self.rows, ".6g"))
