@@ -178,15 +178,20 @@ def _holder_pid(folder: Path) -> int | None:
 
 
 def _holder_text(folder: Path) -> str:
+    """Who holds ``folder``: the PID in its holder file, or what is known when that process is gone."""
     pid = _holder_pid(folder)
-    if pid is not None:
-        try:
-            os.kill(pid, 0)  # the PID file can be a dead holder's for an instant after the lock changed hands
-        except ProcessLookupError:
-            pid = None
-        except OSError:  # alive, another user's
-            pass
-    return f"another running process (PID {pid})" if pid is not None else "another running process"
+    if pid is None:
+        return "another running process"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        # The lock outlives its holder while children it forked (DataLoader workers) still run, and for an
+        # instant after it changed hands; both pass within seconds.
+        return (f"a process that PID {pid} (no longer running) started, or one taking it over; try again in a "
+                "few seconds")
+    except OSError:  # alive, another user's
+        pass
+    return f"another running process (PID {pid})"
 
 
 def remove_temporaries(paths: Iterable[str | os.PathLike]) -> list[Path]:

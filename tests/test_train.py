@@ -221,6 +221,31 @@ def test_resume_is_exact(cache_dir, tmp_path):
         train(cfg, tmp_path / "full", progress=False)
 
 
+def test_a_variant_overrides_a_hook_not_the_loop(cache_dir, tmp_path):
+    """A Trainer subclass whose loss() hook is L1 trains exactly like the built-in loss=l1: the hook is the
+    one place the loop takes its loss from (a variant with its own loss or output heads overrides it)."""
+    from train import distributed as ddp
+    from train.loop import Trainer, train
+    from train.objectives import l1_loss
+
+    calls = []
+
+    class L1Variant(Trainer):
+        def loss(self, out, sharp):
+            calls.append(self.step)
+            return l1_loss(self.prediction(out).float(), sharp)
+
+    cfg = _short_cfg(steps=3, val_every=3, save_every=3, accum=2)
+    variant = L1Variant(cfg, tmp_path / "variant", ddp.setup("cpu"), progress=False).run()
+    builtin = train(_short_cfg(steps=3, val_every=3, save_every=3, accum=2, loss="l1"), tmp_path / "l1",
+                    progress=False)
+    assert calls == [0, 0, 1, 1, 2, 2]  # once per micro-batch
+    a, b = variant.model.state_dict(), builtin.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    default = train(cfg, tmp_path / "psnr", progress=False).model.state_dict()  # the hook did change something
+    assert not all(torch.equal(a[k], default[k]) for k in a)
+
+
 def _wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> int:
     t0 = time.time()
     while time.time() - t0 < timeout:

@@ -105,6 +105,9 @@ def train_cmd(preset, config_file, sets, data_root, name, runs_dir, resume, devi
       python cli.py train --name w32 --resume
       torchrun --nproc_per_node=2 cli.py train --data ~/datasets/GOPRO_Large --name w32-ddp
       python cli.py train --preset tiny --set crop=256 --set batch=4 --bench
+      tensorboard --logdir runs    # watch every run live (pip install tensorboard; --set tensorboard=off)
+
+    One train per run directory: a second one on a directory a running train holds stops, naming its PID.
     """
     from nafnet_core.checkpoint import read_checkpoint
 
