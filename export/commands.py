@@ -85,6 +85,22 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
               check, workspace, opt_level, timing_cache, profile_hw) -> None:
     """Export CHECKPOINT to ONNX fp32 (and fp16 / TensorRT) with TLC, writing DIR/manifest.json last.
 
+    DIR/TENSORRT.md holds the trtexec and Polygraphy commands that build the same engines by hand,
+    filled in for the export's files, profile, workspace and optimisation level. For example:
+
+    \b
+    TensorRT 10.x (strongly typed only when asked; never --fp16, the graph holds the precisions):
+      trtexec --onnx=model-fp16-512x512.onnx --saveEngine=model-fp16-512x512.engine --stronglyTyped
+        --noTF32 --memPoolSize=workspace:4096M --builderOptimizationLevel=3 --timingCacheFile=timing.cache
+        --skipInference
+      trtexec --onnx=model-fp16-dynamic.onnx ... (same flags) --minShapes=input:1x3x64x64
+        --optShapes=input:1x3x720x1280 --maxShapes=input:1x3x1088x1920 --skipInference
+    TensorRT 11.x: the same without --stronglyTyped (always strongly typed; --fp16 no longer exists).
+    Compare with FP32 (polygraphy run, --strongly-typed on 10.x only):
+      polygraphy run model-fp32-512x512.onnx --onnxrt --save-inputs in.json --save-outputs ref.json
+      polygraphy run model-fp16-512x512.onnx --trt --strongly-typed --load-inputs in.json
+        --load-outputs ref.json --check-error-stat max --atol 0.02 --rtol 0
+
     \b
     Examples:
       python cli.py export runs/demo/best.pt

@@ -32,7 +32,13 @@ Schema (``schema_version`` 1)::
           "tensorrt": {"version": "10.13.0", "gpu": "NVIDIA L4", "compute_capability": "8.9",
                        "profile": {"min": [...], "opt": [...], "max": [...]}, "workspace_bytes": 4294967296,
                        "builder_optimization_level": 3, "timing_cache": "path", "build_seconds": 61.2}}
-      }
+      },
+      "tensorrt_settings": {"dynamic_profile": {"min": [1, 3, 64, 64], "opt": [...], "max": [...]},
+                            "workspace_bytes": 4294967296, "builder_optimization_level": 3},
+      "files": {                            # other files of the export, hashed like the artifacts
+        "tensorrt-commands": {"file": "TENSORRT.md", "sha256": "<hex>", "bytes": 9876}   # trtexec/Polygraphy
+      },
+      "fp16": {"fp32_stream": [...], ...}   # FP16 graphs only: see export.fp16_stream (optional)
     }
 
 Every ONNX artifact carries the same facts in its ``metadata_props`` (keys ``nafnet.*``, see
@@ -117,7 +123,9 @@ def load_manifest(directory: str | Path) -> Manifest:
                             f"{SCHEMA_VERSION}; re-run the export")
     if not isinstance(data.get("artifacts"), dict):
         raise ManifestError(f"{path}: no artifacts table")
-    for name, rec in data["artifacts"].items():
+    if not isinstance(data.get("files", {}), dict):
+        raise ManifestError(f"{path}: the files table is not a table; re-run the export")
+    for name, rec in [*data["artifacts"].items(), *data.get("files", {}).items()]:
         file = rec.get("file") if isinstance(rec, dict) else None
         # A bare file name inside the directory: a manifest must not point at files elsewhere.
         if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
@@ -133,13 +141,18 @@ def verify(directory: str | Path) -> Manifest:
     manifest = load_manifest(directory)
     for name in manifest.artifacts:
         verify_artifact(manifest, name)
+    for name, rec in manifest.data.get("files", {}).items():
+        _check_file(manifest, name, rec, manifest.directory / rec["file"])
     return manifest
 
 
 def verify_artifact(manifest: Manifest, name: str) -> Path:
     """Checks size and sha256 of one artifact (what a runner calls before loading it); returns its path."""
-    rec = manifest.artifacts[name]
     path = manifest.path(name)
+    return _check_file(manifest, name, manifest.artifacts[name], path)
+
+
+def _check_file(manifest: Manifest, name: str, rec: dict[str, Any], path: Path) -> Path:
     if not path.is_file():
         raise ManifestError(f"{path}: missing (artifact {name!r} of {manifest.directory / MANIFEST_NAME}); "
                             "re-run the export")

@@ -30,6 +30,8 @@ def test_help_explains_both_forms():
     assert "export CHECKPOINT" in out and "lint DIR_OR_ONNX" in out and "Examples" in out
     for sub in ("model", "lint"):
         assert "Example" in CliRunner().invoke(main, ["export", sub, "--help"]).output
+    out = CliRunner().invoke(main, ["export", "model", "--help"]).output
+    assert "trtexec --onnx=" in out and "--stronglyTyped" in out and "--noTF32" in out and "--minShapes=input:" in out
 
 
 def test_export_then_lint(checkpoints, tmp_path):
@@ -41,6 +43,10 @@ def test_export_then_lint(checkpoints, tmp_path):
     assert set(data["artifacts"]) == {"onnx-fp32-32x48", "onnx-fp16-32x48"}
     assert data["tlc"]["train_size"] == 16 and data["source"]["kind"] == "project"
     assert "manifest:" in res.output
+    commands = (out_dir / "TENSORRT.md").read_text()  # manual builds for this export's own files, hashed
+    assert data["files"]["tensorrt-commands"]["file"] == "TENSORRT.md"
+    assert "trtexec --onnx=model-fp16-32x48.onnx --saveEngine=model-fp16-32x48.engine --stronglyTyped" in commands
+    assert "--minShapes" not in commands
     res = runner.invoke(main, ["export", "lint", str(out_dir), "--size", "32x48", "--half-size", "16x16"])
     assert res.exit_code == 0, res.output
     assert "FAIL" not in res.output and "FP16 placement" in res.output and "FP16 range report" in res.output

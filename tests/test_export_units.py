@@ -110,3 +110,43 @@ def test_range_report_flags_overflow():
     with torch.no_grad():
         model.intro.weight.mul_(3e3)  # a residual stream of ~1e3: channel sums of squares pass 65504
     assert "encoders.0.0" in fp16_range_report(model, imgs, half_size=None).overflows
+
+
+def _manifest_for_commands() -> dict:
+    from export.trt_plan import tensorrt_settings
+
+    tile = {"kind": "tile", "batch": 1, "height": 512, "width": 512}
+    dyn = ShapeSpec.dynamic().to_dict()
+    arts = {f"onnx-{p}-{tag}": {"file": f"model-{p}-{tag}.onnx", "precision": p, "shape": shape}
+            for p in ("fp32", "fp16") for tag, shape in (("512x512", tile), ("dynamic", dyn))}
+    options = TrtOptions(workspace_gib=2, opt_level=5, profile_hw=((32, 48), (256, 320), (720, 1280)))
+    return {"io": {"input": "input"}, "artifacts": arts, "tensorrt_settings": tensorrt_settings(options)}
+
+
+def test_trtexec_commands_follow_the_manifest():
+    from export.trt_plan import build_commands, polygraphy_commands, trtexec_command
+
+    data = _manifest_for_commands()
+    settings, arts = data["tensorrt_settings"], data["artifacts"]
+    tile10 = trtexec_command("model-fp16-512x512.onnx", arts["onnx-fp16-512x512"], settings, 10)
+    assert tile10[:3] == ["trtexec", "--onnx=model-fp16-512x512.onnx", "--saveEngine=model-fp16-512x512.engine"]
+    assert "--stronglyTyped" in tile10 and "--noTF32" in tile10 and not any("Shapes" in a for a in tile10)
+    assert "--memPoolSize=workspace:2048M" in tile10 and "--builderOptimizationLevel=5" in tile10
+    dyn11 = trtexec_command("model-fp16-dynamic.onnx", arts["onnx-fp16-dynamic"], settings, 11)
+    assert [a for a in dyn11 if "Shapes" in a] == ["--minShapes=input:1x3x32x48", "--optShapes=input:1x3x256x320",
+                                                   "--maxShapes=input:1x3x720x1280"]
+    assert "--stronglyTyped" not in dyn11
+    for major in (10, 11):
+        for argv in [trtexec_command("m.onnx", arts["onnx-fp16-dynamic"], settings, major),
+                     *polygraphy_commands("m.onnx", "r.onnx", arts["onnx-fp16-dynamic"], settings, major)]:
+            assert not any("fp16" in a.lower() and a.startswith("--") for a in argv)  # precision is the graph's
+    ref, trt = polygraphy_commands("model-fp16-dynamic.onnx", "model-fp32-dynamic.onnx", arts["onnx-fp16-dynamic"],
+                                   settings, 10)
+    assert ref[2] == "model-fp32-dynamic.onnx" and "--onnxrt" in ref and "input:[1,3,256,320]" in ref
+    assert "--strongly-typed" in trt and trt[trt.index("--trt-max-shapes") + 1] == "input:[1,3,720,1280]"
+    assert trt[trt.index("--atol") + 1] == "0.02"
+    text = build_commands(data)
+    assert "## TensorRT 10.x" in text and "## TensorRT 11.x" in text
+    assert "model-fp16-512x512.onnx" in text and "--onnx=model-fp32-512x512.onnx" not in text  # FP16 graphs only
+    with pytest.raises(ValueError, match="10 or 11"):
+        trtexec_command("m.onnx", arts["onnx-fp16-dynamic"], settings, 9)
