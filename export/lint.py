@@ -1,8 +1,9 @@
 """TensorRT readiness without a GPU, and an FP16 range report.
 
 Readiness (per ONNX file): ``onnx.checker``; every op in onnx-tensorrt's supported list; axes of
-ReduceMean/CumSum/Pad/Slice/(Un)Squeeze are initializers; a fixed-tile graph has no shape
-arithmetic; an FP16 graph keeps LayerNorm, pooling and CumSum in FP32 with FP32 I/O; onnxruntime
+ReduceMean/CumSum/Pad/Slice/(Un)Squeeze are initializers; the opset within what every supported
+TensorRT parses; Pad modes constant/edge; DepthToSpace in PixelShuffle's CRD order; no INT64 constant
+beyond INT32 except clamped Slice bounds; a fixed-tile graph has no shape arithmetic; an FP16 graph keeps LayerNorm, pooling and CumSum in FP32 with FP32 I/O; onnxruntime
 loads it and runs it at concrete shapes with finite outputs of the input's shape. For a directory
 the manifest's sha256 of every artifact is checked first.
 
@@ -78,14 +79,27 @@ def lint_onnx(path: str | Path, run: bool = True) -> list[Finding]:
     counts = graph.op_counts(model)
     add("TensorRT ops", graph.unsupported_ops(model), f"{len(counts)} op types, all supported")
     add("constant axes", graph.computed_axes(model))
+    add("opset within TensorRT's parser", graph.opset_problems(model),
+        f"opset {graph.opset_of(model)}, parsed by TensorRT >= 10.0 (opsets {graph.TRT_OPSET_SAFE[0]}-"
+        f"{graph.TRT_OPSET_SAFE[1]})")
+    pads = counts.get("Pad", 0)
+    add("Pad modes (constant/edge)", graph.pad_mode_problems(model), f"{pads} Pad" if pads else "no Pad")
+    d2s = counts.get("DepthToSpace", 0)
+    add("DepthToSpace mode (CRD)", graph.depth_to_space_problems(model),
+        f"{d2s} DepthToSpace" if d2s else "no DepthToSpace")
+    big, harmless = graph.int64_beyond_int32(model)
+    add("INT64 constants within INT32", big,
+        ("harmless: " + "; ".join(harmless[:3]) + (f" ... ({len(harmless)} in all)" if len(harmless) > 3 else "")
+         + " (Slice bounds, clamped to the dimension by the parser)") if harmless else "")
     spec = _shape_of(model)
     if not spec.is_dynamic:
         add("static tile (no Shape/Gather/Min/Mod)", graph.shape_arithmetic(model), spec.tag)
     precision = graph.precision_of(model)
     if precision == "fp16":
         prec = graph.node_precisions(model)
+        fp32_ops = "/".join(sorted(op for op in graph.FP32_OPS if op in counts)) or "no LayerNorm/pooling ops"
         add("FP16 placement", graph.fp16_placement_problems(model),
-            "Conv fp16 x{}; ReduceMean/Pow/Sqrt/CumSum fp32; I/O fp32".format(prec.get("Conv", {}).get("fp16", 0)))
+            f"Conv fp16 x{prec.get('Conv', {}).get('fp16', 0)}; {fp32_ops} fp32; I/O fp32")
     if run:
         import onnxruntime as ort
 

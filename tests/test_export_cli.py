@@ -50,6 +50,10 @@ def test_export_then_lint(checkpoints, tmp_path):
     res = runner.invoke(main, ["export", "lint", str(out_dir), "--size", "32x48", "--half-size", "16x16"])
     assert res.exit_code == 0, res.output
     assert "FAIL" not in res.output and "FP16 placement" in res.output and "FP16 range report" in res.output
+    for check in ("Pad modes", "DepthToSpace mode", "INT64 constants within INT32", "opset within TensorRT"):
+        assert f"PASS  model-fp16-32x48.onnx  {check}" in res.output
+    [placement] = [line for line in res.output.splitlines() if "fp16-32x48.onnx  FP16 placement" in line]
+    assert "MatMul" in placement and "ReduceMean" not in placement and "Pow" not in placement  # ops in the graph
 
 
 def test_official_pth_with_preset_and_missing_tensorrt(checkpoints, tmp_path, monkeypatch):

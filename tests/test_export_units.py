@@ -150,3 +150,58 @@ def test_trtexec_commands_follow_the_manifest():
     assert "model-fp16-512x512.onnx" in text and "--onnx=model-fp32-512x512.onnx" not in text  # FP16 graphs only
     with pytest.raises(ValueError, match="10 or 11"):
         trtexec_command("m.onnx", arts["onnx-fp16-dynamic"], settings, 9)
+
+
+def _graph(nodes, inits=(), opset: int = 18, shape=(1, 4, 4, 4), out_shape=None) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape or shape))
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], list(inits)),
+                             opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _pad(mode: str) -> onnx.ModelProto:
+    pads = helper.make_tensor("pads", TensorProto.INT64, [8], [0, 0, 1, 1, 0, 0, 1, 1])
+    return _graph([helper.make_node("Pad", ["x", "pads"], ["y"], mode=mode)], [pads], opset=19,
+                  out_shape=(1, 4, 6, 6))
+
+
+def test_lint_rules_on_hand_built_graphs(tmp_path):
+    for mode in ("constant", "edge"):
+        assert graph.pad_mode_problems(_pad(mode)) == []
+    for mode, why in (("reflect", "kREFLECT"), ("wrap", "opset-19")):
+        [problem] = graph.pad_mode_problems(_pad(mode))
+        assert repr(mode) in problem and why in problem
+
+    def d2s(mode):
+        return _graph([helper.make_node("DepthToSpace", ["x"], ["y"], blocksize=2, mode=mode)],
+                      out_shape=(1, 1, 8, 8))
+
+    assert graph.depth_to_space_problems(d2s("CRD")) == []
+    assert "PixelShuffle" in graph.depth_to_space_problems(d2s("DCR"))[0]
+
+    def sliced(end: int, shape_value: int = 16):
+        inits = [helper.make_tensor("starts", TensorProto.INT64, [1], [0]),
+                 helper.make_tensor("ends", TensorProto.INT64, [1], [end]),
+                 helper.make_tensor("axes", TensorProto.INT64, [1], [2]),
+                 helper.make_tensor("shape", TensorProto.INT64, [2], [4, shape_value])]
+        nodes = [helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["s"]),
+                 helper.make_node("Reshape", ["s", "shape"], ["r"]),
+                 helper.make_node("Identity", ["x"], ["y"])]
+        return _graph(nodes, inits)
+
+    assert graph.int64_beyond_int32(sliced(4)) == ([], [])
+    problems, harmless = graph.int64_beyond_int32(sliced(2**63 - 1))
+    assert problems == [] and harmless == ["ends = 9223372036854775807 (used by Slice input 2)"]
+    problems, harmless = graph.int64_beyond_int32(sliced(4, shape_value=2**40))
+    assert problems == ["shape = 1099511627776 (used by Reshape input 1)"] and harmless == []
+
+    identity = [helper.make_node("Identity", ["x"], ["y"])]
+    assert graph.opset_problems(_graph(identity, opset=18)) == []
+    [problem] = graph.opset_problems(_graph(identity, opset=21))
+    assert "opset 21" in problem and "--opset 20" in problem
+
+    path = tmp_path / "reflect.onnx"  # lint_onnx reports each rule as a failed check
+    onnx.save(_pad("reflect"), str(path))
+    findings = {f.check: f for f in lint_onnx(path, run=False)}
+    assert not findings["Pad modes (constant/edge)"].ok and findings["DepthToSpace mode (CRD)"].ok
+    assert findings["opset within TensorRT's parser"].ok  # opset 19 is within 9-20
