@@ -19,6 +19,7 @@ from nafnet_core.metrics import psnr
 from nafnet_core.model import NAFNet, count_parameters
 from nafnet_core.tlc import convert_to_tlc, is_tlc, tlc_kernels
 
+from . import fp16_stream
 from .fold import fold_for_deploy
 from .formats import FORMATS, Format, formats_for
 from .manifest import FORMAT as MANIFEST_FORMAT
@@ -128,10 +129,13 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
         "tensorrt_settings": tensorrt_settings(trt_options, model.config.img_channel),
     }
     onnx_formats = [f for f in formats if f.suffix == ".onnx"]
+    if any(f.precision == "fp16" for f in onnx_formats):
+        data["fp16"] = fp16_stream.plan(deploy)  # a stream that would overflow FP16 stays FP32 there
+    fp32_stream = data.get("fp16", {}).get("fp32_stream")
     steps = len(onnx_formats) * len(specs) * (2 if check else 1)
     with tqdm(total=steps, desc="export", unit="step", file=sys.stderr, disable=not progress) as bar:
         for fmt in onnx_formats:
-            graph_model = with_precision(deploy, fmt.precision)
+            graph_model = with_precision(deploy, fmt.precision, fp32_stream)
             for spec in specs:
                 bar.set_postfix_str(fmt.artifact_name(spec))
                 rec = {"format": fmt.name, "precision": fmt.precision, "runtime": fmt.runtime,

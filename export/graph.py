@@ -133,9 +133,10 @@ def node_precisions(model: onnx.ModelProto) -> dict[str, Counter]:
     return out
 
 
-def fp16_placement_problems(model: onnx.ModelProto) -> list[str]:
-    """What is wrong with an FP16 graph's placement: FP32 graph I/O, every Conv in FP16 (weights too),
-    and every LayerNorm/pooling/CumSum op (:data:`FP32_OPS`) computing in FP32. Empty list: fine."""
+def fp16_placement_problems(model: onnx.ModelProto, fp32_convs: int = 0) -> list[str]:
+    """What is wrong with an FP16 graph's placement: FP32 graph I/O, every Conv in FP16 (weights too) except
+    exactly ``fp32_convs`` FP32 ones (readers of an FP32 residual stream, ``export.fp16_stream``), and every
+    LayerNorm/pooling/CumSum op (:data:`FP32_OPS`) computing in FP32. Empty list: fine."""
     types = tensor_types(model)
     problems = []
     for vi in list(model.graph.input) + list(model.graph.output):
@@ -145,10 +146,18 @@ def fp16_placement_problems(model: onnx.ModelProto) -> list[str]:
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     if not convs:
         problems.append("no Conv nodes")
+    not_fp16 = []
     for n in convs:
         kinds = {float_type(types, i) for i in n.input[:2]}
         if kinds != {"fp16"}:
-            problems.append(f"Conv {n.name} computes in {sorted(map(str, kinds))}, expected fp16")
+            not_fp16.append((n, kinds))
+    fp32 = [n for n, kinds in not_fp16 if kinds == {"fp32"}]
+    for n, kinds in not_fp16:
+        if kinds != {"fp32"} or len(fp32) != fp32_convs:
+            problems.append(f"Conv {n.name} computes in {sorted(map(str, kinds))}, expected fp16"
+                            + (f" ({fp32_convs} FP32 stream readers expected, {len(fp32)} found)" if fp32_convs else ""))
+    if fp32_convs and len(fp32) < fp32_convs:
+        problems.append(f"{fp32_convs} FP32 convs (readers of an FP32 residual stream) expected, {len(fp32)} found")
     for n in model.graph.node:
         if n.op_type in FP32_OPS:
             kinds = {float_type(types, i) for i in n.input[:1]}

@@ -38,7 +38,9 @@ Schema (``schema_version`` 1)::
       "files": {                            # other files of the export, hashed like the artifacts
         "tensorrt-commands": {"file": "TENSORRT.md", "sha256": "<hex>", "bytes": 9876}   # trtexec/Polygraphy
       },
-      "fp16": {"fp32_stream": [...], ...}   # FP16 graphs only: see export.fp16_stream (optional)
+      "fp16": {"fp32_stream": ["encoders.0", ...], "fp32_convs": ["downs.0", ...], "margin": 4.0,
+               "max_stream": 812.5, "max_gate": 95.1, "gate_overflow": [], "measured_on": "2 photos, 256x256"}
+                                            # with FP16 graphs only: export.fp16_stream
     }
 
 Every ONNX artifact carries the same facts in its ``metadata_props`` (keys ``nafnet.*``, see
@@ -212,4 +214,7 @@ def onnx_metadata(data: dict[str, Any], artifact: dict[str, Any]) -> dict[str, s
         "nafnet.opset": str(data["opset"]),
         "nafnet.source_sha256": data["source"]["sha256"] or "",
         "nafnet.io": json.dumps(data["io"]),
+        # convs an FP16 graph computes in FP32 (readers of an FP32 residual stream, export.fp16_stream)
+        "nafnet.fp32_convs": json.dumps(data.get("fp16", {}).get("fp32_convs", []) if artifact["precision"] == "fp16"
+                                        else []),
     }

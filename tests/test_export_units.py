@@ -105,11 +105,13 @@ def test_range_report_flags_overflow():
     imgs = [photo(24, 32)]
     report = fp16_range_report(model, imgs, half_size=(16, 16))
     assert [b.block for b in report.blocks] == ["encoders.0.0", "middle_blks.0", "decoders.0.0"]
-    assert all(0 < b.max_abs < 1e3 for b in report.blocks) and report.overflows == []
+    assert all(0 < b.max_abs < 1e3 and 0 < b.max_stream < 1e3 and 0 < b.max_gate < 1e3 for b in report.blocks)
+    assert report.overflows == [] and all(0 <= b.subnormal < 0.05 for b in report.blocks)
     assert report.half_psnr_db > 40
     with torch.no_grad():
-        model.intro.weight.mul_(3e3)  # a residual stream of ~1e3: channel sums of squares pass 65504
-    assert "encoders.0.0" in fp16_range_report(model, imgs, half_size=None).overflows
+        model.intro.weight.mul_(1e5)  # a residual stream of ~1e5 in the first block: past 65504
+    hot = fp16_range_report(model, imgs, half_size=None)
+    assert "encoders.0.0" in hot.overflows and hot.blocks[0].max_stream > 65504
 
 
 def _manifest_for_commands() -> dict:
