@@ -140,7 +140,9 @@ def _print_artifacts(manifest) -> None:
 @export.command("lint")
 @click.argument("target", metavar="DIR_OR_ONNX", type=click.Path(exists=True, path_type=Path))
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="PyTorch checkpoint for the FP16 range report (default: the manifest's source, if present).")
+              help="PyTorch checkpoint for the FP16 range report: per block the largest residual stream, gate "
+                   "product and layer output on photos against 65504, the share below FP16's smallest normal, "
+                   "and PyTorch half vs FP32 (default: the manifest's source, if present).")
 @preset_option
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of sample images for the range report (default: bundled photos).")
