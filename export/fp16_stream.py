@@ -8,8 +8,9 @@ and keeps the stream of the affected *stages* in FP32:
 * every block of the stage (``fp32_stream = True``, see ``nafnet_core/model.py``): input cast to FP32,
   conv3/conv5 outputs cast to FP32 for the two adds, LayerNorm (FP32 anyway) reading the FP32 stream and
   handing FP16 to the convs — the convs and gates stay FP16;
-* the conv that reads the stage's output (``downs.i``, ``ups.j.0`` or ``ending``) computes in FP32 on
-  FP32 weights (:class:`Fp32Conv`): a value above 65504 cannot even be its FP16 input;
+* the convs that write the stage's input (``intro``, ``downs.i`` or ``ups.j.0``) and read its output
+  (``downs.i``, ``ups.j.0`` or ``ending``) compute in FP32 on FP32 weights (:class:`Fp32Conv`): a value
+  above 65504 can be neither the FP16 output of the first nor the FP16 input of the second;
 * an encoder stage's mirrored decoder stage, which receives its output through the skip.
 
 Whole stages, not single blocks: the stream accumulates along a stage, so the blocks after an
@@ -19,7 +20,7 @@ Margin (:data:`STREAM_MARGIN`): a stage is kept in FP32 when its stream exceeds 
 photos. Other images reach higher values (brighter, more saturated or more textured content than the
 bundled photos; the stream scales with the input's contrast), and an add of two FP16 values each below
 the limit can still overflow, so a 4x margin keeps FP16 where it is safe by a clear distance and costs
-little where it triggers (FP32 adds and one FP32 conv per stage). Official NAFNet checkpoints stay far
+little where it triggers (FP32 adds and two FP32 convs per stage). Official NAFNet checkpoints stay far
 below it (their stream reaches a few hundred), so their FP16 graphs are unchanged.
 
 The PyTorch half model built by :func:`to_half` computes exactly what the FP16 graph computes (the FP16
@@ -55,6 +56,11 @@ class Fp32Conv(nn.Module):
         self.conv = conv
         self.out_dtype = out_dtype
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The conv's FP32 weight (``NAFNet.forward`` casts the image to ``intro.weight.dtype``)."""
+        return self.conv.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x.float()).to(self.out_dtype)
 
@@ -71,16 +77,13 @@ def stage_of(block: str) -> str:
     return parts[0] if parts[0] == "middle_blks" else ".".join(parts[:2])
 
 
-def _reader_and_next(stage: str, levels: int) -> tuple[str, str | None]:
-    """The conv that reads ``stage``'s output and the stage that conv feeds (None for ``ending``)."""
-    kind, _, idx = stage.partition(".")
-    if kind == "encoders":
-        i = int(idx)
-        return f"downs.{i}", f"encoders.{i + 1}" if i + 1 < levels else "middle_blks"
-    if kind == "middle_blks":
-        return "ups.0.0", "decoders.0"
-    j = int(idx)
-    return (f"ups.{j + 1}.0", f"decoders.{j + 1}") if j + 1 < levels else ("ending", None)
+def _convs(levels: int) -> list[tuple[str, str | None, str | None]]:
+    """(conv, stage it reads, stage it writes) for the convs between stages, in forward order."""
+    out = [("intro", None, "encoders.0")]
+    out += [(f"downs.{i}", f"encoders.{i}", f"encoders.{i + 1}" if i + 1 < levels else "middle_blks")
+            for i in range(levels)]
+    out += [(f"ups.{j}.0", f"decoders.{j - 1}" if j else "middle_blks", f"decoders.{j}") for j in range(levels)]
+    return out + [("ending", f"decoders.{levels - 1}", None)]
 
 
 def fp32_stream_stages(stream_max: dict[str, float], levels: int, margin: float = STREAM_MARGIN) -> list[str]:
@@ -99,8 +102,8 @@ def fp32_stream_stages(stream_max: dict[str, float], levels: int, margin: float 
 
 
 def fp32_convs(stages: list[str], levels: int) -> list[str]:
-    """The convs computed in FP32 for ``stages`` (one reader per stage)."""
-    return [_reader_and_next(s, levels)[0] for s in stages]
+    """The convs computed in FP32 for ``stages``: those writing into or reading from one, in forward order."""
+    return [conv for conv, reads, writes in _convs(levels) if reads in stages or writes in stages]
 
 
 def to_half(model: NAFNet, stages: list[str] | None = None) -> NAFNet:
@@ -118,11 +121,12 @@ def to_half(model: NAFNet, stages: list[str] | None = None) -> NAFNet:
             if not hasattr(block, "fp32_stream"):
                 raise TypeError(f"{stage}: {type(block).__name__} has no FP32 stream form")
             block.fp32_stream = True
-        reader, nxt = _reader_and_next(stage, levels)
-        out_dtype = torch.float32 if nxt is None or nxt in stages else torch.float16
-        conv = copy.deepcopy(model.get_submodule(reader)).float()
-        parent, _, leaf = reader.rpartition(".")
-        setattr(half.get_submodule(parent) if parent else half, leaf, Fp32Conv(conv, out_dtype))
+    for name, reads, writes in _convs(levels):
+        if reads in stages or writes in stages:
+            out_dtype = torch.float32 if writes is None or writes in stages else torch.float16
+            conv = copy.deepcopy(model.get_submodule(name)).float()
+            parent, _, leaf = name.rpartition(".")
+            setattr(half.get_submodule(parent) if parent else half, leaf, Fp32Conv(conv, out_dtype))
     return half
 
 

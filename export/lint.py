@@ -101,10 +101,10 @@ def lint_onnx(path: str | Path, run: bool = True) -> list[Finding]:
         prec = graph.node_precisions(model)
         fp32_ops = "/".join(sorted(op for op in graph.FP32_OPS if op in counts)) or "no LayerNorm/pooling ops"
         meta = {p.key: p.value for p in model.metadata_props}
-        readers = json.loads(meta.get("nafnet.fp32_convs", "[]"))
-        if readers:
-            fp32_ops += f", stream readers {'/'.join(readers)}"
-        add("FP16 placement", graph.fp16_placement_problems(model, len(readers)),
+        stream_convs = json.loads(meta.get("nafnet.fp32_convs", "[]"))
+        if stream_convs:
+            fp32_ops += f", stream convs {'/'.join(stream_convs)}"
+        add("FP16 placement", graph.fp16_placement_problems(model, len(stream_convs)),
             f"Conv fp16 x{prec.get('Conv', {}).get('fp16', 0)}; {fp32_ops} fp32; I/O fp32")
     if run:
         import onnxruntime as ort

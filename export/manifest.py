@@ -214,7 +214,7 @@ def onnx_metadata(data: dict[str, Any], artifact: dict[str, Any]) -> dict[str, s
         "nafnet.opset": str(data["opset"]),
         "nafnet.source_sha256": data["source"]["sha256"] or "",
         "nafnet.io": json.dumps(data["io"]),
-        # convs an FP16 graph computes in FP32 (readers of an FP32 residual stream, export.fp16_stream)
+        # convs an FP16 graph computes in FP32 (around an FP32 residual stream, export.fp16_stream)
         "nafnet.fp32_convs": json.dumps(data.get("fp16", {}).get("fp32_convs", []) if artifact["precision"] == "fp16"
                                         else []),
     }
