@@ -14,11 +14,12 @@ from nafnet_core import __version__
 from nafnet_core.checkpoint import load_checkpoint
 from nafnet_core.config import DEFAULT_BASE_RATIO, DEFAULT_TRAIN_SIZE, find_preset
 from nafnet_core.errors import UserError
-from nafnet_core.fileio import make_dirs, sha256_file
+from nafnet_core.fileio import atomic_write_text, make_dirs, sha256_file
 from nafnet_core.metrics import psnr
 from nafnet_core.model import NAFNet, count_parameters
 from nafnet_core.tlc import convert_to_tlc, is_tlc, tlc_kernels
 
+from . import fp16_stream
 from .fold import fold_for_deploy
 from .formats import FORMATS, Format, formats_for
 from .manifest import FORMAT as MANIFEST_FORMAT
@@ -26,7 +27,7 @@ from .manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, file_record, onnx
 from .onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, save_onnx, set_metadata, to_onnx_proto, with_precision
 from .samples import sample_photo
 from .shapes import DEFAULT_TILE, ShapeSpec, make_profile
-from .trt_plan import TrtOptions
+from .trt_plan import COMMANDS_NAME, TrtOptions, build_commands, tensorrt_settings
 
 
 def prepare_model(model: NAFNet, *, tlc: bool = True, fold: bool = True, train_size: int = DEFAULT_TRAIN_SIZE,
@@ -104,6 +105,7 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
     """
     from tqdm import tqdm
 
+    trt_options = trt_options or TrtOptions()
     model, source_rec, preset_name, train_size = _resolve_source(source, preset, train_size)
     specs = _shape_specs(tiles, dynamic, batch)
     formats = formats_for(fp16, trt)
@@ -124,12 +126,16 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
         "io": {"input": INPUT_NAME, "output": OUTPUT_NAME, "layout": "NCHW", "dtype": "float32",
                "value_range": [0.0, 1.0], "pad_multiple": model.config.pad_multiple},
         "artifacts": {},
+        "tensorrt_settings": tensorrt_settings(trt_options, model.config.img_channel),
     }
     onnx_formats = [f for f in formats if f.suffix == ".onnx"]
+    if any(f.precision == "fp16" for f in onnx_formats):
+        data["fp16"] = fp16_stream.plan(deploy)  # a stream that would overflow FP16 stays FP32 there
+    fp32_stream = data.get("fp16", {}).get("fp32_stream")
     steps = len(onnx_formats) * len(specs) * (2 if check else 1)
     with tqdm(total=steps, desc="export", unit="step", file=sys.stderr, disable=not progress) as bar:
         for fmt in onnx_formats:
-            graph_model = with_precision(deploy, fmt.precision)
+            graph_model = with_precision(deploy, fmt.precision, fp32_stream)
             for spec in specs:
                 bar.set_postfix_str(fmt.artifact_name(spec))
                 rec = {"format": fmt.name, "precision": fmt.precision, "runtime": fmt.runtime,
@@ -145,10 +151,12 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
                     rec["check"] = check_onnx(path, deploy, spec)
                     bar.update()
                 data["artifacts"][fmt.artifact_name(spec)] = rec
+    commands = atomic_write_text(out_dir / COMMANDS_NAME, build_commands(data))
+    data["files"] = {"tensorrt-commands": file_record(commands)}
     write_manifest(out_dir, data)
 
     if trt:
-        _build_engines(data, out_dir, specs, trt_options or TrtOptions(), progress)
+        _build_engines(data, out_dir, specs, trt_options, progress)
         write_manifest(out_dir, data)
     return Manifest(data, out_dir)
 

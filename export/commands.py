@@ -85,6 +85,22 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
               check, workspace, opt_level, timing_cache, profile_hw) -> None:
     """Export CHECKPOINT to ONNX fp32 (and fp16 / TensorRT) with TLC, writing DIR/manifest.json last.
 
+    DIR/TENSORRT.md holds the trtexec and Polygraphy commands that build the same engines by hand,
+    filled in for the export's files, profile, workspace and optimisation level. For example:
+
+    \b
+    TensorRT 10.x (strongly typed only when asked; never --fp16, the graph holds the precisions):
+      trtexec --onnx=model-fp16-512x512.onnx --saveEngine=model-fp16-512x512.engine --stronglyTyped
+        --noTF32 --memPoolSize=workspace:4096M --builderOptimizationLevel=3 --timingCacheFile=timing.cache
+        --skipInference
+      trtexec --onnx=model-fp16-dynamic.onnx ... (same flags) --minShapes=input:1x3x64x64
+        --optShapes=input:1x3x720x1280 --maxShapes=input:1x3x1088x1920 --skipInference
+    TensorRT 11.x: the same without --stronglyTyped (always strongly typed; --fp16 no longer exists).
+    Compare with FP32 (polygraphy run, --strongly-typed on 10.x only):
+      polygraphy run model-fp32-512x512.onnx --onnxrt --save-inputs in.json --save-outputs ref.json
+      polygraphy run model-fp16-512x512.onnx --trt --strongly-typed --load-inputs in.json
+        --load-outputs ref.json --check-error-stat max --atol 0.02 --rtol 0
+
     \b
     Examples:
       python cli.py export runs/demo/best.pt
@@ -102,6 +118,11 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
                             fp16=fp16, trt=trt, tlc=tlc, fold=fold, opset=opset, train_size=train_size,
                             trt_options=options, check=check, progress=True)
     _print_artifacts(manifest)
+    from .fp16_stream import summary
+
+    line = summary(manifest.data.get("fp16"))
+    if line:
+        click.echo(line)
 
 
 def _print_artifacts(manifest) -> None:
@@ -119,7 +140,9 @@ def _print_artifacts(manifest) -> None:
 @export.command("lint")
 @click.argument("target", metavar="DIR_OR_ONNX", type=click.Path(exists=True, path_type=Path))
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="PyTorch checkpoint for the FP16 range report (default: the manifest's source, if present).")
+              help="PyTorch checkpoint for the FP16 range report: per block the largest residual stream, gate "
+                   "product and layer output on photos against 65504, the share below FP16's smallest normal, "
+                   "and PyTorch half vs FP32 (default: the manifest's source, if present).")
 @preset_option
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of sample images for the range report (default: bundled photos).")
@@ -167,7 +190,8 @@ def _range_report(checkpoint: Path, preset, target: Path, images, size, half_siz
     from nafnet_core.checkpoint import load_checkpoint
 
     from .api import prepare_model
-    from .lint import FP16_MAX, fp16_range_report
+    from .fp16_stream import STREAM_MARGIN, stage_of
+    from .lint import FP16_MAX, FP16_MIN_NORMAL, fp16_range_report
     from .manifest import ManifestError, load_manifest
     from .samples import load_images, sample_photo
 
@@ -179,12 +203,20 @@ def _range_report(checkpoint: Path, preset, target: Path, images, size, half_siz
     ckpt = load_checkpoint(checkpoint, preset=preset or (data or {}).get("model", {}).get("preset"))
     model = prepare_model(ckpt.model, tlc=tlc, fold=fold, train_size=train_size or ckpt.train_size)
     imgs = load_images(images) if images else [sample_photo(*size, index=i) for i in range(2)]
-    report = fp16_range_report(model, imgs, half_size)
-    click.echo(f"\nFP16 range report ({report.images} images, FP32 activations; FP16 max {FP16_MAX:.0f}):")
-    click.echo(f"  {'block':<22} {'max |act|':>10} {'max LN sum sq':>14} {'headroom':>9}")
+    fp32_stream = ((data or {}).get("fp16") or {}).get("fp32_stream", [])
+    report = fp16_range_report(model, imgs, half_size, fp32_stream=fp32_stream)
+    click.echo(f"\nFP16 range report ({report.images} images, FP32 activations; FP16 max {FP16_MAX:.0f}, "
+               f"smallest normal {FP16_MIN_NORMAL:.1e}):")
+    click.echo(f"  {'block':<22} {'stream':>9} {'gates':>9} {'any layer':>9} {'subnormal':>9} {'headroom':>9}")
     for b in report.blocks:
-        flag = "  <- overflows FP16 (kept FP32 in the FP16 graph)" if b.max_sumsq > FP16_MAX else ""
-        click.echo(f"  {b.block:<22} {b.max_abs:>10.1f} {b.max_sumsq:>14.1f} {b.headroom:>8.1f}x{flag}")
+        kept = stage_of(b.block) in fp32_stream
+        flag = ("  <- stream kept FP32 by the export" if kept
+                else "  <- overflows FP16" if b.headroom < 1
+                else "  <- within the export's margin: re-export to keep it FP32" if b.max_stream > FP16_MAX / STREAM_MARGIN
+                else "")
+        click.echo(f"  {b.block:<22} {b.max_stream:>9.4g} {b.max_gate:>9.4g} {b.max_abs:>9.4g} {b.subnormal:>8.2%} "
+                   f"{b.headroom:>8.1f}x{flag}")
     if report.half_psnr_db is not None:
         h, w = report.half_size
-        click.echo(f"PyTorch half vs fp32 at {h}x{w}: {report.half_psnr_db:.2f} dB")
+        kept = f" (stream of {', '.join(fp32_stream)} in FP32, as exported)" if fp32_stream else ""
+        click.echo(f"PyTorch half vs fp32 at {h}x{w}{kept}: {report.half_psnr_db:.2f} dB")

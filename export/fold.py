@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nafnet_core.model import Gate, GlobalAvgPool2d, LayerNorm2d, NAFBlock, NAFNet, global_mean
+from nafnet_core.model import Gate, GlobalAvgPool2d, LayerNorm2d, NAFBlock, NAFNet, global_mean, to_branch, to_stream
 from nafnet_core.tlc import LocalAvgPool2d, band_means, covers_map, window_means_t
 
 
@@ -178,10 +178,15 @@ class DeployBlock(nn.Module):
         self.norm1, self.gated1, self.sca, self.conv3 = norm1, gated1, sca, conv3
         self.norm2, self.gated2, self.conv5 = norm2, gated2, conv5
 
+    #: Residual stream in FP32 inside a half model, as :attr:`NAFBlock.fp32_stream`.
+    fp32_stream = False
+
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        x = self.gated1(self.norm1(inp))
-        y = inp + self.conv3(x * self.sca(x))
-        return y + self.conv5(self.gated2(self.norm2(y)))
+        s = self.fp32_stream
+        inp = inp.float() if s else inp
+        x = self.gated1(to_branch(self.norm1(inp), self.conv3, s))
+        y = inp + to_stream(self.conv3(x * self.sca(x)), s)
+        return y + to_stream(self.conv5(self.gated2(to_branch(self.norm2(y), self.conv5, s))), s)
 
 
 def deploy_block(block: NAFBlock) -> DeployBlock:

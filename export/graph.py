@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 #: Operators onnx-tensorrt (TensorRT 10.x, docs/operators.md) lists as supported ("Y"), restricted to the
 #: ONNX domain; anything an image-to-image CNN export plausibly contains. Not in it: Sequence*, string ops,
@@ -33,6 +34,29 @@ CONSTANT_INPUTS = {"ReduceMean": 1, "ReduceSum": 1, "CumSum": 1, "Pad": 3, "Slic
 #: channel means), the pooling means (ReduceMean) and the TLC window sums (CumSum; band MatMuls on small
 #: maps). The network's only MatMuls are these means.
 FP32_OPS = frozenset({"ReduceMean", "Pow", "Sqrt", "CumSum", "MatMul"})
+
+#: Pad modes of this model's graphs: zero padding to the pad multiple (``constant``) and TLC's replicate
+#: padding (``edge``, a clamping ISliceLayer in TensorRT, no size limit). Why the others are flagged:
+PAD_MODE_PROBLEMS = {
+    "reflect": "TensorRT's reflect (ISliceLayer kREFLECT) repeats reflections for any pad size where ONNX and "
+               "onnxruntime require pads smaller than the input, so results can differ; the model never reflect-pads",
+    "wrap": "wrap is an opset-19 mode that older TensorRT parsers reject; the model never wrap-pads",
+}
+PAD_MODES_OK = ("constant", "edge")
+
+#: DepthToSpace channel orders: PyTorch's PixelShuffle is ONNX ``CRD``; ``DCR`` (the ONNX default,
+#: TensorFlow's order) is parsed by TensorRT too but scrambles the channels of this model's up-sampling.
+DEPTH_TO_SPACE_PROBLEMS = {
+    "DCR": "DCR is TensorFlow's channel order; PyTorch's PixelShuffle exports as CRD, so the ups would be scrambled",
+}
+
+#: ONNX opsets each TensorRT parser documents (onnx-tensorrt docs/operators.md: 10.0 "opset 9 to opset 20",
+#: 10.15 "opset 9 to opset 24"; 11.x up to 25). The project supports TensorRT >= 10.12, so a graph must stay
+#: within what 10.0 documents: 9..20.
+TRT_OPSETS = {"10.0": (9, 20), "10.15": (9, 24), "11.0": (9, 25)}
+TRT_OPSET_SAFE = TRT_OPSETS["10.0"]
+
+_INT32 = (-2**31, 2**31 - 1)
 
 _FLOAT_TYPES = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16",
                 TensorProto.DOUBLE: "fp64"}
@@ -109,9 +133,10 @@ def node_precisions(model: onnx.ModelProto) -> dict[str, Counter]:
     return out
 
 
-def fp16_placement_problems(model: onnx.ModelProto) -> list[str]:
-    """What is wrong with an FP16 graph's placement: FP32 graph I/O, every Conv in FP16 (weights too),
-    and every LayerNorm/pooling/CumSum op (:data:`FP32_OPS`) computing in FP32. Empty list: fine."""
+def fp16_placement_problems(model: onnx.ModelProto, fp32_convs: int = 0) -> list[str]:
+    """What is wrong with an FP16 graph's placement: FP32 graph I/O, every Conv in FP16 (weights too) except
+    exactly ``fp32_convs`` FP32 ones (the convs around an FP32 residual stream, ``export.fp16_stream``), and every
+    LayerNorm/pooling/CumSum op (:data:`FP32_OPS`) computing in FP32. Empty list: fine."""
     types = tensor_types(model)
     problems = []
     for vi in list(model.graph.input) + list(model.graph.output):
@@ -121,13 +146,100 @@ def fp16_placement_problems(model: onnx.ModelProto) -> list[str]:
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     if not convs:
         problems.append("no Conv nodes")
+    not_fp16 = []
     for n in convs:
         kinds = {float_type(types, i) for i in n.input[:2]}
         if kinds != {"fp16"}:
-            problems.append(f"Conv {n.name} computes in {sorted(map(str, kinds))}, expected fp16")
+            not_fp16.append((n, kinds))
+    fp32 = [n for n, kinds in not_fp16 if kinds == {"fp32"}]
+    for n, kinds in not_fp16:
+        if kinds != {"fp32"} or len(fp32) != fp32_convs:
+            problems.append(f"Conv {n.name} computes in {sorted(map(str, kinds))}, expected fp16"
+                            + (f" ({fp32_convs} FP32 stream convs expected, {len(fp32)} found)" if fp32_convs else ""))
+    if fp32_convs and len(fp32) < fp32_convs:
+        problems.append(f"{fp32_convs} FP32 convs (around an FP32 residual stream) expected, {len(fp32)} found")
     for n in model.graph.node:
         if n.op_type in FP32_OPS:
             kinds = {float_type(types, i) for i in n.input[:1]}
             if kinds != {"fp32"}:
                 problems.append(f"{n.op_type} {n.name} computes in {sorted(map(str, kinds))}, expected fp32")
     return problems
+
+
+def pad_mode_problems(model: onnx.ModelProto) -> list[str]:
+    """Pad nodes whose mode is not ``constant``/``edge``, each with why it is flagged."""
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "Pad":
+            mode = next((a.s.decode() for a in n.attribute if a.name == "mode"), "constant")
+            if mode not in PAD_MODES_OK:
+                out.append(f"Pad {n.name}: mode {mode!r}: " + PAD_MODE_PROBLEMS.get(mode, "not an ONNX pad mode"))
+    return out
+
+
+def depth_to_space_problems(model: onnx.ModelProto) -> list[str]:
+    """DepthToSpace nodes whose mode is not ``CRD`` (PixelShuffle's order), each with why."""
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "DepthToSpace":
+            mode = next((a.s.decode() for a in n.attribute if a.name == "mode"), "DCR")
+            if mode != "CRD":
+                out.append(f"DepthToSpace {n.name}: mode {mode!r}: " + DEPTH_TO_SPACE_PROBLEMS.get(
+                    mode, "TensorRT's importer knows only DCR and CRD"))
+    return out
+
+
+def _int64_constants(model: onnx.ModelProto):
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.INT64:
+            yield init.name, numpy_helper.to_array(init)
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value" and a.t.data_type == TensorProto.INT64:
+                    yield n.output[0], numpy_helper.to_array(a.t)
+
+
+def int64_beyond_int32(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """INT64 constants with values outside the INT32 range: (problems, harmless ones).
+
+    Harmless: Slice ``starts``/``ends`` (inputs 1 and 2), such as the ``INT64_MAX`` end of a slice to the end
+    of an axis; onnx-tensorrt clamps them to the dimension (``decodeOnnxStartsAndEnds``). Anywhere else such a
+    value is a shape, axis or index that cannot be right for an image model (and TensorRT before 10 cast
+    INT64 down to INT32), so it is a problem.
+    """
+    consumers: dict[str, list[tuple[str, int]]] = {}
+    for n in model.graph.node:
+        for i, name in enumerate(n.input):
+            consumers.setdefault(name, []).append((n.op_type, i))
+    problems, harmless = [], []
+    for name, values in _int64_constants(model):
+        big = values[(values < _INT32[0]) | (values > _INT32[1])]
+        if big.size == 0:
+            continue
+        uses = consumers.get(name, [])
+        used = Counter(f"{op} input {i}" for op, i in uses)
+        text = f"{name} = {', '.join(str(v) for v in np.unique(big)[:3])} (used by " \
+               f"{', '.join(k + (f' x{c}' if c > 1 else '') for k, c in sorted(used.items())) or 'nothing'})"
+        if uses and all(op == "Slice" and i in (1, 2) for op, i in uses):
+            harmless.append(text)
+        else:
+            problems.append(text)
+    return problems, harmless
+
+
+def opset_problems(model: onnx.ModelProto) -> list[str]:
+    """The ai.onnx opset against :data:`TRT_OPSET_SAFE` (what every supported TensorRT parses)."""
+    opset = opset_of(model)
+    lo, hi = TRT_OPSET_SAFE
+    if opset is None:
+        return ["no ai.onnx opset import"]
+    if not lo <= opset <= hi:
+        ranges = "; ".join(f"TensorRT {v}: {a}-{b}" for v, (a, b) in TRT_OPSETS.items())
+        return [f"opset {opset} is outside {lo}-{hi}, the range every TensorRT >= 10.0 parses ({ranges}); "
+                f"export with --opset {hi} or lower"]
+    return []
+
+
+def opset_of(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)

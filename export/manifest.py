@@ -32,7 +32,15 @@ Schema (``schema_version`` 1)::
           "tensorrt": {"version": "10.13.0", "gpu": "NVIDIA L4", "compute_capability": "8.9",
                        "profile": {"min": [...], "opt": [...], "max": [...]}, "workspace_bytes": 4294967296,
                        "builder_optimization_level": 3, "timing_cache": "path", "build_seconds": 61.2}}
-      }
+      },
+      "tensorrt_settings": {"dynamic_profile": {"min": [1, 3, 64, 64], "opt": [...], "max": [...]},
+                            "workspace_bytes": 4294967296, "builder_optimization_level": 3},
+      "files": {                            # other files of the export, hashed like the artifacts
+        "tensorrt-commands": {"file": "TENSORRT.md", "sha256": "<hex>", "bytes": 9876}   # trtexec/Polygraphy
+      },
+      "fp16": {"fp32_stream": ["encoders.0", ...], "fp32_convs": ["downs.0", ...], "margin": 4.0,
+               "max_stream": 812.5, "max_gate": 95.1, "gate_overflow": [], "measured_on": "2 photos, 256x256"}
+                                            # with FP16 graphs only: export.fp16_stream
     }
 
 Every ONNX artifact carries the same facts in its ``metadata_props`` (keys ``nafnet.*``, see
@@ -117,7 +125,9 @@ def load_manifest(directory: str | Path) -> Manifest:
                             f"{SCHEMA_VERSION}; re-run the export")
     if not isinstance(data.get("artifacts"), dict):
         raise ManifestError(f"{path}: no artifacts table")
-    for name, rec in data["artifacts"].items():
+    if not isinstance(data.get("files", {}), dict):
+        raise ManifestError(f"{path}: the files table is not a table; re-run the export")
+    for name, rec in [*data["artifacts"].items(), *data.get("files", {}).items()]:
         file = rec.get("file") if isinstance(rec, dict) else None
         # A bare file name inside the directory: a manifest must not point at files elsewhere.
         if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
@@ -133,13 +143,18 @@ def verify(directory: str | Path) -> Manifest:
     manifest = load_manifest(directory)
     for name in manifest.artifacts:
         verify_artifact(manifest, name)
+    for name, rec in manifest.data.get("files", {}).items():
+        _check_file(manifest, name, rec, manifest.directory / rec["file"])
     return manifest
 
 
 def verify_artifact(manifest: Manifest, name: str) -> Path:
     """Checks size and sha256 of one artifact (what a runner calls before loading it); returns its path."""
-    rec = manifest.artifacts[name]
     path = manifest.path(name)
+    return _check_file(manifest, name, manifest.artifacts[name], path)
+
+
+def _check_file(manifest: Manifest, name: str, rec: dict[str, Any], path: Path) -> Path:
     if not path.is_file():
         raise ManifestError(f"{path}: missing (artifact {name!r} of {manifest.directory / MANIFEST_NAME}); "
                             "re-run the export")
@@ -199,4 +214,7 @@ def onnx_metadata(data: dict[str, Any], artifact: dict[str, Any]) -> dict[str, s
         "nafnet.opset": str(data["opset"]),
         "nafnet.source_sha256": data["source"]["sha256"] or "",
         "nafnet.io": json.dumps(data["io"]),
+        # convs an FP16 graph computes in FP32 (around an FP32 residual stream, export.fp16_stream)
+        "nafnet.fp32_convs": json.dumps(data.get("fp16", {}).get("fp32_convs", []) if artifact["precision"] == "fp16"
+                                        else []),
     }

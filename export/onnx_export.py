@@ -14,7 +14,6 @@ symbolic (``torch.sym_min`` in TLC) and accepts any size >= 1, not only multiple
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import warnings
@@ -54,12 +53,15 @@ def _quiet_exporter() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def with_precision(model: NAFNet, precision: str) -> NAFNet:
-    """``model`` for ``fp32``; a half copy for ``fp16`` (FP32 islands and FP32 I/O come from the model code)."""
+def with_precision(model: NAFNet, precision: str, fp32_stream: list[str] | None = None) -> NAFNet:
+    """``model`` for ``fp32``; a half copy for ``fp16`` (FP32 islands and FP32 I/O come from the model code,
+    the stream of the ``fp32_stream`` stages stays FP32: :mod:`export.fp16_stream`)."""
     if precision == "fp32":
         return model
     if precision == "fp16":
-        return copy.deepcopy(model).half().eval()
+        from .fp16_stream import to_half
+
+        return to_half(model, fp32_stream)
     raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
 
 

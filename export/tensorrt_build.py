@@ -4,12 +4,13 @@ Imports ``tensorrt`` lazily (this module is imported only by ``--trt``). Written
 TensorRT 10.12+/11 Python API: strongly typed network (the flag exists up to 10.x and is ignored in
 11, where every network is strongly typed), no ``BuilderFlag.FP16`` (the precisions come from the
 ONNX casts), TF32 cleared (the FP32 islands stay FP32), workspace via ``set_memory_pool_limit``,
-``builder_optimization_level``, and a timing cache created from the previous cache's bytes and serialised
-after the build.
+``builder_optimization_level``, and a timing cache created from the previous cache's bytes (an empty one,
+with one warning line, when TensorRT rejects the file) and serialised after the build on a best-effort basis.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: Profil
     if hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
     cache_path = Path(options.timing_cache or default_timing_cache(trt.__version__, gpu, cc))
-    cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_reused = _use_timing_cache(config, cache_path)
     trt_profile = builder.create_optimization_profile()
     trt_profile.set_shape(input_name, profile.min, profile.opt, profile.max)
     config.add_optimization_profile(trt_profile)
@@ -82,11 +81,55 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: Profil
     if plan is None:
         raise RuntimeError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
     atomic_write_bytes(engine_path, bytes(plan))
-    atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    _save_timing_cache(config, cache_path)  # best effort: the engine is written, nothing may fail now
     return {"version": trt.__version__, "gpu": gpu, "compute_capability": cc, "profile": profile.to_dict(),
             "workspace_bytes": options.workspace_bytes, "builder_optimization_level": options.opt_level,
             "strongly_typed": True, "tf32": False, "timing_cache": str(cache_path),
-            "timing_cache_reused": bool(cache_bytes), "build_seconds": round(seconds, 2)}
+            "timing_cache_reused": cache_reused, "build_seconds": round(seconds, 2)}
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _use_timing_cache(config: Any, cache_path: Path) -> bool:
+    """Gives the builder the timing cache at ``cache_path``; returns whether its contents were used.
+
+    A cache TensorRT rejects — written on another GPU or TensorRT version (``set_timing_cache`` returns False
+    with ``ignore_mismatch=False``), or corrupt/unreadable (``create_timing_cache`` raises) — is replaced by an
+    empty cache with one warning line; the build goes on and the file is rewritten after it.
+    """
+    try:
+        data = cache_path.read_bytes() if cache_path.is_file() else b""
+    except OSError as e:
+        data, why = b"", f"unreadable ({e.strerror or e})"
+    else:
+        why = ""
+    if data:
+        try:
+            cache = config.create_timing_cache(data)
+        except Exception as e:  # noqa: BLE001 - TensorRT raises RuntimeError/TypeError variants on bad bytes
+            cache, why = None, f"corrupt ({type(e).__name__})"
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return True
+        why = why or "written on another GPU or TensorRT version"
+    if why:
+        _warn(f"{cache_path}: timing cache {why}; building with an empty cache (the file is replaced after the "
+              "build)")
+    config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return False
+
+
+def _save_timing_cache(config: Any, cache_path: Path) -> None:
+    """Writes the builder's updated timing cache atomically; a failure is one warning line, never an error."""
+    try:
+        cache = config.get_timing_cache()
+        if cache is None:
+            raise RuntimeError("the builder returned no timing cache")
+        atomic_write_bytes(cache_path, bytes(cache.serialize()))
+    except Exception as e:  # noqa: BLE001 - the engine is already written; a cache is only a speed-up
+        _warn(f"{cache_path}: timing cache not saved ({type(e).__name__}: {e}); the engine is fine, the next "
+              "build will time its layers again")
 
 
 def run_engine(engine_path: str | Path, x: np.ndarray, input_name: str = "input", output_name: str = "output") -> np.ndarray:

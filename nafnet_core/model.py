@@ -14,6 +14,10 @@ gives FP32 out with an exact FP32 skip path (the FP16 ONNX graph is exactly this
 
 Deploy-time folding (``export.fold``) removes the LayerNorm affine (``affine=False``) and
 beta/gamma (set to ``None``); the forward passes below accept both forms.
+
+A block with ``fp32_stream = True`` (set by ``export.fp16_stream`` on a half model whose residual stream
+would overflow FP16) reads its input as FP32, hands the convs their own dtype, casts the conv3/conv5
+outputs to FP32 for the two residual adds and returns FP32. Without the flag nothing changes.
 """
 
 from __future__ import annotations
@@ -85,6 +89,16 @@ class GlobalAvgPool2d(nn.Module):
         return global_mean(x)
 
 
+def to_branch(x: torch.Tensor, conv: nn.Conv2d, fp32_stream: bool) -> torch.Tensor:
+    """A LayerNorm output on its way into ``conv``: in the conv's dtype when the stream is kept in FP32."""
+    return x.to(conv.weight.dtype) if fp32_stream else x
+
+
+def to_stream(x: torch.Tensor, fp32_stream: bool) -> torch.Tensor:
+    """A branch output (conv3/conv5) on its way into the residual add: FP32 when the stream is kept in FP32."""
+    return x.float() if fp32_stream else x
+
+
 class NAFBlock(nn.Module):
     """NAFNet's block: a gated depthwise branch with channel attention, then a gated FFN.
 
@@ -115,16 +129,21 @@ class NAFBlock(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
         self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
 
+    #: Residual stream in FP32 inside a half model (see the module docstring); a class default, set per block.
+    fp32_stream = False
+
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        x = self.conv2(self.conv1(self.norm1(inp)))
+        s = self.fp32_stream
+        inp = inp.float() if s else inp
+        x = self.conv2(self.conv1(to_branch(self.norm1(inp), self.conv1, s)))
         x = self.sg(x)
         x = x * self.sca(x)
         x = self.dropout1(self.conv3(x))
-        y = inp + (x if self.beta is None else x * self.beta)  # beta is None once folded into conv3
+        y = inp + to_stream(x if self.beta is None else x * self.beta, s)  # beta is None once folded into conv3
 
-        x = self.sg(self.conv4(self.norm2(y)))
+        x = self.sg(self.conv4(to_branch(self.norm2(y), self.conv4, s)))
         x = self.dropout2(self.conv5(x))
-        return y + (x if self.gamma is None else x * self.gamma)
+        return y + to_stream(x if self.gamma is None else x * self.gamma, s)
 
 
 class NAFNet(nn.Module):

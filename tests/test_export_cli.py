@@ -30,6 +30,8 @@ def test_help_explains_both_forms():
     assert "export CHECKPOINT" in out and "lint DIR_OR_ONNX" in out and "Examples" in out
     for sub in ("model", "lint"):
         assert "Example" in CliRunner().invoke(main, ["export", sub, "--help"]).output
+    out = CliRunner().invoke(main, ["export", "model", "--help"]).output
+    assert "trtexec --onnx=" in out and "--stronglyTyped" in out and "--noTF32" in out and "--minShapes=input:" in out
 
 
 def test_export_then_lint(checkpoints, tmp_path):
@@ -41,9 +43,17 @@ def test_export_then_lint(checkpoints, tmp_path):
     assert set(data["artifacts"]) == {"onnx-fp32-32x48", "onnx-fp16-32x48"}
     assert data["tlc"]["train_size"] == 16 and data["source"]["kind"] == "project"
     assert "manifest:" in res.output
+    commands = (out_dir / "TENSORRT.md").read_text()  # manual builds for this export's own files, hashed
+    assert data["files"]["tensorrt-commands"]["file"] == "TENSORRT.md"
+    assert "trtexec --onnx=model-fp16-32x48.onnx --saveEngine=model-fp16-32x48.engine --stronglyTyped" in commands
+    assert "--minShapes" not in commands
     res = runner.invoke(main, ["export", "lint", str(out_dir), "--size", "32x48", "--half-size", "16x16"])
     assert res.exit_code == 0, res.output
     assert "FAIL" not in res.output and "FP16 placement" in res.output and "FP16 range report" in res.output
+    for check in ("Pad modes", "DepthToSpace mode", "INT64 constants within INT32", "opset within TensorRT"):
+        assert f"PASS  model-fp16-32x48.onnx  {check}" in res.output
+    [placement] = [line for line in res.output.splitlines() if "fp16-32x48.onnx  FP16 placement" in line]
+    assert "MatMul" in placement and "ReduceMean" not in placement and "Pow" not in placement  # ops in the graph
 
 
 def test_official_pth_with_preset_and_missing_tensorrt(checkpoints, tmp_path, monkeypatch):

@@ -105,8 +105,105 @@ def test_range_report_flags_overflow():
     imgs = [photo(24, 32)]
     report = fp16_range_report(model, imgs, half_size=(16, 16))
     assert [b.block for b in report.blocks] == ["encoders.0.0", "middle_blks.0", "decoders.0.0"]
-    assert all(0 < b.max_abs < 1e3 for b in report.blocks) and report.overflows == []
+    assert all(0 < b.max_abs < 1e3 and 0 < b.max_stream < 1e3 and 0 < b.max_gate < 1e3 for b in report.blocks)
+    assert report.overflows == [] and all(0 <= b.subnormal < 0.05 for b in report.blocks)
     assert report.half_psnr_db > 40
     with torch.no_grad():
-        model.intro.weight.mul_(3e3)  # a residual stream of ~1e3: channel sums of squares pass 65504
-    assert "encoders.0.0" in fp16_range_report(model, imgs, half_size=None).overflows
+        model.intro.weight.mul_(1e5)  # a residual stream of ~1e5 in the first block: past 65504
+    hot = fp16_range_report(model, imgs, half_size=None)
+    assert "encoders.0.0" in hot.overflows and hot.blocks[0].max_stream > 65504
+
+
+def _manifest_for_commands() -> dict:
+    from export.trt_plan import tensorrt_settings
+
+    tile = {"kind": "tile", "batch": 1, "height": 512, "width": 512}
+    dyn = ShapeSpec.dynamic().to_dict()
+    arts = {f"onnx-{p}-{tag}": {"file": f"model-{p}-{tag}.onnx", "precision": p, "shape": shape}
+            for p in ("fp32", "fp16") for tag, shape in (("512x512", tile), ("dynamic", dyn))}
+    options = TrtOptions(workspace_gib=2, opt_level=5, profile_hw=((32, 48), (256, 320), (720, 1280)))
+    return {"io": {"input": "input"}, "artifacts": arts, "tensorrt_settings": tensorrt_settings(options)}
+
+
+def test_trtexec_commands_follow_the_manifest():
+    from export.trt_plan import build_commands, polygraphy_commands, trtexec_command
+
+    data = _manifest_for_commands()
+    settings, arts = data["tensorrt_settings"], data["artifacts"]
+    tile10 = trtexec_command("model-fp16-512x512.onnx", arts["onnx-fp16-512x512"], settings, 10)
+    assert tile10[:3] == ["trtexec", "--onnx=model-fp16-512x512.onnx", "--saveEngine=model-fp16-512x512.engine"]
+    assert "--stronglyTyped" in tile10 and "--noTF32" in tile10 and not any("Shapes" in a for a in tile10)
+    assert "--memPoolSize=workspace:2048M" in tile10 and "--builderOptimizationLevel=5" in tile10
+    dyn11 = trtexec_command("model-fp16-dynamic.onnx", arts["onnx-fp16-dynamic"], settings, 11)
+    assert [a for a in dyn11 if "Shapes" in a] == ["--minShapes=input:1x3x32x48", "--optShapes=input:1x3x256x320",
+                                                   "--maxShapes=input:1x3x720x1280"]
+    assert "--stronglyTyped" not in dyn11
+    for major in (10, 11):
+        for argv in [trtexec_command("m.onnx", arts["onnx-fp16-dynamic"], settings, major),
+                     *polygraphy_commands("m.onnx", "r.onnx", arts["onnx-fp16-dynamic"], settings, major)]:
+            assert not any("fp16" in a.lower() and a.startswith("--") for a in argv)  # precision is the graph's
+    ref, trt = polygraphy_commands("model-fp16-dynamic.onnx", "model-fp32-dynamic.onnx", arts["onnx-fp16-dynamic"],
+                                   settings, 10)
+    assert ref[2] == "model-fp32-dynamic.onnx" and "--onnxrt" in ref and "input:[1,3,256,320]" in ref
+    assert "--strongly-typed" in trt and trt[trt.index("--trt-max-shapes") + 1] == "input:[1,3,720,1280]"
+    assert trt[trt.index("--atol") + 1] == "0.02"
+    text = build_commands(data)
+    assert "## TensorRT 10.x" in text and "## TensorRT 11.x" in text
+    assert "model-fp16-512x512.onnx" in text and "--onnx=model-fp32-512x512.onnx" not in text  # FP16 graphs only
+    with pytest.raises(ValueError, match="10 or 11"):
+        trtexec_command("m.onnx", arts["onnx-fp16-dynamic"], settings, 9)
+
+
+def _graph(nodes, inits=(), opset: int = 18, shape=(1, 4, 4, 4), out_shape=None) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape or shape))
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], list(inits)),
+                             opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _pad(mode: str) -> onnx.ModelProto:
+    pads = helper.make_tensor("pads", TensorProto.INT64, [8], [0, 0, 1, 1, 0, 0, 1, 1])
+    return _graph([helper.make_node("Pad", ["x", "pads"], ["y"], mode=mode)], [pads], opset=19,
+                  out_shape=(1, 4, 6, 6))
+
+
+def test_lint_rules_on_hand_built_graphs(tmp_path):
+    for mode in ("constant", "edge"):
+        assert graph.pad_mode_problems(_pad(mode)) == []
+    for mode, why in (("reflect", "kREFLECT"), ("wrap", "opset-19")):
+        [problem] = graph.pad_mode_problems(_pad(mode))
+        assert repr(mode) in problem and why in problem
+
+    def d2s(mode):
+        return _graph([helper.make_node("DepthToSpace", ["x"], ["y"], blocksize=2, mode=mode)],
+                      out_shape=(1, 1, 8, 8))
+
+    assert graph.depth_to_space_problems(d2s("CRD")) == []
+    assert "PixelShuffle" in graph.depth_to_space_problems(d2s("DCR"))[0]
+
+    def sliced(end: int, shape_value: int = 16):
+        inits = [helper.make_tensor("starts", TensorProto.INT64, [1], [0]),
+                 helper.make_tensor("ends", TensorProto.INT64, [1], [end]),
+                 helper.make_tensor("axes", TensorProto.INT64, [1], [2]),
+                 helper.make_tensor("shape", TensorProto.INT64, [2], [4, shape_value])]
+        nodes = [helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["s"]),
+                 helper.make_node("Reshape", ["s", "shape"], ["r"]),
+                 helper.make_node("Identity", ["x"], ["y"])]
+        return _graph(nodes, inits)
+
+    assert graph.int64_beyond_int32(sliced(4)) == ([], [])
+    problems, harmless = graph.int64_beyond_int32(sliced(2**63 - 1))
+    assert problems == [] and harmless == ["ends = 9223372036854775807 (used by Slice input 2)"]
+    problems, harmless = graph.int64_beyond_int32(sliced(4, shape_value=2**40))
+    assert problems == ["shape = 1099511627776 (used by Reshape input 1)"] and harmless == []
+
+    identity = [helper.make_node("Identity", ["x"], ["y"])]
+    assert graph.opset_problems(_graph(identity, opset=18)) == []
+    [problem] = graph.opset_problems(_graph(identity, opset=21))
+    assert "opset 21" in problem and "--opset 20" in problem
+
+    path = tmp_path / "reflect.onnx"  # lint_onnx reports each rule as a failed check
+    onnx.save(_pad("reflect"), str(path))
+    findings = {f.check: f for f in lint_onnx(path, run=False)}
+    assert not findings["Pad modes (constant/edge)"].ok and findings["DepthToSpace mode (CRD)"].ok
+    assert findings["opset within TensorRT's parser"].ok  # opset 19 is within 9-20

@@ -148,6 +148,20 @@ def test_modified_artifact_refused_with_override_hint(exported, tmp_path):
         verify(d)
 
 
+def test_modified_or_outside_build_commands_are_refused(exported, tmp_path):
+    d = _copy(exported, tmp_path)
+    commands = d / "TENSORRT.md"
+    assert "trtexec --onnx=model-fp32-16x16.onnx" in commands.read_text()
+    commands.write_text(commands.read_text().replace("--noTF32", "--fp16"))  # hand-edited build commands
+    with pytest.raises(ManifestError, match=f"{commands}: modified since export"):
+        verify(d)
+    data = json.loads((d / "manifest.json").read_text())
+    data["files"]["tensorrt-commands"]["file"] = "../TENSORRT.md"
+    (d / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="points outside its directory"):
+        load_manifest(d)
+
+
 def test_lone_file_without_manifest_has_nothing_to_check(exported, tmp_path):
     d = _copy(exported, tmp_path)
     (d / "manifest.json").unlink()

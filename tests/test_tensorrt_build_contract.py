@@ -19,7 +19,11 @@ from export.shapes import Profile
 from export.trt_plan import TrtOptions
 
 
-def fake_tensorrt(calls: list, parse_ok: bool = True, plan: bytes | None = b"PLAN") -> types.ModuleType:
+def fake_tensorrt(calls: list, parse_ok: bool = True, plan: bytes | None = b"PLAN", foreign_cache: bool = False,
+                  no_cache_after_build: bool = False) -> types.ModuleType:
+    """A recording stand-in. Timing caches: bytes starting with ``CACHE`` parse, anything else raises like a
+    corrupt file; ``foreign_cache`` makes ``set_timing_cache`` reject a non-empty cache (another GPU);
+    ``no_cache_after_build`` makes ``get_timing_cache`` return None."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "11.0.0-fake"
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
@@ -28,6 +32,9 @@ def fake_tensorrt(calls: list, parse_ok: bool = True, plan: bytes | None = b"PLA
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
 
     class Cache:
+        def __init__(self, data=b""):
+            self.data = data
+
         def serialize(self):
             return b"CACHE"
 
@@ -45,13 +52,17 @@ def fake_tensorrt(calls: list, parse_ok: bool = True, plan: bytes | None = b"PLA
 
         def create_timing_cache(self, data):
             calls.append(("timing_cache_in", bytes(data)))
-            return Cache()
+            if data and not bytes(data).startswith(b"CACHE"):
+                raise RuntimeError("Failed to deserialize the timing cache")
+            return Cache(bytes(data))
 
         def set_timing_cache(self, cache, ignore_mismatch):
-            calls.append(("set_timing_cache", ignore_mismatch))
+            ok = not (foreign_cache and cache.data)
+            calls.append(("set_timing_cache", ignore_mismatch, ok))
+            return ok
 
         def get_timing_cache(self):
-            return Cache()
+            return None if no_cache_after_build else Cache()
 
         def add_optimization_profile(self, profile):
             calls.append(("profile", profile.shapes))
@@ -116,7 +127,7 @@ def test_build_asks_for_a_strongly_typed_fp32_exact_engine(build, tmp_path):
     assert ("clear_flag", "TF32") in calls and not [c for c in calls if c[0] == "set_flag"]
     assert ("workspace", "WORKSPACE", 2 * 2**30) in calls and ("opt_level", 4) in calls
     assert ("profile", ("input", (1, 3, 64, 64), (1, 3, 720, 1280), (1, 3, 1088, 1920))) in calls
-    assert ("timing_cache_in", b"") in calls and ("set_timing_cache", False) in calls
+    assert ("timing_cache_in", b"") in calls and ("set_timing_cache", False, True) in calls
     assert (tmp_path / "m.engine").read_bytes() == b"PLAN" and (tmp_path / "cache.bin").read_bytes() == b"CACHE"
     assert record["strongly_typed"] is True and record["tf32"] is False and record["timing_cache_reused"] is False
     assert record["version"] == "11.0.0-fake" and record["profile"]["opt"] == [1, 3, 720, 1280]
@@ -130,3 +141,40 @@ def test_parser_errors_and_failed_builds_write_nothing(build, tmp_path):
     with pytest.raises(RuntimeError, match="could not build an engine"):
         build(plan=None)
     assert not (tmp_path / "m.engine").exists() and not list(Path(tmp_path).glob(".*.part"))
+
+
+def _cache_warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "timing cache" in line]
+
+
+@pytest.mark.parametrize("kind", ["foreign", "corrupt", "unreadable"])
+def test_rejected_timing_cache_falls_back_to_an_empty_one(build, tmp_path, capsys, monkeypatch, kind):
+    cache = tmp_path / "cache.bin"
+    cache.write_bytes({"foreign": b"CACHE from another GPU", "corrupt": b"\x00garbage", "unreadable": b"CACHE"}[kind])
+    if kind == "unreadable":  # root reads any mode, so deny this one path
+        real = Path.read_bytes
+
+        def read_bytes(self):
+            if self == cache:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    calls, record = build(foreign_cache=(kind == "foreign"))
+    ins = [c for c in calls if c[0] == "timing_cache_in"]
+    assert ins[-1] == ("timing_cache_in", b"") and calls[-1] == ("opt_level", 4)  # built, with an empty cache
+    assert [c for c in calls if c[0] == "set_timing_cache"][-1] == ("set_timing_cache", False, True)
+    assert record["timing_cache_reused"] is False and (tmp_path / "m.engine").read_bytes() == b"PLAN"
+    warnings = _cache_warnings(capsys.readouterr().err)
+    why = {"foreign": "another GPU", "corrupt": "corrupt", "unreadable": "unreadable"}[kind]
+    assert len(warnings) == 1 and why in warnings[0] and str(cache) in warnings[0]
+    monkeypatch.undo()
+    assert cache.read_bytes() == b"CACHE"  # replaced by the fresh cache after the build
+
+
+def test_cache_lost_after_the_build_never_fails_it(build, tmp_path, capsys):
+    calls, record = build(no_cache_after_build=True)
+    assert (tmp_path / "m.engine").read_bytes() == b"PLAN" and record["build_seconds"] >= 0
+    assert not (tmp_path / "cache.bin").exists() and not list(tmp_path.glob(".*.part"))
+    [warning] = _cache_warnings(capsys.readouterr().err)
+    assert "not saved" in warning and "engine is fine" in warning
