@@ -25,8 +25,6 @@ import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import torch
 
@@ -209,7 +207,7 @@ def restore_frames(runner: Runner, frames: list[np.ndarray], tile: str | int | t
 def infer_video(runner: Runner, src: str | Path, dst: str | Path, *, tile: str | int | tuple[int, int] = "auto",
                 overlap: int | None = None, codec: str = "auto", crf: int | None = None, batch: int | None = None,
                 compare_dst: str | Path | None = None, max_pixels: int | None = None,
-                progress: bool | Callable = True) -> VideoResult:
+                progress: bool = True) -> VideoResult:
     """Deblurs the video ``src`` into ``dst`` (same container), frame by frame, streaming.
 
     Args:
@@ -229,7 +227,7 @@ def infer_video(runner: Runner, src: str | Path, dst: str | Path, *, tile: str |
     muxer = VIDEO_FORMATS.get(dst.suffix.lower())
     if muxer is None:
         raise VideoError(f"{dst}: unknown video suffix; use one of {', '.join(VIDEO_FORMATS)}")
-    if crf is not None and codec != "auto" and VIDEO_CODECS.get(codec, VIDEO_CODECS["h264"]).crf is None:
+    if crf is not None and codec in VIDEO_CODECS and VIDEO_CODECS[codec].crf is None:
         raise UserError(f"--codec {codec} has no quality setting; drop --crf")
     encoder, entry = choose_codec(codec, muxer, dst)
     if batch is None:
@@ -318,7 +316,6 @@ class _Stream:
                         self.held_audio = []
                     self._add(frame, bar)
         except av.FFmpegError as e:
-            fault = f"decoding failed at frame {self.decoded + 1} ({_why(e)})"
             with contextlib.suppress(av.FFmpegError):  # frames the decoder still holds (reordering) are good
                 for frame in self.vin.decode(None):
                     if self.writers:

@@ -25,13 +25,23 @@ from runtime.video import restore_frames
 
 pytest.importorskip("av", reason="video tests need PyAV (pip install av, or the [video] extra)")
 
-from tests.video_clips import make_clip, moving_frames, probe  # noqa: E402
+from runtime.video_bench import make_clip, moving_frames  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 12
 
 
-def _infer(*args) -> "click.testing.Result":
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny frames: one thread is fastest, and on a shared CPU two threads wait on each other (measured under load:
+    the lossless test took 39 s with two threads)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _infer(*args):
     return CliRunner().invoke(main, ["infer", *map(str, args), "-q"])
 
 
@@ -49,6 +59,26 @@ def _yuv420(rgb: np.ndarray) -> np.ndarray:
     import av
 
     return av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p").to_ndarray(format="rgb24")
+
+
+def probe(path: Path) -> dict:
+    """What a test checks of a clip: frames (RGB), their times, rate, rotation, audio packets."""
+    import av
+
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        info = {"rate": v.average_rate, "width": v.codec_context.width, "height": v.codec_context.height,
+                "duration": float(c.duration / av.time_base) if c.duration else None, "codec": v.codec_context.name}
+        frames, times, rotations = [], [], []
+        for frame in c.decode(v):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            times.append(float(frame.pts * frame.time_base))
+            rotations.append(frame.rotation)
+    with av.open(str(path)) as c:
+        audio = [(bytes(p), float(p.pts * p.time_base)) for s in c.streams.audio for p in c.demux(s) if p.size]
+        info["audio_codecs"] = [s.codec_context.name for s in c.streams.audio]
+    info.update(frames=frames, times=times, rotations=rotations, audio=audio)
+    return info
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +219,7 @@ def test_codec_options_that_cannot_work_are_refused(clip, tmp_path, tiny_checkpo
 def test_kill9_mid_video_then_rerun(tmp_path, tiny_checkpoint):
     """kill -9 while a video is being written: no file under the final name; the re-run removes the temporary
     and writes the whole video."""
-    n = 120
+    n = 60
     src = make_clip(tmp_path / "long.mp4", moving_frames(n, 64, 96, step=1))
     out = tmp_path / "out"
     args = [sys.executable, str(ROOT / "cli.py"), "infer", str(src), "--model", str(tiny_checkpoint), "--backend",
@@ -201,6 +231,7 @@ def test_kill9_mid_video_then_rerun(tmp_path, tiny_checkpoint):
         assert p.poll() is None, p.communicate()[1][-2000:]
         assert time.time() - t0 < 120
         time.sleep(0.02)
+    assert p.poll() is None, "the run finished before the kill; make the clip longer"
     p.send_signal(signal.SIGKILL)
     p.communicate(timeout=60)
     assert not (out / "long.mp4").exists() and list(out.glob(".long.mp4.*.part"))
