@@ -114,6 +114,8 @@ def infer(input_path: Path, model: Path, backend: str, precision: str | None, de
         click.echo(f"removed {len(report.removed_parts)} temporary file(s) an interrupted run left in {out_dir}")
     n = len(report.written)
     rate = f", {n / report.seconds:.2f} files/s" if n and report.seconds > 0 else ""
+    if report.video_frames and report.seconds > 0:
+        rate += f" ({report.video_frames} video frames, {report.video_frames / report.seconds:.2f} frames/s)"
     click.echo(f"wrote {n}, skipped {len(report.skipped)} existing, failed {len(report.failed)} "
                f"in {report.seconds:.1f} s{rate} -> {out_dir}")
     if report.skipped and not overwrite:

@@ -102,6 +102,8 @@ class InferReport:
     seconds: float = 0.0
     #: temporary files an interrupted earlier run left in the output tree, removed before this one.
     removed_parts: list[Path] = field(default_factory=list)
+    #: frames of the videos written.
+    video_frames: int = 0
 
     @property
     def ok(self) -> bool:
@@ -201,9 +203,10 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
             try:
                 _check_inside(out_root, dst)
                 if is_video_file(src):
-                    infer_video(runner, src, dst, tile=tile, overlap=overlap, codec=codec, crf=crf, batch=batch,
-                                compare_dst=compare_dir / rel if compare else None, max_pixels=max_pixels,
-                                progress=progress)
+                    report.video_frames += infer_video(
+                        runner, src, dst, tile=tile, overlap=overlap, codec=codec, crf=crf, batch=batch,
+                        compare_dst=compare_dir / rel if compare else None, max_pixels=max_pixels,
+                        progress=progress).frames
                 else:
                     image = read_image(src, max_pixels=max_pixels)
                     restored = restore_image(runner, image, tile, overlap)

@@ -294,7 +294,10 @@ class _Stream:
         from tqdm import tqdm
 
         av = import_av()
-        total = self.vin.frames or None
+        total = self.vin.frames or None  # from the index; else estimated from the duration (e.g. Matroska)
+        rate = self.vin.average_rate or self.vin.guessed_rate
+        if total is None and inp.duration and rate:
+            total = round(inp.duration / 1_000_000 * rate)  # container duration is in microseconds (AV_TIME_BASE)
         bar = tqdm(total=total, unit="frame", desc=self.src.name, leave=False, dynamic_ncols=True,
                    disable=not self.progress)
         fault = None
