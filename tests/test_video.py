@@ -207,6 +207,13 @@ def test_unreadable_and_audio_only_files_are_refused_in_one_line(tmp_path, tiny_
         assert not list((tmp_path / "out").iterdir())
 
 
+def test_missing_pyav_is_one_line_before_any_file(clip, tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
+    res = _infer(clip, "--model", tiny_checkpoint, "--out", tmp_path / "o")
+    assert res.exit_code == 1 and "Error: video files need PyAV: pip install av" in res.output
+    assert "Traceback" not in res.output
+
+
 def test_codec_options_that_cannot_work_are_refused(clip, tmp_path, tiny_checkpoint):
     mov = make_clip(tmp_path / "c.mov", moving_frames(2, 48, 64), audio=False)
     res = _infer(mov, "--model", tiny_checkpoint, "--out", tmp_path / "o", "--codec", "ffv1")
