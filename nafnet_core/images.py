@@ -31,6 +31,9 @@ from .metrics import quantize
 
 #: File suffixes read as images (lower case).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+#: File suffixes read as videos (lower case) -> the FFmpeg muxer that writes them back (runtime/video.py;
+#: the output keeps the input's container).
+VIDEO_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}
 #: Largest image accepted by default (pixels); beyond it a file is refused as a possible decompression bomb.
 #: The environment variable NAFNET_MAX_PIXELS sets it for every command (infer also has --max-pixels).
 DEFAULT_MAX_PIXELS = 200_000_000
@@ -78,6 +81,10 @@ class Decoded:
 
 def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def is_video_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_FORMATS
 
 
 # ----------------------------------------------------------------------------------------------- decode

@@ -9,9 +9,10 @@ import click
 
 from nafnet_core.cli_common import preset_option, train_size_option
 from nafnet_core.errors import UserError
-from nafnet_core.images import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, max_pixels_limit
+from nafnet_core.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, MAX_PIXELS_ENV, VIDEO_FORMATS, max_pixels_limit
 
 from .models import BACKENDS
+from .video import VIDEO_CODECS
 
 
 class TileParam(click.ParamType):
@@ -68,21 +69,34 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
               help=f"Refuse larger images (decompression-bomb guard). Default: ${MAX_PIXELS_ENV} or "
                    f"{DEFAULT_MAX_PIXELS:,}.")
 @verify_option
+@click.option("--codec", type=click.Choice(["auto", *VIDEO_CODECS]), default="auto", show_default=True,
+              help="Videos: output codec. auto = H.264 (libx264, yuv420p) where the container holds it; lossless = "
+                   "H.264 RGB at crf 0 (decodes to the restored frames exactly), ffv1 = lossless FFV1.")
+@click.option("--crf", type=click.IntRange(0, 63), default=None,
+              help="Videos: quality of h264/vp9 (lower is better; default 18 for h264, 32 for vp9).")
+@click.option("--batch", type=click.IntRange(1), default=None,
+              help="Videos: frames per model call. Default: a fixed-batch graph's batch, else 1.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def infer(input_path: Path, model: Path, backend: str, precision: str | None, device: str, out_dir: Path | None,
           tile, overlap: int | None, overwrite: bool, compare: bool, tlc: bool, preset: str | None, train_size: int | None,
-          threads: int | None, max_pixels: int, verify: bool, quiet: bool) -> None:
-    """Deblur an image or a folder (recursive) with any backend.
+          threads: int | None, max_pixels: int, verify: bool, codec: str, crf: int | None, batch: int | None,
+          quiet: bool) -> None:
+    """Deblur an image, a video or a folder (recursive) with any backend.
 
     PNG, JPEG, BMP, TIFF and WebP in 8 or 16 bits, gray or RGBA (alpha kept) are written back in the
-    same format and depth; EXIF orientation is applied. Existing outputs are skipped, so an interrupted
-    run resumes. Files that cannot be read are listed at the end (exit code 1).
+    same format and depth; EXIF orientation is applied. Videos (.mp4 .m4v .mov .mkv .webm .avi; needs
+    `pip install av`) stream frame by frame and keep their container, frame count, time stamps, frame
+    rate, rotation and audio (copied); a fault part-way keeps the frames before it as NAME.partial.SUFFIX.
+    Existing outputs are skipped, so an interrupted run resumes. Files that cannot be read are listed at
+    the end (exit code 1).
 
     \b
     Examples:
       python cli.py infer blurry/ --model runs/demo/export
       python cli.py infer photo.jpg --model NAFNet-GoPro-width32.pth --preset nafnet-gopro-width32 --backend torch
       python cli.py infer frames/ -m export/ --backend onnxrt --tile 512 --out sharp/ --compare
+      python cli.py infer clip.mp4 -m export/ --crf 16 --compare
+      python cli.py infer clip.mp4 -m export/ --codec lossless   # for measurement
     """
     from .infer import default_output, infer_path
     from .models import open_runner
@@ -94,11 +108,14 @@ def infer(input_path: Path, model: Path, backend: str, precision: str | None, de
     with runner:
         click.echo(f"{runner.name}: {model} -> {out_dir}", err=True)
         report = infer_path(runner, input_path, out_dir, tile=tile, overlap=overlap, overwrite=overwrite,
-                            compare=compare, max_pixels=max_pixels, progress=not quiet)
+                            compare=compare, max_pixels=max_pixels, progress=not quiet, codec=codec, crf=crf,
+                            batch=batch)
     if report.removed_parts:
         click.echo(f"removed {len(report.removed_parts)} temporary file(s) an interrupted run left in {out_dir}")
     n = len(report.written)
-    rate = f", {n / report.seconds:.2f} images/s" if n and report.seconds > 0 else ""
+    rate = f", {n / report.seconds:.2f} files/s" if n and report.seconds > 0 else ""
+    if report.video_frames and report.seconds > 0:
+        rate += f" ({report.video_frames} video frames, {report.video_frames / report.seconds:.2f} frames/s)"
     click.echo(f"wrote {n}, skipped {len(report.skipped)} existing, failed {len(report.failed)} "
                f"in {report.seconds:.1f} s{rate} -> {out_dir}")
     if report.skipped and not overwrite:
@@ -109,7 +126,8 @@ def infer(input_path: Path, model: Path, backend: str, precision: str | None, de
             click.echo(f"  {why}", err=True)
         sys.exit(1)
     if not n and not report.skipped:
-        raise UserError(f"{input_path}: no images found (looked for .png .jpg .jpeg .bmp .tif .tiff .webp)")
+        raise UserError(f"{input_path}: no images or videos found (looked for "
+                        f"{' '.join(IMAGE_SUFFIXES + tuple(VIDEO_FORMATS))})")
 
 
 def _hw(ctx, param, value):

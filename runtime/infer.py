@@ -3,8 +3,9 @@
     file -> read_image -> to_tensor -> pad to 16 -> (tiles) -> Runner.infer -> (blend) -> crop
          -> from_tensor (clamp, round, alpha/gray back) -> write_image (atomic)
 
-``infer_path`` mirrors an input tree into an output tree, skips outputs that exist (a re-run resumes),
-keeps going past unreadable files and reports them at the end.
+Video files take the same path frame by frame (runtime/video.py). ``infer_path`` mirrors an input tree
+into an output tree, skips outputs that exist (a re-run resumes), keeps going past unreadable files and
+reports them at the end.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 
 from nafnet_core.errors import UserError
 from nafnet_core.fileio import output_folder, remove_temporaries
-from nafnet_core.images import Decoded, ImageError, from_tensor, is_image_file, max_pixels_limit, read_image, \
-    to_8bit, to_tensor, write_image
+from nafnet_core.images import Decoded, ImageError, from_tensor, is_image_file, is_video_file, max_pixels_limit, \
+    read_image, to_8bit, to_tensor, write_image
 
 from .runners import Runner
 from .tiling import DEFAULT_TILE, TileSpec, default_overlap, padded_size, restore_tensor
@@ -76,7 +77,9 @@ def _as_hw(tile: str | int | tuple[int, int]) -> tuple[int, int]:
 
 def restore(runner: Runner, x: torch.Tensor, tile: str | int | tuple[int, int] = "auto", overlap: int | None = None,
             progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """(1, 3, H, W) float32 in [0, 1] -> restored (1, 3, H, W) float32 (not clamped) through ``runner``."""
+    """(N, 3, H, W) float32 in [0, 1] -> restored (N, 3, H, W) float32 (not clamped) through ``runner``.
+
+    N > 1 only for same-sized video frames (one tiling for all of them)."""
     spec = choose_tiling(runner, x.shape[-2], x.shape[-1], tile, overlap)
     return restore_tensor(runner.infer, x, spec, progress)
 
@@ -99,6 +102,8 @@ class InferReport:
     seconds: float = 0.0
     #: temporary files an interrupted earlier run left in the output tree, removed before this one.
     removed_parts: list[Path] = field(default_factory=list)
+    #: frames of the videos written.
+    video_frames: int = 0
 
     @property
     def ok(self) -> bool:
@@ -113,10 +118,10 @@ def default_output(input_path: Path) -> Path:
 
 
 def collect_inputs(input_path: Path, exclude: list[Path] = ()) -> list[tuple[Path, Path]]:
-    """(file, path relative to the input root) for every image under ``input_path``, sorted.
+    """(file, path relative to the input root) for every image and video under ``input_path``, sorted.
 
     A file given directly is taken whatever its suffix (it will fail clearly if it is not an image);
-    in folders only image suffixes are taken, hidden files and ``exclude`` trees are skipped.
+    in folders only image and video suffixes are taken, hidden files and ``exclude`` trees are skipped.
     """
     input_path = Path(input_path)
     if not input_path.exists():
@@ -127,7 +132,7 @@ def collect_inputs(input_path: Path, exclude: list[Path] = ()) -> list[tuple[Pat
     found = []
     for p in sorted(input_path.rglob("*")):
         rel = p.relative_to(input_path)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file() or not is_image_file(p):
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file() or not (is_image_file(p) or is_video_file(p)):
             continue
         if any(p.resolve().is_relative_to(e) for e in excluded):
             continue
@@ -154,18 +159,20 @@ def _check_inside(out_root: Path, dst: Path) -> None:
 
 def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | None = None, *,
                tile: str | int | tuple[int, int] = "auto", overlap: int | None = None, overwrite: bool = False,
-               compare: bool = False, max_pixels: int | None = None, progress: bool = True) -> InferReport:
+               compare: bool = False, max_pixels: int | None = None, progress: bool = True, codec: str = "auto",
+               crf: int | None = None, batch: int | None = None) -> InferReport:
     """Deblurs a file or a folder tree (recursive) into ``out_dir``, mirroring the tree.
 
     Args:
         runner: an activated Runner.
-        input_path: an image file or a folder.
+        input_path: an image or video file, or a folder.
         out_dir: output root (default: ``<input>_deblurred`` beside the input).
         tile / overlap: see :func:`choose_tiling`.
         overwrite: re-process images whose output exists (default: skip them, so a re-run resumes).
         compare: also write input | output images under ``<out_dir>_compare``.
         max_pixels: decompression-bomb limit per image (default: $NAFNET_MAX_PIXELS or 200 million).
-        progress: show a progress bar (stderr).
+        progress: show a progress bar (stderr); videos add one in frames.
+        codec / crf / batch: for videos, see :func:`runtime.video.infer_video`.
     """
     from tqdm import tqdm
 
@@ -175,6 +182,10 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
     check_tile(runner, tile)
     max_pixels = max_pixels_limit(max_pixels)  # a bad NAFNET_MAX_PIXELS fails once, before any image
     items = collect_inputs(input_path, exclude=[out_dir, compare_dir])
+    if any(is_video_file(src) for src, _ in items):
+        from .video import import_av, infer_video
+
+        import_av()  # PyAV missing: one line before any file is processed
     report = InferReport()
     start = time.perf_counter()
     # An output folder that cannot exist fails once, before any image. Temporary files a killed run left
@@ -191,11 +202,17 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
                 continue
             try:
                 _check_inside(out_root, dst)
-                image = read_image(src, max_pixels=max_pixels)
-                restored = restore_image(runner, image, tile, overlap)
-                write_image(dst, restored)
-                if compare:
-                    write_image(compare_dir / rel, side_by_side(image, restored))
+                if is_video_file(src):
+                    report.video_frames += infer_video(
+                        runner, src, dst, tile=tile, overlap=overlap, codec=codec, crf=crf, batch=batch,
+                        compare_dst=compare_dir / rel if compare else None, max_pixels=max_pixels,
+                        progress=progress).frames
+                else:
+                    image = read_image(src, max_pixels=max_pixels)
+                    restored = restore_image(runner, image, tile, overlap)
+                    write_image(dst, restored)
+                    if compare:
+                        write_image(compare_dir / rel, side_by_side(image, restored))
             except (ImageError, UserError) as e:
                 report.failed[src] = str(e)
                 continue

@@ -34,6 +34,8 @@ class Runner:
         backend: ``torch``, ``onnxrt`` or ``trt``.
         precision: ``fp32``, ``fp16`` or ``bf16`` (what the arithmetic runs in).
         fixed_shape: (H, W) the model requires, or None for any multiple of 16.
+        fixed_batch: the batch a fixed-batch graph/engine requires, or None for any batch. ``infer``
+            takes any batch either way: it runs a fixed-batch model in chunks, the last one padded.
         name: a readable label for tables and logs.
     """
 
@@ -46,6 +48,7 @@ class Runner:
         self.precision = precision
         self.name = name or f"{self.backend}-{precision}"
         self.fixed_shape: tuple[int, int] | None = None
+        self.fixed_batch: int | None = None
         self.is_active = False
         self.last_ms = 0.0
 
@@ -67,7 +70,19 @@ class Runner:
             raise ValueError(f"{self.name}: this model takes {self.fixed_shape[0]}x{self.fixed_shape[1]} inputs "
                              f"only, got {x.shape[-2]}x{x.shape[-1]}; run it through runtime.tiling")
         start = time.perf_counter()
-        y = self._infer(x.float().contiguous())
+        x = x.float().contiguous()
+        b = self.fixed_batch
+        if b is None or x.shape[0] == b:
+            y = self._infer(x)
+        else:  # chunks of the graph's batch; the last one padded by repeating its last image, then cut
+            chunks = []
+            for i in range(0, x.shape[0], b):
+                part = x[i:i + b]
+                n = part.shape[0]
+                if n < b:
+                    part = torch.cat([part, part[-1:].expand(b - n, *part.shape[1:])]).contiguous()
+                chunks.append(self._infer(part)[:n])
+            y = torch.cat(chunks)
         self.last_ms = (time.perf_counter() - start) * 1e3
         return y
 
@@ -170,8 +185,9 @@ def ort_providers(device: str = "auto") -> list:
     return [("CUDAExecutionProvider", CUDA_EP_OPTIONS), "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
 
 
-def onnx_input_info(path: str | Path) -> tuple[tuple[int, int] | None, str]:
-    """((H, W) if the graph's input is fixed else None, input element type) read from the graph header."""
+def onnx_input_info(path: str | Path) -> tuple[tuple[int, int] | None, str, int | None]:
+    """((H, W) if the graph's input is fixed else None, input element type, batch if fixed else None),
+    read from the graph header."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -186,7 +202,8 @@ def onnx_input_info(path: str | Path) -> tuple[tuple[int, int] | None, str]:
     dims = inp.type.tensor_type.shape.dim
     hw = [d.dim_value if d.HasField("dim_value") else None for d in dims[-2:]]
     fixed = (hw[0], hw[1]) if len(hw) == 2 and None not in hw else None
-    return fixed, onnx.TensorProto.DataType.Name(inp.type.tensor_type.elem_type)
+    batch = dims[0].dim_value if len(dims) == 4 and dims[0].HasField("dim_value") else None
+    return fixed, onnx.TensorProto.DataType.Name(inp.type.tensor_type.elem_type), batch
 
 
 class OnnxRuntimeRunner(Runner):
@@ -224,7 +241,7 @@ class OnnxRuntimeRunner(Runner):
         self._session = None
         if not self.path.is_file():
             raise RunnerError(f"{self.path}: no such ONNX file")
-        self.fixed_shape, self._input_type = onnx_input_info(self.path)
+        self.fixed_shape, self._input_type, self.fixed_batch = onnx_input_info(self.path)
 
     def _activate(self) -> None:
         import onnxruntime as ort
@@ -301,6 +318,7 @@ class TensorRTRunner(Runner):
                 raise RunnerError(f"{self.path}: {why}")
         self._engine = trt.EngineSession(self.path)
         self.fixed_shape = self._engine.fixed_shape or self.fixed_shape
+        self.fixed_batch = self._engine.fixed_batch
 
     def _infer(self, x: torch.Tensor) -> torch.Tensor:
         return self._engine.run(x)

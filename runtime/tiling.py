@@ -120,12 +120,12 @@ def weight_sum(length: int, starts: list[int], weights: list[torch.Tensor]) -> t
 
 def run_tiled(infer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, spec: TileSpec,
               progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Runs ``infer`` on tiles of ``x`` (1, C, H, W; H, W multiples of 16) and blends them; same shape out.
+    """Runs ``infer`` on tiles of ``x`` (N, C, H, W; H, W multiples of 16) and blends them; same shape out.
 
-    An image smaller than the tile along an axis is replicate-padded to the tile there and cropped after.
+    A batch of N same-sized images (video frames) is cut on one grid: each call gets one tile position of
+    all N images. An image smaller than the tile along an axis is replicate-padded to the tile there and
+    cropped after.
     """
-    if x.shape[0] != 1:
-        raise ValueError(f"run_tiled takes one image at a time, got batch {x.shape[0]}")
     h, w = x.shape[-2:]
     th, tw = spec.tile
     fill_h, fill_w = max(th - h, 0), max(tw - w, 0)
@@ -136,7 +136,7 @@ def run_tiled(infer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, sp
     wy, wx = tile_weights(ys, th, spec.overlap), tile_weights(xs, tw, spec.overlap)
     # float64 accumulation: products of float32 values and weights are exact in it, so where tiles agree
     # (an identity runner, overlaps of a pointwise model) the blend gives back their float32 value exactly.
-    out = torch.zeros(1, x.shape[1], ph, pw, dtype=torch.float64)
+    out = torch.zeros(x.shape[0], x.shape[1], ph, pw, dtype=torch.float64)
     for y0, wy_t in zip(ys, wy):
         for x0, wx_t in zip(xs, wx):
             y = infer(x[:, :, y0:y0 + th, x0:x0 + tw].contiguous())
@@ -161,7 +161,7 @@ def restore_tensor(infer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
 
     Args:
         infer: a runner's ``infer`` (NCHW float32 in and out).
-        x: (1, C, H, W) float32 in [0, 1].
+        x: (N, C, H, W) float32 in [0, 1] (N > 1: same-sized frames of a video, in one call or tile grid).
         spec: tiling, or None for one whole-image call (dynamic-shape backends only).
     """
     h, w = x.shape[-2:]

@@ -50,7 +50,7 @@ def current_env() -> dict[str, str]:
 
 
 class EngineSession:
-    """A deserialized engine and one execution context; one input, one output, batch 1 tiles."""
+    """A deserialized engine and one execution context; one input, one output (fixed or dynamic batch)."""
 
     def __init__(self, path: Path):
         trt = import_tensorrt()
@@ -74,6 +74,7 @@ class EngineSession:
         self.input, self.output = inputs[0], outputs[0]
         shape = tuple(self.engine.get_tensor_shape(self.input))
         self.fixed_shape = None if -1 in shape[-2:] else (int(shape[-2]), int(shape[-1]))
+        self.fixed_batch = None if shape[0] == -1 else int(shape[0])
         self._dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in (self.input, self.output)}
         self.stream = torch.cuda.Stream()
 

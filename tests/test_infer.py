@@ -83,7 +83,7 @@ def test_infer_errors_are_one_line(tmp_path, tiny_checkpoint, tiny_onnx):
     (tmp_path / "empty").mkdir()
     cli = CliRunner()
     res = cli.invoke(main, ["infer", str(tmp_path / "empty"), "-m", str(tiny_checkpoint), "-q"])
-    assert res.exit_code == 1 and "no images found" in res.output
+    assert res.exit_code == 1 and "no images or videos found" in res.output
     res = cli.invoke(main, ["infer", str(tmp_path / "empty"), "-m", str(tiny_checkpoint), "--backend", "trt"])
     assert res.exit_code == 1 and "Error:" in res.output and "Traceback" not in res.output
     res = cli.invoke(main, ["infer", str(tmp_path), "-m", str(tiny_checkpoint), "--tile", "100"])
