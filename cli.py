@@ -13,7 +13,7 @@ from nafnet_core.cli_common import Group
 from nafnet_core.commands import info
 from export.commands import export
 from runtime.commands import bench, demo, infer, parity
-from train.commands import data, eval_cmd, train_cmd
+from train.commands import compare_cmd, data, eval_cmd, train_cmd
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -33,6 +33,7 @@ main.add_command(demo)
 main.add_command(data)
 main.add_command(train_cmd)
 main.add_command(eval_cmd)
+main.add_command(compare_cmd)
 main.add_command(export)
 main.add_command(infer)
 main.add_command(parity)

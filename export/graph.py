@@ -31,7 +31,7 @@ CONSTANT_INPUTS = {"ReduceMean": 1, "ReduceSum": 1, "CumSum": 1, "Pad": 3, "Slic
 
 #: Ops that must compute in FP32 inside an FP16 graph: LayerNorm2d (ReduceMean, Pow, Sqrt; folded: MatMul
 #: channel means), the pooling means (ReduceMean) and the TLC window sums (CumSum; band MatMuls on small
-#: maps). DESIGN.md §3, §6. The network's only MatMuls are these means.
+#: maps). The network's only MatMuls are these means.
 FP32_OPS = frozenset({"ReduceMean", "Pow", "Sqrt", "CumSum", "MatMul"})
 
 _FLOAT_TYPES = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16",

@@ -118,7 +118,7 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1)),
 }
 
-#: Parameter counts of the presets (DESIGN.md §2); the tests assert them.
+#: Parameter counts of the presets (docs/DESIGN.md §3 (The model)); the tests assert them.
 PRESET_PARAMS = {
     "nafnet-gopro-width32": 17_111_907,
     "nafnet-gopro-width64": 67_888_835,

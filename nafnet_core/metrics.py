@@ -2,7 +2,7 @@
 
 All functions take ``(N, C, H, W)`` or ``(C, H, W)`` tensors and return one value per image
 (shape ``(N,)``). ``data_range`` defaults to 255 for uint8 input and 1.0 otherwise. The
-project's evaluations feed them uint8-rounded images (:func:`quantize`), as DESIGN §5 says.
+project's evaluations feed them uint8-rounded images (:func:`quantize`), as docs/DESIGN.md §6 (Metrics) says.
 
 - :func:`psnr`: 10 log10(range^2 / MSE) over all channels.
 - :func:`ssim`: the standard SSIM: Gaussian window 11, sigma 1.5, per channel, averaged over

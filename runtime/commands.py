@@ -146,7 +146,7 @@ def parity(export_dir: Path, data_root: Path | None, split: str, limit: int | No
            verify: bool, quiet: bool) -> None:
     """Check export parity: PSNR/SSIM of every backend x precision x (whole | tiled) vs PyTorch fp32.
 
-    The reference is PyTorch fp32 on the whole image with the export's TLC setting. Limits (DESIGN §7):
+    The reference is PyTorch fp32 on the whole image with the export's TLC setting. Limits, docs/DESIGN.md §8 (Parity):
     fp32 |ΔPSNR| <= 0.01 dB and >= 60 dB vs the reference output; fp16 <= 0.05 dB and >= 45 dB;
     tiled vs whole <= 0.05 dB. Rows that cannot run here say why. Exit 0 only if every row that ran passed.
 

@@ -1,4 +1,4 @@
-"""Deblur files and folders with any Runner: the one inference path (DESIGN §1).
+"""Deblur files and folders with any Runner: the one inference path, docs/DESIGN.md §2 (Data flow).
 
     file -> read_image -> to_tensor -> pad to 16 -> (tiles) -> Runner.infer -> (blend) -> crop
          -> from_tensor (clamp, round, alpha/gray back) -> write_image (atomic)

@@ -1,4 +1,4 @@
-"""Check export parity: every backend x precision x (whole | tiled) against PyTorch fp32 (DESIGN §7).
+"""Check export parity: every backend x precision x (whole | tiled) against PyTorch fp32, docs/DESIGN.md §8 (Parity).
 
 Reference: PyTorch fp32, whole image, with the export's TLC setting. For each row, on the same images:
 PSNR / SSIM vs ground truth (uint8-rounded outputs, averaged per image), ΔPSNR = row PSNR - reference

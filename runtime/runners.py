@@ -20,15 +20,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nafnet_core.errors import UserError
+from .errors import RunnerError  # re-exported: ``from runtime.runners import RunnerError`` keeps working
 
 #: Precisions a backend can run, keyed by backend name.
 PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "onnxrt": ("fp32", "fp16"), "trt": ("fp16",)}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class RunnerError(UserError):
-    """A backend that cannot run here or a model it cannot run; the message says what to do."""
 
 
 class Runner:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .runners import RunnerError
+from .errors import RunnerError
 
 INSTALL_HINT = ("TensorRT is not installed: on a machine with an NVIDIA GPU run `pip install -e \".[trt]\"` "
                 "(tensorrt>=10.12); use --backend onnxrt or torch here")

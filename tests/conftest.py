@@ -2,7 +2,7 @@
 
 A freshly initialised NAFNet has beta = gamma = 0, so every block is skipped and most bugs are
 invisible; on uniform noise local and global means are nearly equal, so a broken TLC passes.
-`make_nontrivial` and `photo` make tests able to fail (DESIGN.md §7).
+`make_nontrivial` and `photo` make tests able to fail (docs/DESIGN.md §11 (Testing numerics)).
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ def test_layernorm2d_uses_plain_ops_without_grad():
     assert type(ln(x).grad_fn).__name__.startswith("_LayerNorm2dFunction")
 
 
-# --- an independent, functional NAFNet written from DESIGN.md §2, reading the state dict directly ---
+# --- an independent, functional NAFNet written from docs/DESIGN.md §3 (The model), reading the state dict directly ---
 
 def _ref_block(sd, p, x, gate):
     def conv(name, t, **kw):

@@ -14,7 +14,7 @@ from nafnet_core.tlc import LocalAvgPool2d, band_means, local_mean, tlc_kernels,
 
 
 def reference_local_mean(x, kernel):
-    """DESIGN §3 written directly: avg_pool2d over the clamped window, then replicate pad (d//2, (d+1)//2)."""
+    """docs/DESIGN.md §4 (TLC) written directly: avg_pool2d over the clamped window, then replicate pad (d//2, (d+1)//2)."""
     h, w = x.shape[-2:]
     k1, k2 = min(h, kernel[0]), min(w, kernel[1])
     out = F.avg_pool2d(x.double(), (k1, k2), stride=1)

@@ -1,4 +1,4 @@
-"""CLI commands of the training package: ``train``, ``eval``, ``data check``, ``data synth``."""
+"""CLI commands of the training package: ``train``, ``eval``, ``compare``, ``data check``, ``data synth``."""
 
 from __future__ import annotations
 
@@ -177,3 +177,35 @@ def eval_cmd(checkpoint, preset, train_size, data_root, split, tlc, json_path, c
             click.echo(f"failed: {reason}", err=True)
         raise click.ClickException(f"{len(result.failed)} of {len(result.failed) + s['images']} pairs could not be "
                                    "scored (listed above; the means exclude them)")
+
+
+@click.command(name="compare")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="RUN_DIR...")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows here.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write a CSV here.")
+def compare_cmd(run_dirs, json_path, csv_path) -> None:
+    """The experiment table: training runs side by side.
+
+    For each run: the config keys that differ between the runs, parameters, GFLOP at 256x256 and
+    720x1280, best validation PSNR/SSIM (and the blurry input's), test PSNR/SSIM with TLC (from an eval
+    JSON in the run folder), training images/s, and the onnxruntime fp32 latency at 720x1280 when an
+    export of the run's best.pt holds a `bench --json` result. Missing pieces are "-".
+
+    \b
+    Examples:
+      python cli.py compare runs/*
+      python cli.py eval runs/w32/best.pt --json runs/w32/test.json   # adds the test column
+      python cli.py export runs/w32/best.pt --out runs/w32/export
+      python cli.py bench runs/w32/export --json runs/w32/export/bench.json   # adds the latency column
+      python cli.py compare runs/w32 runs/w32-swiglu --csv table.csv
+    """
+    from nafnet_core.fileio import atomic_write_text
+
+    from .compare import compare_csv, compare_table, rows_as_dicts, summarize_runs
+
+    rows = summarize_runs(list(run_dirs))
+    click.echo(compare_table(rows))
+    if json_path:
+        atomic_write_text(json_path, json.dumps(rows_as_dicts(rows), indent=1) + "\n")
+    if csv_path:
+        atomic_write_text(csv_path, compare_csv(rows))

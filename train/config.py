@@ -3,7 +3,7 @@
 Precedence: preset -> config file (YAML or JSON mapping) -> ``--set key=value`` (values parsed as YAML,
 so ``--set lr=2e-4``, ``--set betas=[0.9,0.99]``, ``--set resize=null`` work).
 
-Defaults are the official NAFNet GoPro recipe (DESIGN.md §4): AdamW lr 1e-3, weight decay 1e-3,
+Defaults are the official NAFNet GoPro recipe (docs/DESIGN.md §5 (Training)): AdamW lr 1e-3, weight decay 1e-3,
 betas (0.9, 0.9), cosine to 1e-7 per iteration over 200k iterations, global batch 32, random 256 crops,
 h/v-flip and transpose p=0.5, gradient-norm clipping at 0.01, PSNR loss.
 """
@@ -190,7 +190,7 @@ def _check_types(cfg: TrainConfig) -> None:
 
 # Named presets: overrides on top of the defaults (= the official GoPro recipe).
 PRESETS: dict[str, dict[str, Any]] = {
-    # Official NAFNet-GoPro-width32 / width64 recipe (DESIGN.md §4).
+    # Official NAFNet-GoPro-width32 / width64 recipe (docs/DESIGN.md §5 (Training)).
     "gopro": {},
     "gopro-width64": {"model": "nafnet-gopro-width64"},
     # The original experiments (seed): resize to 256, Adam, dropout 0.5, flips 0.5, batch 8,

@@ -1,7 +1,7 @@
 """Evaluation on whole images: PSNR/SSIM of the output and of the blurry input, per image and mean.
 
 Used by validation during training and by ``python cli.py eval``. Outputs are rounded to uint8 before
-scoring (DESIGN.md §5), so the figures are those of the PNG files the model would write.
+scoring (docs/DESIGN.md §6 (Metrics)), so the figures are those of the PNG files the model would write.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The training loop: one readable function, labelled stages, no callback framework.
+"""The training loop: one :class:`Trainer` whose methods are the named steps, no callback framework.
 
     python cli.py train --preset tiny                    # one process
     torchrun --nproc_per_node=2 cli.py train --preset tiny  # DDP, same result as one process
@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -154,245 +155,385 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     """
     info = ddp.setup(device)
     try:
-        return _train(cfg, Path(run_dir), info, resume=resume, progress=progress and info.is_main, stop_at=stop_at)
+        return Trainer(cfg, Path(run_dir), info, resume=resume, progress=progress and info.is_main,
+                       stop_at=stop_at).run()
     finally:
         ddp.cleanup(info)
 
 
-def _train(cfg: TrainConfig, run_dir: Path, info: ddp.DistInfo, *, resume: bool, progress: bool,
-           stop_at: int | None) -> RunResult:
-    main, dev = info.is_main, info.device
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main else (lambda msg: None)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+class Trainer:
+    """One training run, as named steps: :meth:`setup` (data, model, optimizer), :meth:`resume`,
+    :meth:`train_step`, :meth:`log`, :meth:`validate`, :meth:`save_last`; :meth:`run` is the loop.
 
-    # ---- resume: the stored state (read before anything else so a bad file fails fast) -------------
-    state = None
-    if resume:
-        if not last_path.exists():
-            raise TrainingError(f"{last_path}: nothing to resume (no last.pt in the run directory); "
+    A model variant changes a hook, not the loop: :meth:`loss` (what is minimised, given the model's raw
+    output and the sharp target) and :meth:`prediction` (the restored image inside that output, on which
+    the training PSNR is measured). Validation scores the model's forward through :func:`train.evaluate.evaluate`.
+
+    Args:
+        cfg: the configuration.
+        run_dir: the run directory (rank 0 writes it).
+        info: this process's place in the process group (:func:`train.distributed.setup`).
+        resume: continue from ``run_dir/last.pt``.
+        progress: tqdm progress bar on stderr (pass False on ranks other than 0).
+        stop_at: save ``last.pt`` and stop after this global step, as if interrupted (tests).
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, info: ddp.DistInfo, *, resume: bool = False,
+                 progress: bool = True, stop_at: int | None = None):
+        self.cfg, self.run_dir, self.info = cfg, Path(run_dir), info
+        self.main, self.dev = info.is_main, info.device
+        self.resuming, self.progress, self.stop_at = resume, progress, stop_at
+        self.last_path, self.best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
+        # What last.pt stores besides the weights and optimizer state.
+        self.step, self.best_psnr, self.best_step, self.bad_vals = 0, -math.inf, -1, 0
+        self.lr = cfg.lr
+        self.t_start = time.perf_counter()
+
+    def say(self, msg: str) -> None:
+        """One line on stderr, from rank 0 only.
+
+        Args:
+            msg: the line.
+        """
+        if self.main:
+            print(msg, file=sys.stderr, flush=True)
+
+    # ---- variant hooks --------------------------------------------------------------------------
+
+    def prediction(self, out: torch.Tensor) -> torch.Tensor:
+        """The restored image ``(N, 3, H, W)`` in the model's raw output (NAFNet: the output itself).
+
+        Args:
+            out: what the model's forward returned.
+        """
+        return out
+
+    def loss(self, out: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
+        """The scalar to minimise (``cfg.loss``, computed in fp32).
+
+        Args:
+            out: what the model's forward returned (under autocast when mixed precision is on).
+            sharp: the target batch.
+        """
+        return self.loss_fn(self.prediction(out).float(), sharp)
+
+    # ---- set-up ---------------------------------------------------------------------------------
+
+    def read_state(self) -> dict | None:
+        """The stored state to resume, read before anything else so that a bad ``last.pt`` fails fast."""
+        if not self.resuming:
+            if self.main and self.last_path.exists():
+                raise TrainingError(f"{self.run_dir}: already holds a run (last.pt); pass --resume to continue it or "
+                                    "choose another --name / --run-dir")
+            return None
+        if not self.last_path.exists():
+            raise TrainingError(f"{self.last_path}: nothing to resume (no last.pt in the run directory); "
                                 "drop --resume to start a new run")
-        state = read_checkpoint(last_path)
+        state = read_checkpoint(self.last_path)
         if "train_config" not in state.get("extra", {}):
-            raise TrainingError(f"{last_path}: not a training checkpoint (no training state); cannot resume")
-    elif main and last_path.exists():
-        raise TrainingError(f"{run_dir}: already holds a run (last.pt); pass --resume to continue it or choose "
-                            "another --name / --run-dir")
+            raise TrainingError(f"{self.last_path}: not a training checkpoint (no training state); cannot resume")
+        return state
 
-    # ---- data: check every pair before the first step -------------------------------------------
-    root = resolve_data(cfg, info, progress)
-    min_size = cfg.crop if cfg.crop_mode in ("random", "center") else 0
-    report = check_dataset(root, min_size=min_size, blur_dir=cfg.blur_dir, progress=progress)
-    report.raise_if_bad()
-    pairs = report.pairs
-    say(f"data: {root} ({report.layout}) train {len(pairs['train'])} / val {len(pairs['val'])} / "
-        f"test {len(pairs['test'])} pairs")
-    if not pairs["val"]:
-        raise TrainingError(f"{root}: the validation split is empty (the test folder needs at least 1 pair)")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_split_lists(pairs, root, run_dir / "splits")
-        atomic_write_text(run_dir / "config.json", json.dumps({**cfg.to_dict(), "data_root": str(root.resolve()),
-                                                               "world_size": info.world}, indent=1) + "\n")
-    n_train = len(pairs["train"])
-    pixels = sum(int(np.prod(_size(p))) for p in pairs["train"][:1]) * 6 * (n_train + len(pairs["val"]))
-    cache = cfg.cache == "on" or (cfg.cache == "auto" and pixels < CACHE_LIMIT_BYTES)
-    transform = PairTransform(cfg.crop_mode, cfg.crop, cfg.hflip, cfg.vflip, cfg.transpose)
-    train_set = PairDataset(pairs["train"], transform, seed=cfg.seed, cache=cache)
-    val_pairs = pairs["val"][: cfg.val_max] if cfg.val_max else pairs["val"]
-    val_set = PairDataset(val_pairs, None, cache=cache)
-    stream = SampleStream(n_train, cfg.batch, seed=cfg.seed, world=info.world, rank=info.rank, accum=cfg.accum)
-    steps_per_epoch = n_train / cfg.batch
-    total_steps = math.ceil(cfg.epochs * steps_per_epoch) if cfg.epochs else cfg.steps
-    total_epochs = math.ceil(cfg.epochs) if cfg.epochs else max(1, math.ceil(total_steps / steps_per_epoch))
+    def setup_data(self) -> None:
+        """Checks every pair before the first step, writes the splits and config.json, builds the data sets."""
+        cfg, info = self.cfg, self.info
+        root = self.data_root = resolve_data(cfg, info, self.progress)
+        min_size = cfg.crop if cfg.crop_mode in ("random", "center") else 0
+        report = check_dataset(root, min_size=min_size, blur_dir=cfg.blur_dir, progress=self.progress)
+        report.raise_if_bad()
+        pairs = report.pairs
+        self.say(f"data: {root} ({report.layout}) train {len(pairs['train'])} / val {len(pairs['val'])} / "
+                 f"test {len(pairs['test'])} pairs")
+        if not pairs["val"]:
+            raise TrainingError(f"{root}: the validation split is empty (the test folder needs at least 1 pair)")
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_split_lists(pairs, root, self.run_dir / "splits")
+            atomic_write_text(self.run_dir / "config.json",
+                              json.dumps({**cfg.to_dict(), "data_root": str(root.resolve()), "world_size": info.world},
+                                         indent=1) + "\n")
+        n_train = len(pairs["train"])
+        pixels = sum(int(np.prod(_size(p))) for p in pairs["train"][:1]) * 6 * (n_train + len(pairs["val"]))
+        cache = cfg.cache == "on" or (cfg.cache == "auto" and pixels < CACHE_LIMIT_BYTES)
+        transform = PairTransform(cfg.crop_mode, cfg.crop, cfg.hflip, cfg.vflip, cfg.transpose)
+        self.train_set = PairDataset(pairs["train"], transform, seed=cfg.seed, cache=cache)
+        self.val_pairs = pairs["val"][: cfg.val_max] if cfg.val_max else pairs["val"]
+        self.val_set = PairDataset(self.val_pairs, None, cache=cache)
+        self.stream = SampleStream(n_train, cfg.batch, seed=cfg.seed, world=info.world, rank=info.rank,
+                                   accum=cfg.accum)
+        self.steps_per_epoch = n_train / cfg.batch
+        self.total_steps = math.ceil(cfg.epochs * self.steps_per_epoch) if cfg.epochs else cfg.steps
+        self.total_epochs = math.ceil(cfg.epochs) if cfg.epochs else \
+            max(1, math.ceil(self.total_steps / self.steps_per_epoch))
 
-    # ---- model, optimizer, EMA, mixed precision --------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(dev)
-    opt = make_optimizer(cfg, model)
-    amp_dtype = _amp_dtype(cfg, dev)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema else None
-    step, best_psnr, best_step, bad_vals = 0, -math.inf, -1, 0
-    metrics = MetricsLog(run_dir / "metrics.csv")
-    if state is not None:
+    def setup_model(self) -> None:
+        """Model (seeded), optimizer, mixed precision, EMA copy, loss and the metrics log."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg).to(self.dev)
+        self.opt = make_optimizer(cfg, self.model)
+        self.amp_dtype = _amp_dtype(cfg, self.dev)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.ema else None
+        self.loss_fn = LOSS_FUNCTIONS[cfg.loss]
+        self.metrics = MetricsLog(self.run_dir / "metrics.csv")
+
+    def setup_parallel(self) -> None:
+        """The module the steps run: DDP around the model when several processes train."""
+        dev = self.dev
+        self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda"
+                                                       else None) if self.info.enabled else self.model
+
+    def setup(self) -> dict | None:
+        """Everything before the first step; returns the state to resume (None for a new run)."""
+        state = self.read_state()
+        self.setup_data()
+        self.setup_model()
+        return state
+
+    def resume(self, state: dict) -> None:
+        """Restores weights, optimizer / grad-scaler / EMA state, counters and RNG states from ``last.pt``.
+
+        Args:
+            state: :func:`nafnet_core.read_checkpoint` of ``last.pt``.
+        """
         extra = state["extra"]
-        model.load_state_dict(state["state_dict"])
-        opt.load_state_dict(extra["optimizer"])
+        self.model.load_state_dict(state["state_dict"])
+        self.opt.load_state_dict(extra["optimizer"])
         if extra.get("scaler"):
-            scaler.load_state_dict(extra["scaler"])
-        if ema is not None and extra.get("ema") is not None:
-            ema.load_state_dict(extra["ema"])
-        step, best_psnr, best_step, bad_vals = extra["step"], extra["best_psnr"], extra["best_step"], extra["bad_vals"]
+            self.scaler.load_state_dict(extra["scaler"])
+        if self.ema is not None and extra.get("ema") is not None:
+            self.ema.load_state_dict(extra["ema"])
+        self.step, self.best_psnr, self.best_step, self.bad_vals = (extra["step"], extra["best_psnr"],
+                                                                    extra["best_step"], extra["bad_vals"])
         _set_rng_state(extra["rng"])
-        if main:
-            metrics.load(up_to_step=step)
-            for stale in run_dir.glob(".*.part"):  # temp files of a process killed mid-write
+        if self.main:
+            self.metrics.load(up_to_step=self.step)
+            for stale in self.run_dir.glob(".*.part"):  # temp files of a process killed mid-write
                 stale.unlink(missing_ok=True)
-        say(f"resumed {last_path} at step {step}/{total_steps} (best val PSNR {best_psnr:.2f} dB at step {best_step})")
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
-        if info.enabled else model
-    loss_fn = LOSS_FUNCTIONS[cfg.loss]
+        self.say(f"resumed {self.last_path} at step {self.step}/{self.total_steps} (best val PSNR "
+                 f"{self.best_psnr:.2f} dB at step {self.best_step})")
 
-    def save_last() -> None:
-        if main:
-            save_checkpoint(last_path, model, train_size=cfg.crop, train_config=cfg.to_dict(), step=step,
-                            total_steps=total_steps, optimizer=opt.state_dict(),
-                            scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                            ema=ema.state_dict() if ema is not None else None, best_psnr=best_psnr,
-                            best_step=best_step, bad_vals=bad_vals, rng=_rng_state(), world_size=info.world)
-        ddp.barrier(info)
+    # ---- one optimizer step ---------------------------------------------------------------------
 
-    def validate() -> dict:
-        """Rank 0 scores the val split (whole images, TLC); returns the means. The others wait."""
-        nonlocal best_psnr, best_step, bad_vals
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (a pure function of the step).
+
+        Args:
+            step: 0-based step about to be taken.
+        """
+        cfg = self.cfg
+        return lr_at(step, lr=cfg.lr, lr_min=cfg.lr_min, total_steps=self.total_steps, schedule=cfg.schedule,
+                     warmup=cfg.warmup, steps_per_epoch=self.steps_per_epoch, total_epochs=self.total_epochs)
+
+    def next_batch(self, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``(blur, sharp)`` micro-batch on the device; a file unreadable past its header (the
+        pre-check reads headers only) saves ``last.pt`` and stops with one line naming it.
+
+        Args:
+            batches: the iterator of the training DataLoader.
+        """
+        try:
+            blur, sharp = next(batches)
+        except UserError as e:
+            self.save_last()
+            raise TrainingError(f"{e}; saved {self.last_path} at step {self.step}. Fix or remove the file "
+                                f"(python cli.py data check {self.data_root} --full lists them all), then --resume"
+                                ) from None
+        return blur.to(self.dev, non_blocking=True), sharp.to(self.dev, non_blocking=True)
+
+    def train_step(self, batches: Iterator) -> tuple[float, float]:
+        """One optimizer step: lr, forward + backward over the micro-batches, clip, check, step, EMA.
+
+        Returns the step's mean loss and mean training PSNR (of this rank's crops).
+
+        Args:
+            batches: the iterator of the training DataLoader.
+        """
+        cfg, info = self.cfg, self.info
+        self.lr = self.lr_at(self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
+        torch.manual_seed(cfg.seed * 1_000_003 + self.step * 997 + info.rank)  # dropout: f(seed, step, rank)
+
+        # forward + backward over the micro-batches of this step
+        self.opt.zero_grad(set_to_none=True)
+        loss_sum, psnr_sum = 0.0, 0.0
+        for micro in range(cfg.accum):
+            blur, sharp = self.next_batch(batches)
+            sync = self.net.no_sync() if info.enabled and micro < cfg.accum - 1 else contextlib.nullcontext()
+            autocast = torch.autocast(self.dev.type, dtype=self.amp_dtype) if self.amp_dtype \
+                else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    out = self.net(blur)
+                loss = self.loss(out, sharp)
+                self.scaler.scale(loss / cfg.accum).backward()
+            with torch.no_grad():
+                mse = (self.prediction(out).detach().float().clamp(0, 1) - sharp).pow(2).flatten(1).mean(1)
+                psnr_sum += float((-10 * torch.log10(mse + 1e-10)).mean())
+            loss_sum += float(loss.detach())
+
+        # clip, check, step (the gradient norm is the same on every rank after DDP's all-reduce)
+        self.scaler.unscale_(self.opt)
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        # Without a grad scaler a NaN anywhere makes the all-reduced norm NaN on every rank; with fp16
+        # scaling, inf gradients are expected now and then (the scaler skips the step), a NaN loss is not.
+        broken = ddp.any_rank(info, not math.isfinite(loss_sum)) if self.scaler.is_enabled() \
+            else not bool(torch.isfinite(grad_norm))
+        if broken:
+            kept = f"{self.last_path} (step {_stored_step(self.last_path)})" if self.last_path.exists() \
+                else "none written yet"
+            raise TrainingError(f"loss became non-finite at step {self.step + 1} (loss {loss_sum}, gradient norm "
+                                f"{float(grad_norm)}); training stopped without saving the broken weights. "
+                                f"Last good checkpoint: {kept}. Lower the learning rate (--set lr=...) "
+                                "or check the data, then --resume.")
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                    e.lerp_(p, 1.0 - cfg.ema)
+        self.step += 1
+        return loss_sum / cfg.accum, psnr_sum / cfg.accum
+
+    # ---- log, validate, save --------------------------------------------------------------------
+
+    def log(self, loss: float, psnr: float, pbar=None) -> None:
+        """Adds the step to the logging window; every ``log_every`` steps (and at the end) writes a train row
+        of ``metrics.csv`` with the window's means over all ranks.
+
+        Args:
+            loss / psnr: the step's mean loss and training PSNR.
+            pbar: the progress bar (rank 0) or None.
+        """
+        w = self.window
+        w["images"] += self.cfg.batch
+        w["loss"] += loss
+        w["psnr"] += psnr
+        w["n"] += 1
+        if pbar:
+            pbar.update(1)
+        if self.step % self.cfg.log_every and self.step != self.total_steps:
+            return
+        loss_avg = ddp.mean_over_ranks(self.info, w["loss"] / w["n"])
+        psnr_avg = ddp.mean_over_ranks(self.info, w["psnr"] / w["n"])
+        ips = w["images"] / max(1e-9, time.perf_counter() - w["t"])
+        if self.main:
+            self.metrics.add(step=self.step, epoch=round(self.stream.epoch_at(self.step), 3), kind="train", lr=self.lr,
+                             loss=loss_avg, train_psnr=psnr_avg, images_per_s=round(ips, 2),
+                             elapsed_s=round(time.perf_counter() - self.t_start, 1))
+            self.metrics.flush()
+            if pbar:
+                pbar.set_postfix(loss=f"{loss_avg:.4f}", psnr=f"{psnr_avg:.2f}", lr=f"{self.lr:.2e}",
+                                 img_s=f"{ips:.1f}")
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self.window = {"t": time.perf_counter(), "images": 0, "loss": 0.0, "psnr": 0.0, "n": 0}
+
+    def validate(self) -> dict:
+        """Rank 0 scores the val split (whole images, TLC), logs it, keeps ``best.pt``; the others wait.
+
+        Returns the means, and ``early_stop`` (the same on every rank).
+        """
+        cfg, step = self.cfg, self.step
+        scored = self.ema if self.ema is not None else self.model
         row: dict = {}
-        if main:
+        if self.main:
             t0 = time.perf_counter()
-            images = [val_set.load(i) for i in range(len(val_set))]
-            res = evaluate(ema if ema is not None else model, val_pairs, tlc=cfg.val_tlc, train_size=cfg.crop,
-                           device=dev, keep_samples=3, images=images)
+            images = [self.val_set.load(i) for i in range(len(self.val_set))]
+            res = evaluate(scored, self.val_pairs, tlc=cfg.val_tlc, train_size=cfg.crop, device=self.dev,
+                           keep_samples=3, images=images)
             if res.failed:
-                save_last()
+                self.save_last()
                 raise TrainingError("validation pairs that cannot be scored: " + "; ".join(res.failed.values())
-                                    + f". Saved {last_path} at step {step}; fix or remove them, then --resume")
+                                    + f". Saved {self.last_path} at step {step}; fix or remove them, then --resume")
             row = res.summary()
-            metrics.add(step=step, epoch=round(stream.epoch_at(step), 3), kind="val", val_psnr=row["psnr"],
-                        val_ssim=row["ssim"], val_input_psnr=row["input_psnr"], val_input_ssim=row["input_ssim"],
-                        elapsed_s=round(time.perf_counter() - t_start, 1))
-            improved = row["psnr"] > best_psnr
+            self.metrics.add(step=step, epoch=round(self.stream.epoch_at(step), 3), kind="val", val_psnr=row["psnr"],
+                             val_ssim=row["ssim"], val_input_psnr=row["input_psnr"],
+                             val_input_ssim=row["input_ssim"], elapsed_s=round(time.perf_counter() - self.t_start, 1))
+            improved = row["psnr"] > self.best_psnr
             if improved:
-                best_psnr, best_step, bad_vals = row["psnr"], step, 0
-                save_checkpoint(best_path, ema if ema is not None else model, train_size=cfg.crop,
-                                train_config=cfg.to_dict(), step=step, val=row)
+                self.best_psnr, self.best_step, self.bad_vals = row["psnr"], step, 0
+                save_checkpoint(self.best_path, scored, train_size=cfg.crop, train_config=cfg.to_dict(), step=step,
+                                val=row)
             else:
-                bad_vals += 1
-            write_sample_grid(res.samples, run_dir / "samples.png")
-            metrics.flush()
-            plot_curves(metrics, run_dir / "curves.png", title=run_dir.name)
-            say(f"step {step}: val PSNR {row['psnr']:.2f} dB SSIM {row['ssim']:.4f} (blurry input "
-                f"{row['input_psnr']:.2f} dB / {row['input_ssim']:.4f}){' *best*' if improved else ''} "
-                f"[{time.perf_counter() - t0:.1f} s]")
+                self.bad_vals += 1
+            write_sample_grid(res.samples, self.run_dir / "samples.png")
+            self.metrics.flush()
+            plot_curves(self.metrics, self.run_dir / "curves.png", title=self.run_dir.name)
+            self.say(f"step {step}: val PSNR {row['psnr']:.2f} dB SSIM {row['ssim']:.4f} (blurry input "
+                     f"{row['input_psnr']:.2f} dB / {row['input_ssim']:.4f}){' *best*' if improved else ''} "
+                     f"[{time.perf_counter() - t0:.1f} s]")
         # Keep every rank's copy of the early-stopping counter equal (it is saved in last.pt by rank 0 only).
-        bad_vals_shared = ddp.from_main(info, cfg.early_stop > 0 and bad_vals >= cfg.early_stop)
-        return {**row, "early_stop": bad_vals_shared}
+        early_stop = ddp.from_main(self.info, cfg.early_stop > 0 and self.bad_vals >= cfg.early_stop)
+        return {**row, "early_stop": early_stop}
+
+    def save_last(self) -> None:
+        """Rank 0 writes ``last.pt`` (everything an exact resume needs); every rank waits for it."""
+        if self.main:
+            save_checkpoint(self.last_path, self.model, train_size=self.cfg.crop, train_config=self.cfg.to_dict(),
+                            step=self.step, total_steps=self.total_steps, optimizer=self.opt.state_dict(),
+                            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                            ema=self.ema.state_dict() if self.ema is not None else None, best_psnr=self.best_psnr,
+                            best_step=self.best_step, bad_vals=self.bad_vals, rng=_rng_state(),
+                            world_size=self.info.world)
+        ddp.barrier(self.info)
 
     # ---- the loop -------------------------------------------------------------------------------
-    loader = iter(train_loader(train_set, stream, step, workers=cfg.workers, pin_memory=dev.type == "cuda"))
-    net.train()
-    status, last_val = "done", {}
-    t_start = time.perf_counter()
-    pbar = None
-    if progress:
+
+    def run(self) -> RunResult:
+        """Set-up, resume, then steps until the end, an early stop, a stop signal or ``stop_at``."""
+        cfg = self.cfg
+        state = self.setup()
+        if state is not None:
+            self.resume(state)
+        self.setup_parallel()
+        batches = iter(train_loader(self.train_set, self.stream, self.step, workers=cfg.workers,
+                                    pin_memory=self.dev.type == "cuda"))
+        self.net.train()
+        status, last_val = "done", {}
+        self.t_start = time.perf_counter()
+        self._new_window()
+        with _StopSignal() as stop, self._progress_bar() as pbar:
+            while self.step < self.total_steps:
+                loss, psnr = self.train_step(batches)
+                self.log(loss, psnr, pbar)
+
+                # validate / checkpoint / stop
+                if self.step % cfg.val_every == 0 or self.step == self.total_steps:
+                    last_val = self.validate()
+                    self.save_last()
+                    if last_val.pop("early_stop", False):
+                        self.say(f"early stop: no better validation PSNR in {cfg.early_stop} validations")
+                        status = "early_stop"
+                        break
+                elif self.step % cfg.save_every == 0:
+                    self.save_last()
+                if ddp.any_rank(self.info, stop.received is not None):
+                    self.save_last()
+                    self.say(f"\n{stop.received or 'stop signal'} received: saved {self.last_path} at step "
+                             f"{self.step}; continue with --resume")
+                    status = "interrupted"
+                    break
+                if self.stop_at is not None and self.step >= self.stop_at:
+                    self.save_last()
+                    status = "stopped_at"
+                    break
+        if self.main:
+            self.metrics.flush()
+            plot_curves(self.metrics, self.run_dir / "curves.png", title=self.run_dir.name)
+        return RunResult(run_dir=self.run_dir, status=status, step=self.step, total_steps=self.total_steps,
+                         best_psnr=self.best_psnr, best_step=self.best_step, last_val=last_val, model=self.model)
+
+    def _progress_bar(self):
+        if not self.progress:
+            return contextlib.nullcontext(None)
         from tqdm import tqdm
 
-        pbar = tqdm(total=total_steps, initial=step, desc=run_dir.name, unit="step", dynamic_ncols=True)
-    window_t, window_images, window_loss, window_psnr, window_n = time.perf_counter(), 0, 0.0, 0.0, 0
-    with _StopSignal() as stop:
-        while step < total_steps:
-            # lr for this step (a pure function of the step)
-            lr = lr_at(step, lr=cfg.lr, lr_min=cfg.lr_min, total_steps=total_steps, schedule=cfg.schedule,
-                       warmup=cfg.warmup, steps_per_epoch=steps_per_epoch, total_epochs=total_epochs)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            torch.manual_seed(cfg.seed * 1_000_003 + step * 997 + info.rank)  # dropout: f(seed, step, rank)
-
-            # forward + backward over the micro-batches of this step
-            opt.zero_grad(set_to_none=True)
-            loss_sum, psnr_sum = 0.0, 0.0
-            for micro in range(cfg.accum):
-                try:
-                    blur, sharp = next(loader)
-                except UserError as e:  # a file unreadable past its header (the pre-check reads headers only)
-                    if pbar:
-                        pbar.close()
-                    save_last()
-                    raise TrainingError(f"{e}; saved {last_path} at step {step}. Fix or remove the file "
-                                        f"(python cli.py data check {root} --full lists them all), then --resume"
-                                        ) from None
-                blur, sharp = blur.to(dev, non_blocking=True), sharp.to(dev, non_blocking=True)
-                sync = net.no_sync() if info.enabled and micro < cfg.accum - 1 else contextlib.nullcontext()
-                autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-                with sync:
-                    with autocast:
-                        out = net(blur)
-                    loss = loss_fn(out.float(), sharp)
-                    scaler.scale(loss / cfg.accum).backward()
-                with torch.no_grad():
-                    mse = (out.detach().float().clamp(0, 1) - sharp).pow(2).flatten(1).mean(1)
-                    psnr_sum += float((-10 * torch.log10(mse + 1e-10)).mean())
-                loss_sum += float(loss.detach())
-
-            # clip, check, step (the gradient norm is the same on every rank after DDP's all-reduce)
-            scaler.unscale_(opt)
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            # Without a grad scaler a NaN anywhere makes the all-reduced norm NaN on every rank; with fp16
-            # scaling, inf gradients are expected now and then (the scaler skips the step), a NaN loss is not.
-            broken = ddp.any_rank(info, not math.isfinite(loss_sum)) if scaler.is_enabled() \
-                else not bool(torch.isfinite(grad_norm))
-            if broken:
-                if pbar:
-                    pbar.close()
-                kept = f"{last_path} (step {_stored_step(last_path)})" if last_path.exists() else "none written yet"
-                raise TrainingError(f"loss became non-finite at step {step + 1} (loss {loss_sum}, gradient norm "
-                                    f"{float(grad_norm)}); training stopped without saving the broken weights. "
-                                    f"Last good checkpoint: {kept}. Lower the learning rate (--set lr=...) "
-                                    "or check the data, then --resume.")
-            scaler.step(opt)
-            scaler.update()
-            if ema is not None:
-                with torch.no_grad():
-                    for e, p in zip(ema.parameters(), model.parameters()):
-                        e.lerp_(p, 1.0 - cfg.ema)
-            step += 1
-
-            # log
-            window_images += cfg.batch
-            window_loss += loss_sum / cfg.accum
-            window_psnr += psnr_sum / cfg.accum
-            window_n += 1
-            if pbar:
-                pbar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                loss_avg = ddp.mean_over_ranks(info, window_loss / window_n)
-                psnr_avg = ddp.mean_over_ranks(info, window_psnr / window_n)
-                ips = window_images / max(1e-9, time.perf_counter() - window_t)
-                if main:
-                    metrics.add(step=step, epoch=round(stream.epoch_at(step), 3), kind="train", lr=lr, loss=loss_avg,
-                                train_psnr=psnr_avg, images_per_s=round(ips, 2),
-                                elapsed_s=round(time.perf_counter() - t_start, 1))
-                    metrics.flush()
-                    if pbar:
-                        pbar.set_postfix(loss=f"{loss_avg:.4f}", psnr=f"{psnr_avg:.2f}", lr=f"{lr:.2e}",
-                                         img_s=f"{ips:.1f}")
-                window_t, window_images, window_loss, window_psnr, window_n = time.perf_counter(), 0, 0.0, 0.0, 0
-
-            # validate / checkpoint / stop
-            if step % cfg.val_every == 0 or step == total_steps:
-                last_val = validate()
-                save_last()
-                if last_val.pop("early_stop", False):
-                    say(f"early stop: no better validation PSNR in {cfg.early_stop} validations")
-                    status = "early_stop"
-                    break
-            elif step % cfg.save_every == 0:
-                save_last()
-            if ddp.any_rank(info, stop.received is not None):
-                save_last()
-                say(f"\n{stop.received or 'stop signal'} received: saved {last_path} at step {step}; "
-                    "continue with --resume")
-                status = "interrupted"
-                break
-            if stop_at is not None and step >= stop_at:
-                save_last()
-                status = "stopped_at"
-                break
-    if pbar:
-        pbar.close()
-    if main:
-        metrics.flush()
-        plot_curves(metrics, run_dir / "curves.png", title=run_dir.name)
-    return RunResult(run_dir=run_dir, status=status, step=step, total_steps=total_steps, best_psnr=best_psnr,
-                     best_step=best_step, last_val=last_val, model=model)
+        return tqdm(total=self.total_steps, initial=self.step, desc=self.run_dir.name, unit="step",
+                    dynamic_ncols=True)
 
 
 def _size(pair) -> tuple[int, int]:

@@ -1,0 +1,63 @@
+"""Real 2-D FFTs as products with cosine/sine matrices: ``rfft2`` / ``irfft2`` that TensorRT can run.
+
+TensorRT's ONNX parser has no ``DFT`` op and no complex type, and torch's exporter turns
+``torch.fft.rfft2`` into ``DFT``. For a map of known size the transforms are matrix products with
+constant matrices, which every backend runs (and which stay FP32 islands inside an FP16 graph: a
+64x64 window's DC term is its sum, far past FP16's 65504).
+
+With ``C_N[a, b] = cos(2 pi a b / N)`` and ``S_N[a, b] = sin(2 pi a b / N)``:
+
+    rfft2:   A = x C_W,  B = -x S_W        (first W // 2 + 1 columns: the one-sided spectrum)
+             Re = C_H A + S_H B,  Im = C_H B - S_H A
+    irfft2:  Zr = (C_H Yr - S_H Yi) / H,  Zi = (C_H Yi + S_H Yr) / H          (inverse along H)
+             x = Zr Chat - Zi Shat,  Chat[l, w] = a_l cos(2 pi l w / W) / W,  Shat likewise with sin
+             a_0 = 1, a_{W/2} = 1 for even W, otherwise a_l = 2
+
+The imaginary parts of columns 0 and W/2 drop out of irfft2 (their sines are 0), as in torch's CPU
+FFT. Angles are formed as ``2 pi ((a * b) mod N) / N`` with the product and the modulo in integers,
+so they stay exact for any N (a float ``a * b`` loses bits past 2**24); only the final scaling and the
+cos/sin are FP32. The matrices are built with torch ops from the sizes, so the same code gives
+constants in a fixed-shape graph and in-graph matrices in a dynamic one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cos_sin(n_rows, n_cols, n, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP32 ``cos`` and ``sin`` of ``2 pi (a b mod n) / n`` for a < ``n_rows``, b < ``n_cols``: (n_rows, n_cols)."""
+    a = torch.arange(n_rows, device=device, dtype=torch.int64)
+    b = torch.arange(n_cols, device=device, dtype=torch.int64)
+    # the modulus as a 0-d tensor: with a symbolic n (dynamic export) `% n` has no ONNX translation
+    m = torch.remainder(a[:, None] * b[None, :], torch.ones((), device=device, dtype=torch.int64) * n)
+    angle = m.to(torch.float32) * (2 * math.pi / n)
+    return torch.cos(angle), torch.sin(angle)
+
+
+def rfft2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real, imaginary) of ``torch.fft.rfft2(x, norm='backward')`` in FP32: (..., H, W) -> (..., H, W // 2 + 1)."""
+    h, w = x.shape[-2:]
+    x = x.float()
+    cw, sw = cos_sin(w, w // 2 + 1, w, x.device)  # (W, W/2+1)
+    ch, sh = cos_sin(h, h, h, x.device)  # (H, H), symmetric
+    a = x @ cw
+    b = -(x @ sw)
+    return ch @ a + sh @ b, ch @ b - sh @ a
+
+
+def irfft2(re: torch.Tensor, im: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``torch.fft.irfft2(re + i im, s=size, norm='backward')`` in FP32: (..., H, W // 2 + 1) -> (..., H, W)."""
+    h, w = size
+    re, im = re.float(), im.float()
+    ch, sh = cos_sin(h, h, h, re.device)
+    zr = (ch @ re - sh @ im) / h
+    zi = (ch @ im + sh @ re) / h
+    n_freq = w // 2 + 1
+    c, s = cos_sin(n_freq, w, w, re.device)  # (W/2+1, W)
+    freq = torch.arange(n_freq, device=re.device)
+    # a_l / W: 1 for the DC column and (even W) the Nyquist column, 2 for the columns that stand for two
+    weight = (2 - (freq == 0).to(torch.float32) - (2 * freq == w).to(torch.float32))[:, None] / w
+    return zr @ (c * weight) - zi @ (s * weight)

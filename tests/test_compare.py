@@ -1,0 +1,126 @@
+"""``compare``: the experiment table built from what real (tiny) runs leave on disk."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import nafnet_core as nc
+from nafnet_core.errors import UserError
+from train.compare import compare_table, summarize_runs
+from train.config import build_config
+
+SHORT = {"steps": 3, "crop": 64, "batch": 2, "val_every": 3, "save_every": 3, "log_every": 1, "val_max": 2,
+         "workers": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, synth_root):
+    """Two real 3-step tiny runs that differ in the gate and the learning rate; the first is evaluated on the
+    test split, exported into its run folder and benchmarked at 720x1280."""
+    from export import export_model
+    from runtime.bench import bench_export
+    from train.evaluate import evaluate_checkpoint
+    from train.loop import train
+
+    root = tmp_path_factory.mktemp("runs")
+    a = train(build_config("tiny", sets=SHORT), root / "simple", progress=False, device="cpu").run_dir
+    b = train(build_config("tiny", sets={**SHORT, "lr": 2e-3, "model_args": {"gate": "swiglu"}}), root / "swiglu",
+              progress=False, device="cpu").run_dir
+    result, meta = evaluate_checkpoint(a / "best.pt", split="test", max_images=2, device="cpu", progress=False)
+    result.write_json(a / "test.json", **meta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_model(a / "best.pt", a / "export", tiles=[(64, 64)], dynamic=False, fp16=False, check=False)
+    bench = bench_export(a / "export", (720, 1280), repeats=1, warmup=0, threads=1, include_torch=False,
+                         progress=False)
+    (a / "export" / "bench.json").write_text(json.dumps(bench))
+    return a, b, result.summary(), bench
+
+
+def test_table_reads_every_source(runs):
+    a, b, test_summary, bench = runs
+    rows = summarize_runs([a, b])
+    ra, rb = rows
+    assert (ra.run, rb.run) == ("simple", "swiglu")
+    # config differences: exactly the keys set differently (paths and bookkeeping are not listed)
+    assert ra.differs == {"lr": 4e-3, "model_args": {}} or ra.differs["lr"] != rb.differs["lr"]
+    assert set(ra.differs) == set(rb.differs) == {"lr", "model_args"}
+    assert rb.differs["model_args"] == {"gate": "swiglu"}
+    # model cost from the config, equal to counting the real models
+    assert ra.parameters == nc.count_parameters(nc.create_model("tiny"))
+    assert rb.parameters == nc.count_parameters(nc.create_model("tiny", gate="swiglu"))
+    assert ra.gflop_256 == round(nc.model_gflops(nc.get_config("tiny"), 256, 256), 2)
+    # metrics.csv: the best validation row and the median throughput
+    with open(a / "metrics.csv", newline="") as f:
+        val = [r for r in csv.DictReader(f) if r["kind"] == "val"]
+    best = max(val, key=lambda r: float(r["val_psnr"]))
+    assert ra.best_val_psnr == pytest.approx(float(best["val_psnr"]))
+    assert ra.val_input_psnr == pytest.approx(float(best["val_input_psnr"]))
+    assert ra.best_step == 3 and ra.train_images_per_s > 0
+    # the eval JSON in the run folder
+    assert ra.test_psnr == pytest.approx(test_summary["psnr"]) and rb.test_psnr is None
+    # the export of this run's best.pt, matched by sha256, and its bench result at 720x1280
+    assert ra.export == str(a / "export") and rb.export is None
+    ort = [r["median_ms"] for r in bench["rows"] if r["backend"] == "onnxrt" and r["precision"] == "fp32"]
+    assert ra.onnxrt_720p_ms == pytest.approx(min(ort))
+    table = compare_table(rows)
+    assert "lr=0.002" in table and 'model_args={"gate":"swiglu"}' in table
+    assert f"{ra.test_psnr:.2f} / {ra.test_ssim:.4f}" in table
+
+
+def test_export_of_another_checkpoint_is_not_attributed(runs, tmp_path):
+    a, b, _, _ = runs
+    c = tmp_path / "copy"
+    shutil.copytree(b, c)
+    shutil.copytree(a / "export", c / "export")  # an export whose source is a's best.pt, not c's
+    assert summarize_runs([c])[0].export is None
+
+
+def test_an_old_run_with_only_config_and_metrics_compares(runs, tmp_path):
+    a, _, _, _ = runs
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(a / "config.json", old)
+    shutil.copy(a / "metrics.csv", old)
+    row = summarize_runs([old])[0]
+    assert row.best_val_psnr is not None and row.test_psnr is None and row.export is None
+    assert "-" in compare_table([row])
+
+
+def test_not_a_run_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="not a training run"):
+        summarize_runs([tmp_path])
+    with pytest.raises(UserError, match="not a directory"):
+        summarize_runs([tmp_path / "missing"])
+
+
+def test_cli_json_and_csv(runs, tmp_path):
+    from cli import main
+
+    a, b, _, _ = runs
+    out = CliRunner().invoke(main, ["compare", str(a), str(b), "--json", str(tmp_path / "t.json"),
+                                    "--csv", str(tmp_path / "t.csv")])
+    assert out.exit_code == 0, out.output
+    assert "simple" in out.output and "swiglu" in out.output
+    rows = json.loads((tmp_path / "t.json").read_text())
+    assert [r["run"] for r in rows] == ["simple", "swiglu"]
+    table = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))
+    assert table[1]["differs"].startswith("lr=") and float(table[0]["parameters"]) == rows[0]["parameters"]
+    bad = CliRunner().invoke(main, ["compare", str(tmp_path)])
+    assert bad.exit_code == 1 and "not a training run" in bad.output

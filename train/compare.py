@@ -1,0 +1,229 @@
+"""The experiment table: training runs side by side (``python cli.py compare runs/*``).
+
+Everything comes from files a run already leaves behind, so runs made by any version of the project
+compare (a file that is missing is a ``-`` cell, never an error):
+
+- ``config.json``: the training config; the table lists only the keys whose values differ between runs.
+- the model config (from ``config.json``): parameters and GFLOP at 256x256 and 720x1280, counted on
+  the meta device (no weights are loaded).
+- ``metrics.csv``: the best validation PSNR/SSIM (with the blurry input's on the same images) and the
+  median training throughput.
+- eval JSON files in the run directory (``python cli.py eval RUN/best.pt --json RUN/test.json``): the test
+  split with TLC.
+- an export of this run's ``best.pt`` (a folder with ``manifest.json`` inside the run directory, beside
+  it, or under ``./exported``, matched by the checkpoint's sha256) and a ``bench --json`` result inside
+  that export folder: the onnxruntime fp32 latency at 720x1280.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nafnet_core.errors import UserError
+
+#: The benchmark size of the latency column (a GoPro frame).
+LATENCY_SIZE = "720x1280"
+#: Training-config keys that never describe the experiment (paths and bookkeeping).
+IGNORED_KEYS = ("data_root", "world_size", "workers", "log_every", "save_every", "cache")
+
+
+@dataclass
+class RunSummary:
+    """One row of the table (``None``: not recorded for this run)."""
+
+    run: str
+    model: str | None = None
+    differs: dict[str, Any] = field(default_factory=dict)
+    parameters: int | None = None
+    gflop_256: float | None = None
+    gflop_720p: float | None = None
+    best_val_psnr: float | None = None
+    best_val_ssim: float | None = None
+    best_step: int | None = None
+    val_input_psnr: float | None = None
+    val_input_ssim: float | None = None
+    test_psnr: float | None = None
+    test_ssim: float | None = None
+    test_input_psnr: float | None = None
+    train_images_per_s: float | None = None
+    export: str | None = None
+    onnxrt_720p_ms: float | None = None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _float(text: Any) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """``RUN/config.json`` as a dict; a folder without one is not a run (one line naming it)."""
+    path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a directory; give run directories such as runs/tiny")
+    data = _read_json(path) if path.is_file() else None
+    if not isinstance(data, dict):
+        raise UserError(f"{run_dir}: not a training run (no readable config.json); give folders written by "
+                        "`python cli.py train`")
+    return data
+
+
+def _model_cost(config: dict[str, Any]) -> tuple[int | None, float | None, float | None]:
+    """Parameters and GFLOP at 256x256 and 720x1280 of the run's model, on the meta device."""
+    import torch
+
+    from nafnet_core.config import get_config
+    from nafnet_core.flops import model_gflops
+    from nafnet_core.model import NAFNet, count_parameters
+
+    try:
+        cfg = get_config(config.get("model", "nafnet-gopro-width32"), **(config.get("model_args") or {}))
+    except (KeyError, ValueError, TypeError):
+        return None, None, None  # a preset this version does not know
+    with torch.device("meta"):
+        params = count_parameters(NAFNet(cfg))
+    return params, round(model_gflops(cfg, 256, 256), 2), round(model_gflops(cfg, 720, 1280), 1)
+
+
+def _metrics(run_dir: Path, row: RunSummary) -> None:
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    vals = [r for r in rows if r.get("kind") == "val" and _float(r.get("val_psnr")) is not None]
+    if vals:
+        best = max(vals, key=lambda r: _float(r["val_psnr"]))
+        row.best_val_psnr, row.best_val_ssim = _float(best["val_psnr"]), _float(best.get("val_ssim"))
+        row.val_input_psnr, row.val_input_ssim = _float(best.get("val_input_psnr")), _float(best.get("val_input_ssim"))
+        row.best_step = int(best["step"]) if str(best.get("step", "")).isdigit() else None
+    speeds = [v for r in rows if r.get("kind") == "train" and (v := _float(r.get("images_per_s"))) is not None]
+    if speeds:
+        row.train_images_per_s = round(statistics.median(speeds), 2)
+
+
+def _test_eval(run_dir: Path, row: RunSummary) -> None:
+    """The newest eval JSON in the run directory that scored the test split with TLC."""
+    found = []
+    for path in run_dir.glob("*.json"):
+        data = _read_json(path)
+        if isinstance(data, dict) and data.get("split") == "test" and data.get("tlc") and "psnr" in data:
+            found.append((path.stat().st_mtime, data))
+    if found:
+        data = max(found, key=lambda t: t[0])[1]
+        row.test_psnr, row.test_ssim = _float(data.get("psnr")), _float(data.get("ssim"))
+        row.test_input_psnr = _float(data.get("input_psnr"))
+
+
+def _export_of(run_dir: Path) -> Path | None:
+    """An export folder whose manifest names this run's best.pt (or last.pt) by sha256."""
+    from nafnet_core.fileio import sha256_file
+
+    digests = {sha256_file(p) for p in (run_dir / "best.pt", run_dir / "last.pt") if p.is_file()}
+    if not digests:
+        return None
+    candidates = [*run_dir.glob("*/manifest.json"), *run_dir.parent.glob("*/manifest.json"),
+                  *Path("exported").glob("*/manifest.json")]
+    for manifest in sorted(set(candidates)):
+        data = _read_json(manifest)
+        source = data.get("source") if isinstance(data, dict) else None
+        if isinstance(source, dict) and source.get("sha256") in digests:
+            return manifest.parent
+    return None
+
+
+def _latency(export_dir: Path) -> float | None:
+    """Fastest onnxruntime fp32 median at 720x1280 among the ``bench --json`` results in the export folder."""
+    best = None
+    for path in export_dir.glob("*.json"):
+        data = _read_json(path)
+        if not (isinstance(data, dict) and isinstance(data.get("rows"), list)):
+            continue
+        for r in data["rows"]:
+            if (isinstance(r, dict) and r.get("backend") == "onnxrt" and r.get("precision") == "fp32"
+                    and r.get("size") == LATENCY_SIZE and _float(r.get("median_ms")) is not None):
+                best = min(best or math.inf, _float(r["median_ms"]))
+    return best
+
+
+def summarize_runs(run_dirs: list[str | Path]) -> list[RunSummary]:
+    """One :class:`RunSummary` per run directory, with the config keys that differ between them."""
+    if not run_dirs:
+        raise UserError("no run directories given; e.g. python cli.py compare runs/*")
+    dirs = [Path(d) for d in run_dirs]
+    configs = [read_run_config(d) for d in dirs]
+    keys = sorted({k for c in configs for k in c} - set(IGNORED_KEYS))
+    missing = object()
+    differing = [k for k in keys if len({json.dumps(c.get(k, missing), sort_keys=True, default=str)
+                                         for c in configs}) > 1]
+    names = [d.name if [x.name for x in dirs].count(d.name) == 1 else str(d) for d in dirs]
+    rows = []
+    for d, name, config in zip(dirs, names, configs):
+        row = RunSummary(run=name, model=config.get("model"),
+                         differs={k: config.get(k) for k in differing if k != "model"})
+        row.parameters, row.gflop_256, row.gflop_720p = _model_cost(config)
+        _metrics(d, row)
+        _test_eval(d, row)
+        export_dir = _export_of(d)
+        if export_dir is not None:
+            row.export = str(export_dir)
+            row.onnxrt_720p_ms = _latency(export_dir)
+        rows.append(row)
+    return rows
+
+
+def _cell(value: Any, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _pair(a: float | None, b: float | None, fa: str, fb: str) -> str:
+    return "-" if a is None else f"{a:{fa}} / {_cell(b, fb)}"
+
+
+def _differs_text(differs: dict[str, Any]) -> str:
+    return " ".join(f"{k}={json.dumps(v, separators=(',', ':')) if not isinstance(v, str) else v}"
+                    for k, v in differs.items()) or "-"
+
+
+def compare_table(rows: list[RunSummary]) -> str:
+    """The plain-text experiment table (one line per run)."""
+    from nafnet_core.cli_common import text_table
+
+    head = ["run", "model", "params", "GFLOP 256²", "GFLOP 720p", "best val PSNR/SSIM", "@step",
+            "input val", "test PSNR/SSIM (TLC)", "img/s", "ORT 720p s", "config differs"]
+    body = [[r.run, _cell(r.model), _cell(r.parameters, ","), _cell(r.gflop_256, ".2f"), _cell(r.gflop_720p, ".1f"),
+             _pair(r.best_val_psnr, r.best_val_ssim, ".2f", ".4f"), _cell(r.best_step),
+             _pair(r.val_input_psnr, r.val_input_ssim, ".2f", ".4f"),
+             _pair(r.test_psnr, r.test_ssim, ".2f", ".4f"), _cell(r.train_images_per_s, ".2f"),
+             "-" if r.onnxrt_720p_ms is None else f"{r.onnxrt_720p_ms / 1e3:.2f}", _differs_text(r.differs)]
+            for r in rows]
+    return text_table(head, body)
+
+
+def rows_as_dicts(rows: list[RunSummary]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]
+
+
+def compare_csv(rows: list[RunSummary]) -> str:
+    """CSV: one column per :class:`RunSummary` field; ``differs`` as ``key=value`` text."""
+    from .report import csv_text
+
+    dicts = rows_as_dicts(rows)
+    for d in dicts:
+        d["differs"] = _differs_text(d["differs"])
+    return csv_text(list(RunSummary.__dataclass_fields__), dicts, ".6g")
