@@ -116,6 +116,9 @@ class TrainConfig:
     cache: str = "auto"
 
     def __post_init__(self) -> None:
+        for key in ("channels_last", "compile"):  # --set compile=true means "on"
+            if isinstance(getattr(self, key), bool):
+                setattr(self, key, "on" if getattr(self, key) else "off")
         self.validate()
 
     def validate(self) -> None:

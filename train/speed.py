@@ -84,6 +84,10 @@ def prepare_model(model: nn.Module, plan: SpeedPlan) -> nn.Module:
     """Puts ``model``'s weights in the plan's memory format (in place); returns ``model``."""
     if plan.channels_last:
         model.to(memory_format=torch.channels_last)
+        with torch.no_grad():  # (1, C, 1, 1) scales (beta, gamma) get their gradients in NCHW strides from
+            for p in model.parameters():  # a sum: keep them NCHW so DDP's bucket views match the gradients
+                if p.dim() == 4 and p.shape[0] == 1 and p.shape[2:] == (1, 1):
+                    p.data = p.data.clone(memory_format=torch.contiguous_format)
     return model
 
 
