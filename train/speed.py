@@ -10,7 +10,9 @@ Three config keys choose them (``auto`` takes the measured default of the device
 
 The optimizer always uses the fused AdamW/Adam kernel where the parameters' device has one (CPU and CUDA
 in torch 2.13), else the multi-tensor (``foreach``) one; all three give the same update up to FP32 rounding.
-Gradient clipping uses the multi-tensor norm only on CUDA: on CPU the per-tensor loop measured faster.
+Gradient clipping uses the multi-tensor norm on every device. Measured for width32's 664 parameters on one
+CPU thread (load ~12): AdamW step 1296 ms (per-tensor loop, torch's CPU default), 1228 ms (foreach),
+595 ms (fused); clipping 427 ms per tensor, 305 ms foreach.
 """
 
 from __future__ import annotations
@@ -119,7 +121,9 @@ def make_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """``clip_grad_norm_`` at ``max_norm`` (0 = only measure); multi-tensor on CUDA, per tensor on CPU."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    cuda = any(p.grad.is_cuda for p in params)
-    return nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=cuda or None)
+    """``clip_grad_norm_`` at ``max_norm`` (0 = only measure) with the multi-tensor kernels.
+
+    torch uses them by default on CUDA only; on CPU they measured 305 ms against 427 ms per tensor for
+    width32's 664 gradients (1 thread).
+    """
+    return nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf, foreach=True)
