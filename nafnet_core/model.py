@@ -29,8 +29,56 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """FP32 for half/bf16/FP32 tensors, FP64 for FP64 ones (gradient checks)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+class _LayerNorm2dFunction(torch.autograd.Function):
+    """Channel LayerNorm with a hand-written backward, in FP32 whatever the input dtype.
+
+    Autograd of the plain form keeps the upcast, the centred input and the normalised map alive and runs
+    eight ops backwards; this keeps one full-size tensor: the normalised ``y`` (FP32 input) or the input
+    itself (half/bf16 input: half the bytes of an FP32 ``y``, recomputed in the backward), plus the
+    per-pixel ``1/std``. With ``g = dL/dout * weight``:
+    ``dx = (g - mean_C(g) - y * mean_C(g * y)) / std``, ``dweight = sum_NHW(dL/dout * y)``,
+    ``dbias = sum_NHW(dL/dout)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> torch.Tensor:  # (N, C, H, W)
+        xf = x.to(_stats_dtype(x))
+        var, mu = torch.var_mean(xf, 1, correction=0, keepdim=True)  # (N, 1, H, W)
+        rstd = (var + eps).rsqrt_()
+        y = (xf - mu).mul_(rstd)
+        ctx.keeps_input = xf is not x  # half/bf16 input: keep it, not the 2x larger FP32 y
+        ctx.save_for_backward(x if ctx.keeps_input else y, mu if ctx.keeps_input else None, rstd, weight)
+        if weight is not None:
+            c = x.shape[1]
+            y = torch.addcmul(bias.to(y.dtype).view(1, c, 1, 1), y, weight.to(y.dtype).view(1, c, 1, 1))
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        saved, mu, rstd, weight = ctx.saved_tensors
+        y = (saved.to(rstd.dtype) - mu).mul_(rstd) if ctx.keeps_input else saved
+        go = grad_out.to(rstd.dtype)
+        g = go if weight is None else go * weight.to(go.dtype).view(1, -1, 1, 1)
+        dx = (g - g.mean(1, keepdim=True)).addcmul_(y, (g * y).mean(1, keepdim=True), value=-1).mul_(rstd)
+        dweight = dbias = None
+        if weight is not None:
+            dweight = (go * y).sum((0, 2, 3)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            dbias = go.sum((0, 2, 3)).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return dx.to(grad_out.dtype), dweight, dbias, None
+
+
 class LayerNorm2d(nn.Module):
-    """LayerNorm over channels at every pixel (biased variance), per-channel affine.
+    """LayerNorm over channels at every pixel (biased variance), per-channel affine; statistics in FP32.
+
+    Training (grad enabled) uses a hand-written backward (:class:`_LayerNorm2dFunction`); inference,
+    ``torch.compile``, export and tracing use the plain ops of :meth:`reference`, which the exporters and
+    the compiler see through.
 
     Args:
         channels: number of channels.
@@ -45,13 +93,20 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
+        if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                                            or torch.onnx.is_in_onnx_export()):
+            return _LayerNorm2dFunction.apply(x, self.weight, self.bias, self.eps)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain-ops form (autograd differentiates it; exporters and the compiler trace it)."""
         dtype = x.dtype
-        x = x.float()
+        x = x.to(_stats_dtype(x))
         mu = x.mean(1, keepdim=True)
         var = (x - mu).pow(2).mean(1, keepdim=True)
         y = (x - mu) / (var + self.eps).sqrt()
         if self.weight is not None:
-            y = self.weight.float().view(1, -1, 1, 1) * y + self.bias.float().view(1, -1, 1, 1)
+            y = self.weight.to(x.dtype).view(1, -1, 1, 1) * y + self.bias.to(x.dtype).view(1, -1, 1, 1)
         return y.to(dtype)
 
 

@@ -71,6 +71,103 @@ def test_layernorm2d_half_stays_finite_on_large_residuals():
     torch.testing.assert_close(y.float(), LayerNorm2d(64)(x.float()), atol=2e-2, rtol=1e-2)
 
 
+def _randomised_norm(c: int, affine: bool, seed: int = 0) -> LayerNorm2d:
+    ln = LayerNorm2d(c, affine=affine)
+    if affine:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            ln.weight.copy_(1 + 0.5 * torch.randn(c, generator=g))
+            ln.bias.copy_(0.5 * torch.randn(c, generator=g))
+    return ln
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layernorm2d_backward_passes_gradcheck_and_equals_autograd(affine):
+    # float64: the hand-written backward against finite differences (gradcheck) and against autograd of
+    # the plain-ops reference, for the input and (affine) the weight and bias.
+    ln = _randomised_norm(5, affine).double()
+    x = (torch.randn(2, 5, 4, 3, dtype=torch.float64) * 3 + 1).requires_grad_()
+    params = [ln.weight, ln.bias] if affine else []
+    assert torch.autograd.gradcheck(lambda x, *p: ln(x), (x, *params))
+    go = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    grads = torch.autograd.grad(ln(x), [x, *params], go)
+    ref_grads = torch.autograd.grad(ln.reference(x), [x, *params], go)
+    assert ln(x).grad_fn.name() != ln.reference(x).grad_fn.name()  # the two paths really differ
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+# Tolerances against the FP32 reference: the forward output and dx are rounded once to the input dtype
+# (half: 2**-11 relative, bf16: 2**-8), on values of size ~3 (outputs) or ~|dL/dout| / std.
+_DTYPE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layernorm2d_backward_in_low_precision_matches_fp32_reference(dtype, affine):
+    torch.manual_seed(1)
+    ln = _randomised_norm(16, affine, seed=1)
+    x32 = torch.randn(2, 16, 6, 5) * 40 + 20  # a large residual stream: FP16 channel sums would overflow
+    go32 = torch.randn(2, 16, 6, 5)
+    x = x32.to(dtype).requires_grad_()
+    go = go32.to(dtype)
+    params = [ln.weight, ln.bias] if affine else []
+    out = ln(x)
+    assert out.dtype == dtype
+    grads = torch.autograd.grad(out, [x, *params], go)
+    # Reference: plain ops in FP32 on the same (rounded) input and output gradient.
+    xr = x.detach().float().requires_grad_()
+    ref = ln.reference(xr)
+    ref_grads = torch.autograd.grad(ref, [xr, *params], go.float())
+    tol = _DTYPE_TOL[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=tol * 4, rtol=tol)
+    assert grads[0].dtype == dtype
+    dx_scale = float(ref_grads[0].abs().max())
+    torch.testing.assert_close(grads[0].float(), ref_grads[0], atol=tol * dx_scale, rtol=tol)
+    for got, want in zip(grads[1:], ref_grads[1:]):  # weight/bias grads: FP32 sums of FP32 products
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_layernorm2d_half_module_gives_half_grads_from_fp32_statistics():
+    ln = _randomised_norm(64, True).half()
+    x = (torch.randn(1, 64, 8, 8) * 300).half().requires_grad_()  # FP16 sums of squares would overflow
+    out = ln(x)
+    out.float().pow(2).sum().backward()
+    assert x.grad.dtype == ln.weight.grad.dtype == torch.float16
+    assert torch.isfinite(x.grad).all() and torch.isfinite(ln.weight.grad).all()
+
+
+def _saved_bytes(fn, x: torch.Tensor) -> int:
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layernorm2d_training_form_keeps_one_feature_map_alive(dtype):
+    ln = _randomised_norm(16, True)
+    x = torch.randn(2, 16, 8, 8, dtype=dtype, requires_grad=True)
+    fp32_map = x.numel() * 4
+    kept = _saved_bytes(ln, x)
+    # One map (FP32 y, or the half input itself) plus per-pixel statistics of 1/16 map each.
+    assert kept <= (x.numel() * x.element_size()) + 2 * fp32_map / 16 + 1024
+    assert _saved_bytes(ln.reference, x) >= 2 * fp32_map  # what autograd of the plain form keeps
+
+
+def test_layernorm2d_uses_plain_ops_without_grad():
+    ln = _randomised_norm(8, True)
+    x = torch.randn(1, 8, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ln(x), ln.reference(x), atol=0, rtol=0)
+    assert type(ln(x).grad_fn).__name__.startswith("_LayerNorm2dFunction")
+
+
 # --- an independent, functional NAFNet written from docs/DESIGN.md §3 (The model), reading the state dict directly ---
 
 def _ref_block(sd, p, x, gate):

@@ -92,9 +92,13 @@ def data_synth(out: Path, seed: int, count: int, size: str) -> None:
               show_default=True, help="Parent folder of run directories.")
 @click.option("--resume", is_flag=True, help="Continue RUNS/NAME/last.pt exactly where it stopped.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 [default: CUDA when available].")
-@click.option("--bench", is_flag=True, help="Only measure training throughput (images/s) for this config.")
+@click.option("--bench", is_flag=True,
+              help="Only measure training throughput: images/s, s/step, peak memory and compile time of this "
+                   "config and of each speed option (channels_last, amp=bf16, compile), timed interleaved.")
+@click.option("--json", "as_json", is_flag=True, help="With --bench: print the result as JSON instead of a table.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-def train_cmd(preset, config_file, sets, data_root, name, runs_dir, resume, device, bench, progress) -> None:
+def train_cmd(preset, config_file, sets, data_root, name, runs_dir, resume, device, bench, as_json,
+              progress) -> None:
     """Train NAFNet (one process, or several under torchrun) with validation, checkpoints and exact resume.
 
     \b
@@ -104,7 +108,7 @@ def train_cmd(preset, config_file, sets, data_root, name, runs_dir, resume, devi
       python cli.py train --preset seed --set batch=16 --data ~/datasets/DBlur/Gopro
       python cli.py train --name w32 --resume
       torchrun --nproc_per_node=2 cli.py train --data ~/datasets/GOPRO_Large --name w32-ddp
-      python cli.py train --preset tiny --set crop=256 --set batch=4 --bench
+      python cli.py train --set batch=4 --bench                  # width32, 256 crops: config vs options
       tensorboard --logdir runs    # watch every run live (pip install tensorboard; --set tensorboard=off)
 
     One train per run directory: a second one on a directory a running train holds stops, naming its PID.
@@ -129,9 +133,16 @@ def train_cmd(preset, config_file, sets, data_root, name, runs_dir, resume, devi
     else:
         cfg = build_config(preset or "gopro", file=config_file, sets=overrides)
     if bench:
-        from .bench import train_throughput
+        from .bench import bench_options, rows_table
 
-        click.echo(json.dumps(train_throughput(cfg, device=device or "cpu")))
+        result = bench_options(cfg, device=device or "cpu", progress=progress)
+        if as_json:
+            click.echo(json.dumps(result))
+        else:
+            click.echo(f"{cfg.model}, batch {cfg.batch} of {cfg.crop}x{cfg.crop}, {result['device']}, "
+                       f"{result['threads']} threads; config = {result['config_resolves_to']}; medians of "
+                       f"{result['timed_steps']} interleaved steps; memory: {result['memory']}")
+            click.echo(rows_table(result["rows"], "fp32 eager"))
         return
     from .loop import train
 

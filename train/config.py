@@ -61,7 +61,10 @@ class TrainConfig:
         warmup: linear warm-up steps.
         loss: psnr (official) | l1 | charbonnier.
         grad_clip: max gradient norm (0 disables).
-        amp: auto (bf16 on CUDA when supported, else fp16; off on CPU) | bf16 | fp16 | off.
+        amp: auto | bf16 | fp16 | off: autocast of the forward (fp16 CUDA-only); auto = the device's
+            measured default (``train.speed.AUTO``: bf16 on CUDA when supported, else fp16; off on CPU).
+        channels_last: auto | on | off: NHWC weights and inputs (auto = the device's measured default).
+        compile: auto | on | off: ``torch.compile`` the model (auto = the device's measured default).
         ema: decay of an exponential moving average of the weights (0 = off); validation and best.pt use it.
         val_every: validate every N steps (and at the end).
         val_tlc: validate whole images with TLC (train size = crop).
@@ -102,6 +105,8 @@ class TrainConfig:
     loss: str = "psnr"
     grad_clip: float = 0.01
     amp: str = "auto"
+    channels_last: str = "auto"
+    compile: str = "auto"
     ema: float = 0.0
     val_every: int = 20_000
     val_tlc: bool = True
@@ -115,13 +120,17 @@ class TrainConfig:
     tensorboard: str = "auto"
 
     def __post_init__(self) -> None:
+        for key in ("channels_last", "compile"):  # --set compile=true means "on"
+            if isinstance(getattr(self, key), bool):
+                setattr(self, key, "on" if getattr(self, key) else "off")
         self.validate()
 
     def validate(self) -> None:
         _check_types(self)
         choices = {"crop_mode": CROP_MODES, "loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
                    "amp": AMP_MODES, "model": tuple(MODEL_PRESETS), "blur_dir": ("blur", "blur_gamma"),
-                   "cache": ("auto", "on", "off"), "tensorboard": TENSORBOARD_MODES}
+                   "cache": ("auto", "on", "off"), "tensorboard": TENSORBOARD_MODES,
+                   "channels_last": ("auto", "on", "off"), "compile": ("auto", "on", "off")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
@@ -249,7 +258,7 @@ def build_config(preset: str | None = "gopro", file: str | Path | None = None, s
                  base: dict[str, Any] | None = None) -> TrainConfig:
     """preset (or ``base``, e.g. a resumed run's config) -> file -> sets."""
     if base is not None:
-        merged = dict(base)
+        merged = TrainConfig().to_dict() | dict(base)  # a run saved before a key existed gets its default
     else:
         if preset not in PRESETS:
             raise ConfigError(f"unknown training preset {preset!r}; choose one of {', '.join(PRESETS)}")

@@ -39,6 +39,7 @@ from nafnet_core.fileio import FolderBusyError, atomic_write_text, exclusive_fol
 from nafnet_core.model import NAFNet
 
 from . import distributed as ddp
+from . import speed
 from .config import TrainConfig
 from .dashboard import Dashboard, summary_writer_class
 from .data import PairDataset, PairTransform, SampleStream, check_dataset, train_loader, write_split_lists
@@ -112,19 +113,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or cfg.amp == "off":
-        return None  # mixed precision is CUDA-only here; CPU trains in fp32
-    if cfg.amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-
-
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
 def build_model(cfg: TrainConfig) -> NAFNet:
@@ -304,9 +292,10 @@ class Trainer:
         """Model (seeded), optimizer, mixed precision, EMA copy, loss and the metrics log."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg).to(self.dev)
-        self.opt = make_optimizer(cfg, self.model)
-        self.amp_dtype = _amp_dtype(cfg, self.dev)
+        self.plan = speed.resolve(cfg, self.dev)  # channels_last / compile / amp for this device
+        self.model = speed.prepare_model(build_model(cfg).to(self.dev), self.plan)
+        self.opt = speed.make_optimizer(cfg, self.model)
+        self.amp_dtype = self.plan.amp_dtype
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.ema else None
         self.loss_fn = LOSS_FUNCTIONS[cfg.loss]
@@ -317,6 +306,7 @@ class Trainer:
         dev = self.dev
         self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda"
                                                        else None) if self.info.enabled else self.model
+        self.net = speed.compile_model(self.net, self.plan)  # DDP first, then compile (torch's advice)
 
     def setup_dashboard(self) -> None:
         """Checks that TensorBoard logging can run (``cfg.tensorboard``; rank 0), before any work."""
@@ -404,11 +394,10 @@ class Trainer:
         loss_sum, psnr_sum = 0.0, 0.0
         for micro in range(cfg.accum):
             blur, sharp = self.next_batch(batches)
+            blur = speed.to_input(blur, self.plan)
             sync = self.net.no_sync() if info.enabled and micro < cfg.accum - 1 else contextlib.nullcontext()
-            autocast = torch.autocast(self.dev.type, dtype=self.amp_dtype) if self.amp_dtype \
-                else contextlib.nullcontext()
             with sync:
-                with autocast:
+                with speed.autocast(self.plan, self.dev):
                     out = self.net(blur)
                 loss = self.loss(out, sharp)
                 self.scaler.scale(loss / cfg.accum).backward()
@@ -419,7 +408,7 @@ class Trainer:
 
         # clip, check, step (the gradient norm is the same on every rank after DDP's all-reduce)
         self.scaler.unscale_(self.opt)
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        grad_norm = speed.clip_gradients(self.model, cfg.grad_clip)
         # Without a grad scaler a NaN anywhere makes the all-reduced norm NaN on every rank; with fp16
         # scaling, inf gradients are expected now and then (the scaler skips the step), a NaN loss is not.
         broken = ddp.any_rank(info, not math.isfinite(loss_sum)) if self.scaler.is_enabled() \
