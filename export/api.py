@@ -84,6 +84,9 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
                  trt_options: TrtOptions | None = None, check: bool = True, progress: bool = False) -> Manifest:
     """Exports a NAFNet into ``out_dir``; returns the manifest (written last, atomically).
 
+    Besides the graphs it writes ``TENSORRT.md``: the trtexec/Polygraphy commands that build the same
+    engines by hand (:func:`export.trt_plan.build_commands`), hashed in the manifest's ``files``.
+
     Args:
         source: a checkpoint path (project, official ``{'params': ...}`` .pth or safetensors) or a NAFNet.
         out_dir: directory for the artifacts and ``manifest.json``.
@@ -91,7 +94,8 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
         tiles: fixed (height, width) tiles to export (static graphs, TLC windows as constants).
         dynamic: also export a graph with dynamic batch/height/width.
         batch: batch of the fixed-tile graphs.
-        fp16: also write the mixed-precision FP16 ONNX for every shape.
+        fp16: also write the mixed-precision FP16 ONNX for every shape; stages whose residual stream would
+            overflow FP16 on sample photos keep it in FP32 there (:mod:`export.fp16_stream`, manifest ``fp16``).
         trt: also build a TensorRT FP16 engine per shape from the FP16 ONNX (implies ``fp16``).
         tlc: TLC local pooling (kernels from ``train_size``) instead of global pooling.
         fold: the deploy form of every block (``export.fold``: folding, split gates, TLC attention on the
