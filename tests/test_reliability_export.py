@@ -156,7 +156,7 @@ def test_modified_or_outside_build_commands_are_refused(exported, tmp_path):
     with pytest.raises(ManifestError, match=f"{commands}: modified since export"):
         verify(d)
     data = json.loads((d / "manifest.json").read_text())
-    data["files"]["tensorrt-commands"]["file"] = "../TENSORRT.md"
+    data["files"]["tensorrt-commands"]["file"] = str(Path("..") / "TENSORRT.md")  # outside the folder
     (d / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="points outside its directory"):
         load_manifest(d)
