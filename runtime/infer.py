@@ -154,7 +154,8 @@ def _check_inside(out_root: Path, dst: Path) -> None:
 
 def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | None = None, *,
                tile: str | int | tuple[int, int] = "auto", overlap: int | None = None, overwrite: bool = False,
-               compare: bool = False, max_pixels: int | None = None, progress: bool = True) -> InferReport:
+               compare: bool = False, max_pixels: int | None = None, progress: bool = True,
+               workers: int = 1) -> InferReport:
     """Deblurs a file or a folder tree (recursive) into ``out_dir``, mirroring the tree.
 
     Args:
@@ -166,6 +167,8 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
         compare: also write input | output images under ``<out_dir>_compare``.
         max_pixels: decompression-bomb limit per image (default: $NAFNET_MAX_PIXELS or 200 million).
         progress: show a progress bar (stderr).
+        workers: images in flight at once (threads running this same per-image path); more than one only
+            pays off with a runner that waits on something else, such as a server (``--server``).
     """
     from tqdm import tqdm
 
@@ -184,11 +187,17 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
             if held.enter_context(output_folder(folder)):
                 report.removed_parts += remove_temporaries(folder / rel for _, rel in items)
         out_root = out_dir.resolve()
-        for src, rel in tqdm(items, unit="img", disable=not progress, dynamic_ncols=True, desc="infer"):
+        todo = []
+        for src, rel in items:
             dst = out_dir / rel
             if dst.exists() and not overwrite:
                 report.skipped.append(dst)
-                continue
+            else:
+                todo.append((src, rel, dst))
+
+        def one(item: tuple[Path, Path, Path]) -> str | None:
+            """Restores one file; the reason it failed, or None."""
+            src, rel, dst = item
             try:
                 _check_inside(out_root, dst)
                 image = read_image(src, max_pixels=max_pixels)
@@ -197,8 +206,26 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
                 if compare:
                     write_image(compare_dir / rel, side_by_side(image, restored))
             except (ImageError, UserError) as e:
-                report.failed[src] = str(e)
-                continue
-            report.written.append(dst)
+                return str(e)
+            return None
+
+        with contextlib.ExitStack() as pool_scope, \
+                tqdm(total=len(items), initial=len(report.skipped), unit="img", disable=not progress,
+                     dynamic_ncols=True, desc="infer") as bar:
+            if workers > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                pool = ThreadPoolExecutor(workers, thread_name_prefix="infer")
+                # On Ctrl-C the images not started yet are dropped; those in flight finish (atomic writes).
+                pool_scope.callback(pool.shutdown, wait=True, cancel_futures=True)
+                results = pool.map(one, todo)
+            else:
+                results = map(one, todo)
+            for (src, _, dst), why in zip(todo, results):  # in input order, whatever finished first
+                if why is None:
+                    report.written.append(dst)
+                else:
+                    report.failed[src] = why
+                bar.update()
     report.seconds = time.perf_counter() - start
     return report
