@@ -112,8 +112,8 @@ class RemoteRunner(Runner):
             return fn(*args, **kwargs)
         except server_error as e:
             raise RemoteError(self._explain(what, e.message() or str(e), e.status())) from None
-        except (OSError, ConnectionError, TimeoutError) as e:  # HTTP: refused, reset, timed out
-            raise RemoteError(f"server {self.address}: {what} failed, server unreachable "
+        except Exception as e:  # noqa: BLE001 - the network boundary: refused, reset, timed out, cut mid-answer
+            raise RemoteError(f"server {self.address}: {what} failed, server unreachable or gone "
                               f"({type(e).__name__}: {_first_line(str(e)) or 'no answer'})") from None
 
     def _explain(self, what: str, message: str, status: str | None) -> str:
