@@ -114,7 +114,12 @@ class TritonModel:
 
 def graph_io(onnx_path: str | Path) -> tuple[TensorSpec, TensorSpec]:
     """(input, output) of an ONNX graph, read from its header: symbolic dims become -1."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except (OSError, ValueError, DecodeError):
+        raise RepositoryError(f"{onnx_path}: not a readable ONNX graph; re-run the export") from None
 
     def spec(value: onnx.ValueInfoProto) -> TensorSpec:
         t = value.type.tensor_type
@@ -200,9 +205,10 @@ def engine_model(engine_path: Path, onnx_path: Path, artifact: str, trt_record: 
     return TritonModel(name, cfg, engine_path, "model.plan", artifact)
 
 
-def plan_repository(export_dir: str | Path, opts: RepoOptions = RepoOptions()) -> list[TritonModel]:
+def plan_repository(export_dir: str | Path, opts: RepoOptions = RepoOptions(), verify: bool = True) -> list[TritonModel]:
     """The models an export becomes: the FP32 dynamic graph (else an FP32 tile graph) for onnxruntime, and
-    the dynamic (else a tile) engine for TensorRT where one exists. Pure: reads the manifest and graph headers."""
+    the dynamic (else a tile) engine for TensorRT where one exists. Reads the manifest and graph headers;
+    ``verify`` first checks every file used against the manifest's sha256."""
     manifest = load_manifest(export_dir)
     arts = manifest.artifacts
 
@@ -211,11 +217,14 @@ def plan_repository(export_dir: str | Path, opts: RepoOptions = RepoOptions()) -
         keys.sort(key=lambda k: arts[k]["shape"]["kind"] != "dynamic")
         return keys[0] if keys else None
 
-    onnx_key = first("onnx-fp32")
+    onnx_key, engine_key = first("onnx-fp32"), first("trt-fp16")
     if onnx_key is None:
         raise RepositoryError(f"{export_dir}: the export has no FP32 ONNX graph; re-run `python cli.py export`")
+    if verify:
+        used = [onnx_key] + ([engine_key, arts[engine_key]["built_from"]] if engine_key else [])
+        for key in used:
+            verify_artifact(manifest, key)
     models = [onnx_model(manifest.path(onnx_key), onnx_key, opts)]
-    engine_key = first("trt-fp16")
     if engine_key is not None:
         rec = arts[engine_key]
         models.append(engine_model(manifest.path(engine_key), manifest.path(rec["built_from"]), engine_key,
@@ -238,14 +247,12 @@ def write_repository(export_dir: str | Path, repo: str | Path, opts: RepoOptions
         overwrite: replace models of the same name that exist in ``repo``.
     """
     export_dir, repo = Path(export_dir), Path(repo)
-    models = plan_repository(export_dir, opts)
-    manifest = load_manifest(export_dir)
+    models = plan_repository(export_dir, opts)  # checks every file it uses against the manifest
     existing = [m.name for m in models if (repo / m.name).exists()]
     if existing and not overwrite:
         raise RepositoryError(f"{repo}: model(s) {', '.join(existing)} exist; pass --overwrite to replace them")
     written = []
     for m in models:
-        verify_artifact(manifest, m.artifact)
         folder = repo / m.name
         (folder / "config.pbtxt").unlink(missing_ok=True)  # no config may vouch for a half-copied file
         version = make_dirs(folder / "1")
