@@ -46,7 +46,9 @@ def _free_ports(n: int) -> list[int]:
 
 
 def group_rss_mib(pgid: int) -> dict[str, float]:
-    """Resident memory (MiB) of each live process in process group ``pgid``, by a short name."""
+    """Proportional set size (MiB) of each live process in process group ``pgid``, by a short name: resident
+    memory with shared pages (PyTriton's shared-memory tensors, mapped by three processes) split between
+    the processes that map them, so the total is not double-counted."""
     out: dict[str, float] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -54,8 +56,8 @@ def group_rss_mib(pgid: int) -> dict[str, float]:
             if int(fields[2]) != pgid or fields[0] == "Z":
                 continue
             cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
-            rss = next(int(line.split()[1]) for line in (stat.parent / "status").read_text().splitlines()
-                       if line.startswith("VmRSS:"))
+            rss = next(int(line.split()[1]) for line in (stat.parent / "smaps_rollup").read_text().splitlines()
+                       if line.startswith("Pss:"))
         except (OSError, StopIteration, IndexError, ValueError):
             continue
         exe = Path(cmd[0].decode(errors="replace")).name
@@ -128,11 +130,14 @@ def run(export_dir: Path, sizes: list[tuple[int, int]], clients: list[int], roun
             except OSError:
                 time.sleep(0.1)
         ready_s = time.perf_counter() - spawn
-        own = re.search(r"after ([0-9.]+) s", log.read_text())
+        own = None
+        while own is None and time.monotonic() < deadline:  # the server prints its line once run() returns
+            own = re.search(r"after ([0-9.]+) s", log.read_text())
+            time.sleep(0.05)
         print(f"server start: {ready_s:.1f} s from spawn to model ready (Triton start to ready: "
               f"{own.group(1) if own else '?'} s; the rest is the interpreter importing torch/onnxruntime)")
         rss = group_rss_mib(proc.pid)
-        print("server RSS after load: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(rss.items())) +
+        print("server memory (PSS) after load: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(rss.items())) +
               f" MiB; total {sum(rss.values()):.0f} MiB")
         url = f"grpc://127.0.0.1:{grpc}" if scheme == "grpc" else f"http://127.0.0.1:{http}"
         remote = RemoteRunner(url).activate()
@@ -160,7 +165,7 @@ def run(export_dir: Path, sizes: list[tuple[int, int]], clients: list[int], roun
                           f"{p50 / base_p50:>12.2f} {rate / base_rate:>14.2f}")
         remote.deactivate()
         rss = group_rss_mib(proc.pid)
-        print("server RSS after the runs: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(rss.items())) +
+        print("server memory (PSS) after the runs: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(rss.items())) +
               f" MiB; total {sum(rss.values()):.0f} MiB")
         start = time.perf_counter()
         proc.send_signal(signal.SIGTERM)
