@@ -130,3 +130,24 @@ def test_bad_names_and_exports_without_fp32_graphs_are_one_line(tmp_path, tiny_e
     write_manifest(d, data)
     with pytest.raises(RepositoryError, match="no FP32 ONNX graph"):
         write_repository(d, tmp_path / "repo")
+
+
+def test_export_with_triton_flag_writes_the_repository_after_the_export(tmp_path, tiny_export, tiny_checkpoint,
+                                                                         monkeypatch):
+    """`export CKPT --triton REPO` = export, then `export triton` on the result (the export itself is stubbed
+    by a copy of the shared tiny export: what is tested here is the hand-over)."""
+    import export.api
+
+    def fake_export(checkpoint, out_dir, **kwargs):
+        shutil.copytree(tiny_export, out_dir, dirs_exist_ok=True)
+        return load_manifest(out_dir)
+
+    monkeypatch.setattr(export.api, "export_model", fake_export)
+    out, repo = tmp_path / "exp", tmp_path / "repo"
+    res = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "--out", str(out), "--triton", str(repo),
+                                    "--profile", "32x32:256x256:512x512"])
+    assert res.exit_code == 0, res.output
+    config = parse(repo / "nafnet" / "config.pbtxt")
+    acc = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert acc.parameters["trt_profile_max_shapes"] == "input:8x3x512x512"
+    check_against_graph(config, repo / "nafnet" / "1" / "model.onnx")
