@@ -74,7 +74,8 @@ class ServerProcess:
         self.http, self.grpc, self.metrics = free_ports(3)
         self.log = log
         cmd = [sys.executable, str(ROOT / "cli.py"), "serve", str(export_dir), "--backend", "onnxrt", "--threads", "1",
-               "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), *extra]
+               "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
+               "--log-file", str(log.with_suffix(".triton.log")), *extra]
         self._log_file = open(log, "wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log_file, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
@@ -346,7 +347,12 @@ def test_sigterm_stops_cleanly_with_nothing_left(tiny_export, tmp_path):
         took = time.monotonic() - start
         assert code == 0, s.output()
         assert "SIGTERM received, stopping" in s.output()
-        assert group_members(pid) == [], f"left after {took:.1f} s"
+        # multiprocessing's resource tracker leaves on its own once its parent has gone: allow it a moment
+        deadline, left = time.monotonic() + 10, group_members(pid)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = group_members(pid)
+        assert left == [], f"left {took:.1f} s after SIGTERM: {left}"
         assert not list(SHM.glob(f"pytrtion{pid}-*"))
         assert (set(workspaces.glob("workspace_*")) if workspaces.exists() else set()) <= before
     finally:
