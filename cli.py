@@ -12,7 +12,7 @@ from nafnet_core import __version__
 from nafnet_core.cli_common import Group
 from nafnet_core.commands import info
 from export.commands import export
-from runtime.commands import bench, demo, infer, parity
+from runtime.commands import bench, demo, infer, parity, serve
 from train.commands import compare_cmd, data, eval_cmd, train_cmd
 
 
@@ -38,6 +38,7 @@ main.add_command(export)
 main.add_command(infer)
 main.add_command(parity)
 main.add_command(bench)
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

@@ -32,6 +32,7 @@ def export() -> None:
     \b
     python cli.py export CHECKPOINT [OPTIONS]    same as `export model CHECKPOINT`
     python cli.py export lint DIR_OR_ONNX        TensorRT readiness without a GPU
+    python cli.py export triton DIR --out REPO   model repository for Triton Inference Server
 
     \b
     Examples:
@@ -81,8 +82,10 @@ def _profile(ctx, param, value):
               help="TensorRT timing cache (reused and updated). Default: ~/.cache/nafnet-deblurring/tensorrt/.")
 @click.option("--profile", "profile_hw", callback=_profile, default=None, metavar="MIN:OPT:MAX",
               help="TensorRT profile of the dynamic graph, e.g. 64x64:720x1280:1088x1920 (the default).")
+@click.option("--triton", "triton_repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="REPO", help="Also write a Triton Inference Server model repository (see `export triton`).")
 def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, batch, fp16, trt, tlc, fold, opset,
-              check, workspace, opt_level, timing_cache, profile_hw) -> None:
+              check, workspace, opt_level, timing_cache, profile_hw, triton_repo) -> None:
     """Export CHECKPOINT to ONNX fp32 (and fp16 / TensorRT) with TLC, writing DIR/manifest.json last.
 
     DIR/TENSORRT.md holds the trtexec and Polygraphy commands that build the same engines by hand,
@@ -123,6 +126,18 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
     line = summary(manifest.data.get("fp16"))
     if line:
         click.echo(line)
+    if triton_repo is not None:
+        from .triton_repo import RepoOptions, write_repository
+
+        _print_repository(write_repository(out_dir, triton_repo, RepoOptions(profile_hw=profile_hw), overwrite=True))
+
+
+def _print_repository(configs: list[Path]) -> None:
+    for path in configs:
+        click.echo(f"triton model {path.parent.name}: {path.parent}")
+    repo = configs[0].parent.parent.resolve()
+    click.echo(f"serve it with NVIDIA's container: docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 "
+               f"-v {repo}:/models nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models")
 
 
 def _print_artifacts(manifest) -> None:
@@ -135,6 +150,45 @@ def _print_artifacts(manifest) -> None:
     for r in rows:
         click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[3])
     click.echo(f"manifest: {manifest.directory / 'manifest.json'}")
+
+
+@export.command("triton")
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "repo", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Model repository root (created; other models in it are kept).")
+@click.option("--model-name", default="nafnet", show_default=True, help="Name of the onnxruntime model "
+              "(the TensorRT engine's is NAME_trt).")
+@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True, help="max_batch_size.")
+@click.option("--delay-us", type=click.IntRange(0), default=2000, show_default=True,
+              help="Dynamic batcher: longest wait for more requests of the same shape (microseconds).")
+@click.option("--instances", type=click.IntRange(1), default=1, show_default=True,
+              help="Model instances per GPU (instance_group count).")
+@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="Instance kind: every visible GPU, or the CPU (no TensorRT).")
+@click.option("--accelerator", type=click.Choice(["trt-fp16", "trt-fp32", "none"]), default="trt-fp16",
+              show_default=True, help="TensorRT execution accelerator of the onnxruntime model on GPUs.")
+@click.option("--profile", "profile_hw", callback=_profile, default=None, metavar="MIN:OPT:MAX",
+              help="TensorRT shape profile of the dynamic graph (HxW), default 64x64:720x1280:1088x1920.")
+@click.option("--overwrite", is_flag=True, help="Replace models of the same name in REPO.")
+def triton_cmd(export_dir: Path, repo: Path, model_name: str, max_batch: int, delay_us: int, instances: int,
+               kind: str, accelerator: str, profile_hw, overwrite: bool) -> None:
+    """Write a model repository for NVIDIA Triton Inference Server from an export directory.
+
+    REPO/NAME/config.pbtxt + 1/model.onnx (onnxruntime_onnx, TensorRT FP16 accelerator with a shape
+    profile, dynamic batching, instance group) and, where the export holds an engine, REPO/NAME_trt
+    (tensorrt_plan). Input `input` FP32 Nx3xHxW in [0, 1], output `output`: the tensors `serve` takes,
+    so `infer --server` works against either.
+
+    \b
+    Examples:
+      python cli.py export triton runs/demo/export --out model_repository
+      python cli.py export triton exported/w32 --out repo --instances 2 --max-batch 4 --overwrite
+    """
+    from .triton_repo import RepoOptions, write_repository
+
+    opts = RepoOptions(name=model_name, max_batch=max_batch, delay_us=delay_us, instances=instances, kind=kind,
+                       accelerator=accelerator, profile_hw=profile_hw)
+    _print_repository(write_repository(export_dir, repo, opts, overwrite=overwrite))
 
 
 @export.command("lint")

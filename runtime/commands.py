@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -47,8 +48,14 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 
 @click.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
-@click.option("--model", "-m", "model", required=True, type=click.Path(exists=True, path_type=Path),
+@click.option("--model", "-m", "model", default=None, type=click.Path(exists=True, path_type=Path),
               help="Checkpoint, official .pth (with --preset), .onnx, TensorRT engine, or export directory.")
+@click.option("--server", "server", default=None, metavar="URL",
+              help="Instead of --model: a Triton server (`serve`, or NVIDIA's with `export triton`'s repository), "
+                   "http://HOST:PORT or grpc://HOST:PORT.")
+@click.option("--model-name", default="nafnet", show_default=True, help="With --server: the model's name there.")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="With --server: images in flight at once.")
 @backend_option
 @precision_option
 @device_option
@@ -77,11 +84,11 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--batch", type=click.IntRange(1), default=None,
               help="Videos: frames per model call. Default: a fixed-batch graph's batch, else 1.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def infer(input_path: Path, model: Path, backend: str, precision: str | None, device: str, out_dir: Path | None,
-          tile, overlap: int | None, overwrite: bool, compare: bool, tlc: bool, preset: str | None, train_size: int | None,
-          threads: int | None, max_pixels: int, verify: bool, codec: str, crf: int | None, batch: int | None,
-          quiet: bool) -> None:
-    """Deblur an image, a video or a folder (recursive) with any backend.
+def infer(input_path: Path, model: Path | None, server: str | None, model_name: str, concurrency: int, backend: str,
+          precision: str | None, device: str, out_dir: Path | None, tile, overlap: int | None, overwrite: bool,
+          compare: bool, tlc: bool, preset: str | None, train_size: int | None, threads: int | None, max_pixels: int,
+          verify: bool, codec: str, crf: int | None, batch: int | None, quiet: bool) -> None:
+    """Deblur an image, a video or a folder (recursive) with any backend, here or on a Triton server.
 
     PNG, JPEG, BMP, TIFF and WebP in 8 or 16 bits, gray or RGBA (alpha kept) are written back in the
     same format and depth; EXIF orientation is applied. Videos (.mp4 .m4v .mov .mkv .webm .avi; needs
@@ -97,19 +104,27 @@ def infer(input_path: Path, model: Path, backend: str, precision: str | None, de
       python cli.py infer frames/ -m export/ --backend onnxrt --tile 512 --out sharp/ --compare
       python cli.py infer clip.mp4 -m export/ --crf 16 --compare
       python cli.py infer clip.mp4 -m export/ --codec lossless   # for measurement
+      python cli.py infer blurry/ --server grpc://127.0.0.1:8001 --concurrency 8
     """
     from .infer import default_output, infer_path
     from .models import open_runner
 
+    if (model is None) == (server is None):
+        raise click.UsageError("give either --model (run here) or --server URL (run on a Triton server)")
     max_pixels = max_pixels_limit(max_pixels)  # a bad NAFNET_MAX_PIXELS fails before the model loads
-    runner = open_runner(model, backend, precision, preset=preset, tlc=tlc, train_size=train_size, device=device,
-                         threads=threads, verify=verify)
+    if server is not None:
+        from .remote import RemoteRunner
+
+        runner = RemoteRunner(server, model_name)
+    else:
+        runner = open_runner(model, backend, precision, preset=preset, tlc=tlc, train_size=train_size, device=device,
+                             threads=threads, verify=verify)
     out_dir = out_dir or default_output(input_path)
     with runner:
-        click.echo(f"{runner.name}: {model} -> {out_dir}", err=True)
+        click.echo(f"{runner.name}: {model or server} -> {out_dir}", err=True)
         report = infer_path(runner, input_path, out_dir, tile=tile, overlap=overlap, overwrite=overwrite,
                             compare=compare, max_pixels=max_pixels, progress=not quiet, codec=codec, crf=crf,
-                            batch=batch)
+                            batch=batch, workers=concurrency if server is not None else 1)
     if report.removed_parts:
         click.echo(f"removed {len(report.removed_parts)} temporary file(s) an interrupted run left in {out_dir}")
     n = len(report.written)
@@ -257,3 +272,62 @@ def demo(out_dir: Path, steps: int | None, seed: int, overwrite: bool, quiet: bo
                       echo=lambda m: click.echo(m, err=True))
     click.echo(result.table())
     sys.exit(0 if result.ok else 1)
+
+
+@click.command()
+@click.argument("model", metavar="EXPORT_DIR", type=click.Path(exists=True, path_type=Path))
+@backend_option
+@precision_option
+@device_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 serves other machines too (put it behind your firewall).")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True,
+              help="Prometheus metrics (/metrics).")
+@click.option("--model-name", default="nafnet", show_default=True, help="Model name in the URLs.")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Dynamic batching: most images per batch (requests of the same size are batched).")
+@click.option("--delay-us", type=click.IntRange(0), default=2000, show_default=True,
+              help="Dynamic batching: longest wait for more requests to batch (microseconds).")
+@click.option("--max-pixels", type=click.IntRange(1), default=None,
+              help="Refuse images above this many pixels (H x W). Default: 3840x2160 = 8,294,400.")
+@click.option("--tile", type=TileParam(), default="auto", show_default=True,
+              help="As infer: whole image up to ~1280x720 on dynamic graphs, TLC-exact tiles above.")
+@click.option("--overlap", type=click.IntRange(0), default=None, help="Tile overlap in pixels (as infer).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="onnxruntime threads (default: all cores).")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="tritonserver's log (default: a temporary file, kept and named only if something fails).")
+@verify_option
+def serve(model: Path, backend: str, precision: str | None, device: str, host: str, http_port: int, grpc_port: int,
+          metrics_port: int, model_name: str, max_batch: int, delay_us: int, max_pixels: int | None, tile,
+          overlap: int | None, threads: int | None, log_file: Path | None, verify: bool) -> None:
+    """Serve an export with NVIDIA Triton Inference Server: HTTP, gRPC, metrics, dynamic batching.
+
+    Clients send `input` FP32 Nx3xHxW in [0, 1] to /v2/models/NAME/infer and get `output` (same shape,
+    not clamped) and `error` (one string per image, empty when it went well). Health: /v2/health/ready.
+    Needs the serve extra: pip install -e ".[serve]" (in a virtual environment: it pins numpy<2).
+    SIGINT or SIGTERM stops it cleanly.
+
+    \b
+    Examples:
+      python cli.py serve runs/demo/export
+      python cli.py infer blurry/ --server grpc://127.0.0.1:8001      (from another shell)
+      python cli.py serve exported/w32 --host 0.0.0.0 --http-port 9000 --max-batch 4
+    """
+    from .models import open_runner
+    from .serve import SERVE_MAX_PIXELS, ServeOptions, import_pytriton
+    from .serve import serve as run_server
+
+    import_pytriton()  # missing extra: one line before the model loads
+    options = ServeOptions(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                           model_name=model_name, max_batch=max_batch, delay_us=delay_us,
+                           max_pixels=max_pixels or SERVE_MAX_PIXELS, tile=tile, overlap=overlap, log_file=log_file)
+    runner = open_runner(model, backend, precision, device=device, threads=threads, verify=verify)
+    code = run_server(runner, options, echo=lambda m: click.echo(m, err=True))
+    # The server, its processes, shared memory and workspace are gone and the runner is closed: nothing is left
+    # to finalise. The interpreter's own teardown (a garbage collection over torch/onnx modules) took 4-9 s
+    # more on a loaded 2-core machine, which a supervisor's stop timeout would count, so leave at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

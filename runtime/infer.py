@@ -160,7 +160,7 @@ def _check_inside(out_root: Path, dst: Path) -> None:
 def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | None = None, *,
                tile: str | int | tuple[int, int] = "auto", overlap: int | None = None, overwrite: bool = False,
                compare: bool = False, max_pixels: int | None = None, progress: bool = True, codec: str = "auto",
-               crf: int | None = None, batch: int | None = None) -> InferReport:
+               crf: int | None = None, batch: int | None = None, workers: int = 1) -> InferReport:
     """Deblurs a file or a folder tree (recursive) into ``out_dir``, mirroring the tree.
 
     Args:
@@ -173,6 +173,8 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
         max_pixels: decompression-bomb limit per image (default: $NAFNET_MAX_PIXELS or 200 million).
         progress: show a progress bar (stderr); videos add one in frames.
         codec / crf / batch: for videos, see :func:`runtime.video.infer_video`.
+        workers: images in flight at once (threads running this same per-image path); more than one only
+            pays off with a runner that waits on something else, such as a server (``--server``).
     """
     from tqdm import tqdm
 
@@ -195,15 +197,22 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
             if held.enter_context(output_folder(folder)):
                 report.removed_parts += remove_temporaries(folder / rel for _, rel in items)
         out_root = out_dir.resolve()
-        for src, rel in tqdm(items, unit="img", disable=not progress, dynamic_ncols=True, desc="infer"):
+        todo = []
+        for src, rel in items:
             dst = out_dir / rel
             if dst.exists() and not overwrite:
                 report.skipped.append(dst)
-                continue
+            else:
+                todo.append((src, rel, dst))
+
+        def one(item: tuple[Path, Path, Path]) -> tuple[str | None, int]:
+            """Restores one file; (the reason it failed or None, video frames written)."""
+            src, rel, dst = item
+            frames = 0
             try:
                 _check_inside(out_root, dst)
                 if is_video_file(src):
-                    report.video_frames += infer_video(
+                    frames = infer_video(
                         runner, src, dst, tile=tile, overlap=overlap, codec=codec, crf=crf, batch=batch,
                         compare_dst=compare_dir / rel if compare else None, max_pixels=max_pixels,
                         progress=progress).frames
@@ -214,8 +223,27 @@ def infer_path(runner: Runner, input_path: str | Path, out_dir: str | Path | Non
                     if compare:
                         write_image(compare_dir / rel, side_by_side(image, restored))
             except (ImageError, UserError) as e:
-                report.failed[src] = str(e)
-                continue
-            report.written.append(dst)
+                return str(e), frames
+            return None, frames
+
+        with contextlib.ExitStack() as pool_scope, \
+                tqdm(total=len(items), initial=len(report.skipped), unit="img", disable=not progress,
+                     dynamic_ncols=True, desc="infer") as bar:
+            if workers > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                pool = ThreadPoolExecutor(workers, thread_name_prefix="infer")
+                # On Ctrl-C the images not started yet are dropped; those in flight finish (atomic writes).
+                pool_scope.callback(pool.shutdown, wait=True, cancel_futures=True)
+                results = pool.map(one, todo)
+            else:
+                results = map(one, todo)
+            for (src, _, dst), (why, frames) in zip(todo, results):  # in input order, whatever finished first
+                report.video_frames += frames
+                if why is None:
+                    report.written.append(dst)
+                else:
+                    report.failed[src] = why
+                bar.update()
     report.seconds = time.perf_counter() - start
     return report
