@@ -116,9 +116,6 @@ PRESETS: dict[str, ModelConfig] = {
     "seed-v3": ModelConfig(width=32, enc_blk_nums=(2, 2, 4, 8), middle_blk_num=12, dec_blk_nums=(2, 2, 2, 2)),
     # Small enough to train in minutes on 2 CPU cores; keeps 4 levels so padding to 16 is exercised.
     "tiny": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1)),
-    # The demo's model: tiny at width 16, which deblurs visibly within the demo's few minutes of CPU
-    # training (the search that chose it is in BENCHMARKS.md, "The demo's training recipe").
-    "demo": ModelConfig(width=16, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1)),
 }
 
 #: Parameter counts of the presets (DESIGN.md §2); the tests assert them.
@@ -127,8 +124,6 @@ PRESET_PARAMS = {
     "nafnet-gopro-width64": 67_888_835,
     "seed-v1": 4_497_507,
     "seed-v3": 29_159_715,
-    "tiny": 290_715,
-    "demo": 1_137_203,
 }
 
 

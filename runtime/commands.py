@@ -226,8 +226,8 @@ def bench(export_dir: Path, size, repeats: int, warmup: int, threads: int | None
 def demo(out_dir: Path, steps: int | None, seed: int, overwrite: bool, quiet: bool) -> None:
     """The whole job on a CPU in a few minutes: synthetic data -> train -> export -> parity -> infer.
 
-    Renders the embedded synthetic camera-shake set, trains the demo preset (a width-16 NAFNet), exports
-    ONNX fp32 + FP16 (dynamic and a fixed tile; a TensorRT engine where TensorRT exists), checks parity
+    Renders the embedded synthetic camera-shake set, trains the demo training preset (the tiny model),
+    exports ONNX fp32 + FP16 (dynamic and a fixed tile; a TensorRT engine where TensorRT exists), checks parity
     of every backend against PyTorch and deblurs the test folder. It ends with the test gain (mean PSNR
     of the deblurred test images minus that of their blurry inputs) and the path of a labelled
     blurry | deblurred | sharp image to open. Exit 0 if parity and inference passed.
