@@ -1,4 +1,4 @@
-"""The whole job in one command on a CPU: synthetic data -> train ``demo`` -> export -> parity -> infer.
+"""The whole job in one command on a CPU: synthetic data -> train (``demo`` preset) -> export -> parity -> infer.
 
 Every stage is the library call its own command makes; the demo only chains them and prints where
 everything went. It needs nothing from the network (the data set is rendered from photos that
@@ -16,7 +16,7 @@ from nafnet_core.errors import UserError
 
 #: Fixed tile of the demo's static graphs: the synthetic images are 192x256, so a 128 tile really tiles.
 DEMO_TILE = (128, 128)
-#: The demo's training preset (train/config.py; its model preset has the same name).
+#: The demo's training preset (train/config.py): the `tiny` model with the best recipe measured for the demo.
 DEMO_PRESET = "demo"
 #: The comparison image the demo ends with, inside its output folder.
 COMPARISON_NAME = "comparison.png"
