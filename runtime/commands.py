@@ -249,17 +249,21 @@ def bench(export_dir: Path, size, repeats: int, warmup: int, threads: int | None
 
 @click.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
-              show_default=True, help="Where everything goes (train/, export/, parity.json, deblurred/).")
-@click.option("--steps", type=click.IntRange(1), default=None, help="Training steps (default: the tiny preset's).")
-@click.option("--seed", type=int, default=0, show_default=True)
+              show_default=True,
+              help="Where everything goes (train/, export/, parity.json, deblurred/, comparison.png).")
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help="Training steps (default: the demo training preset's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Synthetic data and training seed.")
 @click.option("--overwrite", is_flag=True, help="Redo a previous demo in --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def demo(out_dir: Path, steps: int | None, seed: int, overwrite: bool, quiet: bool) -> None:
-    """The whole job on a CPU in a few minutes: synthetic data -> train tiny -> export -> parity -> infer.
+    """The whole job on a CPU in a few minutes: synthetic data -> train -> export -> parity -> infer.
 
-    Renders the embedded synthetic camera-shake set, trains the tiny preset, exports ONNX fp32 + FP16
-    (dynamic and a fixed tile; a TensorRT engine where TensorRT exists), checks parity of every backend
-    against PyTorch, deblurs the test folder and prints where everything is. Exit 0 if all passed.
+    Renders the embedded synthetic camera-shake set, trains the demo training preset (the tiny model),
+    exports ONNX fp32 + FP16 (dynamic and a fixed tile; a TensorRT engine where TensorRT exists), checks parity
+    of every backend against PyTorch and deblurs the test folder. It ends with the test gain (mean PSNR
+    of the deblurred test images minus that of their blurry inputs) and the path of a labelled
+    blurry | deblurred | sharp image to open. Exit 0 if parity and inference passed.
 
     \b
     Examples:

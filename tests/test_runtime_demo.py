@@ -1,7 +1,9 @@
-"""demo: the full chain is run by hand (BENCHMARKS/README); here only what is cheap to check."""
+"""demo: the full chain is run by hand (BENCHMARKS/README); here only what is cheap to check, on real files."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from cli import main
@@ -18,3 +20,74 @@ def test_demo_refuses_to_clobber_a_previous_run(tmp_path):
 def test_demo_help_has_an_example():
     res = CliRunner().invoke(main, ["demo", "--help"])
     assert res.exit_code == 0 and "python cli.py demo" in res.output
+
+
+def _stand_in_outputs(data, out_dir):
+    """What a model that removes half the blur would write: round((blur + sharp) / 2) for every test pair."""
+    from nafnet_core.images import read_rgb8, write_rgb8
+
+    blur_dir = data / "test" / "blur"
+    for f in sorted(blur_dir.iterdir()):
+        mix = (read_rgb8(f).astype(np.float64) + read_rgb8(data / "test" / "sharp" / f.name)) / 2
+        write_rgb8(out_dir / f.name, np.round(mix).astype(np.uint8))
+    return blur_dir
+
+
+def _psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0 ** 2 / mse)
+
+
+@pytest.fixture(scope="module")
+def small_synth(tmp_path_factory):
+    """12 train + 4 test pairs of 48x64: the test split (second half of the test folder) has 2 pairs."""
+    from train.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("synth") / "data", seed=3, count=12, size=(48, 64), progress=False)
+
+
+def test_test_gain_and_comparison_image_from_the_deblurred_files(small_synth, tmp_path):
+    from nafnet_core.images import read_rgb8
+    from runtime.demo import DemoResult, score_test_split, write_comparison
+
+    blur_dir = _stand_in_outputs(small_synth, tmp_path / "deblurred")
+    test = score_test_split(small_synth, blur_dir, tmp_path / "deblurred")
+
+    # The scores are those of the files: the test split only (the last 2 of the 4 test pairs), PSNR vs sharp.
+    assert [r[0] for r in test.rows] == ["0002.png", "0003.png"]
+    for name, before, after in test.rows:
+        sharp = read_rgb8(small_synth / "test" / "sharp" / name)
+        assert before == pytest.approx(_psnr(read_rgb8(blur_dir / name), sharp), abs=1e-9)
+        assert after == pytest.approx(_psnr(read_rgb8(tmp_path / "deblurred" / name), sharp), abs=1e-9)
+    assert test.gain == pytest.approx(np.mean([a - b for _, b, a in test.rows]))
+    assert 4.0 < test.gain < 8.0  # halving the error adds ~6 dB
+
+    path, caption = write_comparison(small_synth, blur_dir, tmp_path / "deblurred", test, tmp_path / "cmp.png")
+    name = max(test.rows, key=lambda r: r[2] - r[1])[0]
+    assert name in caption
+    img = read_rgb8(path)
+    h, w, scale, gap = 48, 64, 2, 8
+    assert img.shape[1] == 3 * w * scale + 2 * gap and img.shape[0] > h * scale
+    band = img.shape[0] - h * scale
+    assert (img[:band] < 128).any()  # captions drawn above the panels
+    panels = [read_rgb8(small_synth / "test" / "blur" / name), read_rgb8(tmp_path / "deblurred" / name),
+              read_rgb8(small_synth / "test" / "sharp" / name)]
+    for i, panel in enumerate(panels):  # blurry | deblurred | sharp, each enlarged 2x, nearest neighbour
+        x = i * (w * scale + gap)
+        np.testing.assert_array_equal(img[band:, x:x + w * scale], panel.repeat(scale, 0).repeat(scale, 1))
+
+    result = DemoResult(tmp_path, stages=[("result", "ok", 0.1)], test=test, comparison=path,
+                        comparison_caption=caption)
+    lines = result.table().splitlines()
+    assert lines[-2].startswith(f"test gain: {test.gain:+.2f} dB")
+    assert lines[-1].startswith(f"open this: {path} (blurry | deblurred | sharp")
+
+
+def test_missing_deblurred_file_is_named(small_synth, tmp_path):
+    from nafnet_core.errors import UserError
+    from runtime.demo import score_test_split
+
+    blur_dir = _stand_in_outputs(small_synth, tmp_path / "deblurred")
+    (tmp_path / "deblurred" / "0003.png").unlink()
+    with pytest.raises(UserError, match="0003.png: no deblurred image"):
+        score_test_split(small_synth, blur_dir, tmp_path / "deblurred")

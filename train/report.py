@@ -109,3 +109,28 @@ def sample_grid(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], max_wi
 def write_sample_grid(samples, path: str | Path) -> None:
     if samples:
         write_rgb8(path, sample_grid(samples))
+
+
+def labelled_row(panels: list[tuple[str, np.ndarray]], scale: int = 2, gap: int = 8) -> np.ndarray:
+    """Images side by side, each enlarged ``scale`` times (nearest neighbour) under a caption.
+
+    Args:
+        panels: (caption, uint8 HWC RGB image) pairs, all of the same size.
+        scale: integer enlargement, so that the blur (or its absence) is visible pixel by pixel.
+        gap: white pixels between panels and around the captions.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = panels[0][1].shape[:2]
+    if any(img.shape[:2] != (h, w) for _, img in panels):
+        raise ValueError(f"panels differ in size: {[img.shape[:2] for _, img in panels]}")
+    font = ImageFont.load_default(size=max(12, 9 * scale))
+    band = font.getbbox("Ag")[3] + 2 * gap
+    pw, ph = w * scale, h * scale
+    canvas = Image.new("RGB", (len(panels) * pw + (len(panels) - 1) * gap, band + ph), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (caption, img) in enumerate(panels):
+        x = i * (pw + gap)
+        canvas.paste(Image.fromarray(img).resize((pw, ph), Image.NEAREST), (x, band))
+        draw.text((x + gap, gap), caption, fill="black", font=font)
+    return np.asarray(canvas)
