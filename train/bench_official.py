@@ -1,7 +1,7 @@
 """This project's training step against the official NAFNet step, in one process, interleaved.
 
     python -m train.bench_official --official /path/to/NAFNet            # a checkout of megvii-research/NAFNet
-    python -m train.bench_official --official /path/to/NAFNet --json --steps 5
+    python -m train.bench_official --official /path/to/NAFNet --json --steps 5 --options channels_last,compile
 
 The official side is the public code's ``ImageRestorationModel.optimize_parameters`` on its own
 ``NAFNet`` and ``PSNRLoss`` (read from the checkout, not copied here): zero_grad, forward, the PSNR loss
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--options", default=",".join(OPTIONS),
+    ap.add_argument("--options", default="channels_last",
                     help=f"comma-separated options to time besides the config (from: {', '.join(OPTIONS)})")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a training config key of the project side")
