@@ -32,6 +32,7 @@ from nafnet_core.errors import UserError
 from .bench import OPTIONS, Side, bench_inputs, measure_rss_in_subprocess, project_step, rows_table, run_worker, \
     summarise, time_interleaved
 from .config import TrainConfig, build_config
+from .speed import resolve
 
 OFFICIAL_FILE = "basicsr/models/archs/NAFNet_arch.py"
 
@@ -118,7 +119,8 @@ def compare(official: str, cfg: TrainConfig, *, options: list[str], steps: int, 
     for name in ["config", *options]:
         c = cfg if name == "config" else TrainConfig.from_dict(cfg.to_dict() | OPTIONS[name])
         sides.append(Side(name, (lambda c=c: project_step(c, device)),
-                          worker_args=["train.bench_official", *common, "--worker", json.dumps(c.to_dict())]))
+                          worker_args=["train.bench_official", *common, "--worker", json.dumps(c.to_dict())],
+                          compiles=resolve(c, torch.device(device)).compile))
     time_interleaved(sides, steps=steps, warmup=warmup, device=device, progress=progress)
     if memory:
         for side in sides:
