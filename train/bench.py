@@ -80,6 +80,7 @@ class Side:
     name: str
     build: Callable[[], Callable[[], None]]
     worker_args: list[str] = field(default_factory=list)  # ``python -m ...`` arguments of its memory process
+    compiles: bool = False  # the first step includes torch.compile (reported as compile time)
     times: list[float] = field(default_factory=list)
     first: float = 0.0
     peak_mb: float | None = None
@@ -146,8 +147,18 @@ def measure_rss_in_subprocess(side: Side) -> None:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size: VmHWM of /proc/self/status.
+
+    Not ``ru_maxrss``: Linux carries the parent's peak over fork + exec into it, so every memory process
+    started by a benchmark holding several models reported the parent's 7.5 GB.
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # other systems (KiB on Linux, bytes on macOS)
 
 
 def run_worker(step: Callable[[], None], steps: int) -> None:
@@ -170,7 +181,8 @@ def summarise(sides: list[Side], batch: int, baseline: str) -> list[dict]:
         if s.times:
             med = statistics.median(s.times)
             row |= {"seconds_per_step": round(med, 3), "images_per_s": round(batch / med, 3),
-                    "steps_timed": len(s.times), "compile_s": round(max(0.0, s.first - med), 1)}
+                    "steps_timed": len(s.times),
+                    "compile_s": round(max(0.0, s.first - med), 1) if s.compiles else None}
             if base is not None:
                 row["speed_vs_" + baseline] = round(statistics.median(b / t for b, t in zip(base.times, s.times)), 3)
         row["peak_mb"] = None if s.peak_mb is None else round(s.peak_mb, 1)
@@ -219,7 +231,8 @@ def bench_options(cfg: TrainConfig, *, steps: int = 3, warmup: int = 2, device: 
     for name in names:
         c = configs[name]
         worker = ["train.bench", "--worker", json.dumps(c.to_dict()), "--device", device, "--steps", str(warmup + 1)]
-        sides.append(Side(name, (lambda c=c: project_step(c, device)), worker_args=worker))
+        sides.append(Side(name, (lambda c=c: project_step(c, device)), worker_args=worker,
+                          compiles=resolve(c, torch.device(device)).compile))
     time_interleaved(sides, steps=steps, warmup=warmup, device=device, progress=progress)
     if memory:
         for side in sides:

@@ -1,7 +1,7 @@
 """This project's training step against the official NAFNet step, in one process, interleaved.
 
     python -m train.bench_official --official /path/to/NAFNet            # a checkout of megvii-research/NAFNet
-    python -m train.bench_official --official /path/to/NAFNet --json --steps 5
+    python -m train.bench_official --official /path/to/NAFNet --json --steps 5 --options channels_last,compile
 
 The official side is the public code's ``ImageRestorationModel.optimize_parameters`` on its own
 ``NAFNet`` and ``PSNRLoss`` (read from the checkout, not copied here): zero_grad, forward, the PSNR loss
@@ -32,6 +32,7 @@ from nafnet_core.errors import UserError
 from .bench import OPTIONS, Side, bench_inputs, measure_rss_in_subprocess, project_step, rows_table, run_worker, \
     summarise, time_interleaved
 from .config import TrainConfig, build_config
+from .speed import resolve
 
 OFFICIAL_FILE = "basicsr/models/archs/NAFNet_arch.py"
 
@@ -118,7 +119,8 @@ def compare(official: str, cfg: TrainConfig, *, options: list[str], steps: int, 
     for name in ["config", *options]:
         c = cfg if name == "config" else TrainConfig.from_dict(cfg.to_dict() | OPTIONS[name])
         sides.append(Side(name, (lambda c=c: project_step(c, device)),
-                          worker_args=["train.bench_official", *common, "--worker", json.dumps(c.to_dict())]))
+                          worker_args=["train.bench_official", *common, "--worker", json.dumps(c.to_dict())],
+                          compiles=resolve(c, torch.device(device)).compile))
     time_interleaved(sides, steps=steps, warmup=warmup, device=device, progress=progress)
     if memory:
         for side in sides:
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--options", default=",".join(OPTIONS),
+    ap.add_argument("--options", default="channels_last",
                     help=f"comma-separated options to time besides the config (from: {', '.join(OPTIONS)})")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a training config key of the project side")
