@@ -142,6 +142,7 @@ def test_engine_from_another_setup_is_refused_by_the_runner(monkeypatch, tmp_pat
 
     class FakeSession:
         fixed_shape = None
+        fixed_batch = None  # like a real EngineSession of a dynamic-batch engine
 
         def __init__(self, path):
             loaded.append(path)
