@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 GATES = ("simple", "reglu", "geglu", "swiglu")
+#: Block kinds of the one model family: NAFNet's block, FNAFNet's (windowed SCA + windowed FFT branches),
+#: CascadedGaze's (global-context cascade in the first block of each encoder level).
+BLOCKS = ("naf", "fnaf", "cg")
+#: What is concatenated to the input image before ``intro``: nothing, or the frequency-selection image.
+INPUT_FFTS = ("none", "fs")
 
 #: Training crop size the official GoPro models (and TLC) assume.
 DEFAULT_TRAIN_SIZE = 256
@@ -34,6 +39,15 @@ class ModelConfig:
         ffn_expand: channel expansion of the feed-forward branch.
         drop_out_rate: dropout after conv3 and conv5 (0 disables it).
         gate: ``simple`` (a*b), ``reglu`` (relu(a)*b), ``geglu`` (gelu(a)*b), ``swiglu`` (silu(a)*b).
+        block: block kind, one of :data:`BLOCKS` (``naf`` is NAFNet).
+        input_fft: ``none``, or ``fs``: the frequency-selection image is concatenated to the input
+            (``intro`` reads ``2 * img_channel`` channels; the global residual stays on the image).
+        sca_windows: ``fnaf`` only: SCA pooled per window of this size, one entry per encoder level and
+            one for the middle (decoders use their encoder level's); empty = global pooling.
+        fft_windows: ``fnaf`` only: window of the FFT branches, same layout; -1 = no FFT branch at that
+            level, 0 = the whole map.
+        heads: output heads (``cg``): the ending conv gives ``heads`` images, combined pairwise into
+            ``heads * (heads + 1) // 2`` outputs; 1 = a single output as in NAFNet.
     """
 
     width: int = 32
@@ -45,11 +59,18 @@ class ModelConfig:
     ffn_expand: int = 2
     drop_out_rate: float = 0.0
     gate: str = "simple"
+    block: str = "naf"
+    input_fft: str = "none"
+    sca_windows: tuple[int, ...] = ()
+    fft_windows: tuple[int, ...] = ()
+    heads: int = 1
 
     def __post_init__(self) -> None:
         # Lists from JSON/YAML become tuples so configs hash and compare by value.
         object.__setattr__(self, "enc_blk_nums", tuple(self.enc_blk_nums))
         object.__setattr__(self, "dec_blk_nums", tuple(self.dec_blk_nums))
+        object.__setattr__(self, "sca_windows", tuple(self.sca_windows))
+        object.__setattr__(self, "fft_windows", tuple(self.fft_windows))
         _check_types(self)
         if self.width < 1 or self.img_channel < 1:
             raise ValueError(f"width and img_channel must be positive, got {self.width}, {self.img_channel}")
@@ -66,20 +87,43 @@ class ModelConfig:
             raise ValueError(f"drop_out_rate must be in [0, 1), got {self.drop_out_rate}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {', '.join(GATES)}; got {self.gate!r}")
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {', '.join(BLOCKS)}; got {self.block!r}")
+        if self.input_fft not in INPUT_FFTS:
+            raise ValueError(f"input_fft must be one of {', '.join(INPUT_FFTS)}; got {self.input_fft!r}")
+        n_sites = len(self.enc_blk_nums) + 1
+        for name in ("sca_windows", "fft_windows"):
+            value = getattr(self, name)
+            if value and self.block != "fnaf":
+                raise ValueError(f"{name} is an option of block 'fnaf' only (block is {self.block!r})")
+            if value and len(value) != n_sites:
+                raise ValueError(f"{name} needs one entry per encoder level plus one for the middle "
+                                 f"({n_sites}), got {list(value)}")
+        if any(w < 1 for w in self.sca_windows) or any(w < -1 for w in self.fft_windows):
+            raise ValueError(f"sca_windows must be >= 1 and fft_windows >= -1, got {list(self.sca_windows)}, "
+                             f"{list(self.fft_windows)}")
+        if self.heads < 1:
+            raise ValueError(f"heads must be >= 1, got {self.heads}")
 
     @property
     def pad_multiple(self) -> int:
         """Input sides are zero-padded to a multiple of this (2 ** number of levels)."""
         return 2 ** len(self.enc_blk_nums)
 
+    @property
+    def n_outputs(self) -> int:
+        """Images the model can return: the pairwise head combinations (1 for a single head)."""
+        return self.heads * (self.heads + 1) // 2
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["enc_blk_nums"] = list(self.enc_blk_nums)
-        d["dec_blk_nums"] = list(self.dec_blk_nums)
+        for name in _TUPLE_FIELDS:
+            d[name] = list(getattr(self, name))
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """The config from :meth:`to_dict`'s output; keys added later take their defaults (older checkpoints)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -87,10 +131,13 @@ class ModelConfig:
         return cls(**d)
 
 
+_TUPLE_FIELDS = ("enc_blk_nums", "dec_blk_nums", "sca_windows", "fft_windows")
+
+
 def _check_types(cfg: ModelConfig) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name in ("enc_blk_nums", "dec_blk_nums"):
+        if f.name in _TUPLE_FIELDS:
             ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
             expected = "a list of integers"
         elif f.type in ("int", int):
@@ -149,6 +196,8 @@ def find_preset(cfg: ModelConfig) -> str | None:
 
 __all__ = [
     "GATES",
+    "BLOCKS",
+    "INPUT_FFTS",
     "DEFAULT_TRAIN_SIZE",
     "DEFAULT_BASE_RATIO",
     "ModelConfig",

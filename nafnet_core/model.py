@@ -22,6 +22,8 @@ outputs to FP32 for the two residual adds and returns FP32. Without the flag not
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -201,8 +203,31 @@ class NAFBlock(nn.Module):
         return y + to_stream(x if self.gamma is None else x * self.gamma, s)
 
 
+class BlockSite(NamedTuple):
+    """Where a block sits in the U: ``stage`` ``enc`` / ``mid`` / ``dec``, ``level`` 0 at full resolution
+    (the middle is level ``len(enc_blk_nums)``; a decoder level has its encoder level's number), and
+    ``index`` within that stage's level."""
+
+    stage: str
+    level: int
+    index: int
+
+
+def make_block(config: ModelConfig, c: int, site: BlockSite) -> nn.Module:
+    """The block of ``config.block``'s kind with ``c`` channels at ``site`` (one family, several block kinds)."""
+    if config.block == "naf":
+        return NAFBlock(c, config.dw_expand, config.ffn_expand, config.drop_out_rate, config.gate)
+    if config.block == "fnaf":
+        from .fnafnet import fnaf_block
+
+        return fnaf_block(config, c, site)
+    from .cgnet import cg_block
+
+    return cg_block(config, c, site)
+
+
 class NAFNet(nn.Module):
-    """U-shaped NAFNet with additive skips and a global residual.
+    """U-shaped NAFNet with additive skips and a global residual; the block kind comes from the config.
 
     Args:
         config: the architecture (see :class:`~nafnet_core.config.ModelConfig`).
@@ -212,33 +237,33 @@ class NAFNet(nn.Module):
         super().__init__()
         self.config = config
         c = config.width
+        levels = len(config.enc_blk_nums)
 
-        def blocks(ch: int, n: int) -> nn.Sequential:
-            return nn.Sequential(*[
-                NAFBlock(ch, config.dw_expand, config.ffn_expand, config.drop_out_rate, config.gate) for _ in range(n)
-            ])
+        def blocks(ch: int, n: int, stage: str, level: int) -> nn.Sequential:
+            return nn.Sequential(*[make_block(config, ch, BlockSite(stage, level, i)) for i in range(n)])
 
-        self.intro = nn.Conv2d(config.img_channel, c, 3, padding=1)
+        in_channels = config.img_channel * (2 if config.input_fft == "fs" else 1)
+        self.intro = nn.Conv2d(in_channels, c, 3, padding=1)
         self.encoders = nn.ModuleList()
         self.downs = nn.ModuleList()
-        for n in config.enc_blk_nums:
-            self.encoders.append(blocks(c, n))
+        for level, n in enumerate(config.enc_blk_nums):
+            self.encoders.append(blocks(c, n, "enc", level))
             self.downs.append(nn.Conv2d(c, 2 * c, 2, stride=2))
             c *= 2
-        self.middle_blks = blocks(c, config.middle_blk_num)
+        self.middle_blks = blocks(c, config.middle_blk_num, "mid", levels)
         self.ups = nn.ModuleList()
         self.decoders = nn.ModuleList()
-        for n in config.dec_blk_nums:
+        for j, n in enumerate(config.dec_blk_nums):
             self.ups.append(nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.PixelShuffle(2)))
             c //= 2
-            self.decoders.append(blocks(c, n))
-        self.ending = nn.Conv2d(config.width, config.img_channel, 3, padding=1)
+            self.decoders.append(blocks(c, n, "dec", levels - 1 - j))
+        self.ending = nn.Conv2d(config.width, config.img_channel * config.heads, 3, padding=1)
         self.padder_size = config.pad_multiple
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C, H, W)
         h, w = inp.shape[-2:]
         inp = self.pad_input(inp)
-        x = self.intro(inp.to(self.intro.weight.dtype))  # FP32 input into a half model: cast after padding
+        x = self.intro(self.intro_input(inp).to(self.intro.weight.dtype))  # FP32 input into a half model: cast after padding
         skips = []
         for encoder, down in zip(self.encoders, self.downs):
             x = encoder(x)
@@ -249,6 +274,12 @@ class NAFNet(nn.Module):
             x = decoder(up(x) + skip)
         x = self.ending(x).to(inp.dtype) + inp  # global residual in the input's dtype
         return x[:, :, :h, :w]
+
+    def intro_input(self, inp: torch.Tensor) -> torch.Tensor:
+        """What ``intro`` reads: the padded image, with its frequency-selection image when ``input_fft='fs'``."""
+        if self.config.input_fft == "none":
+            return inp
+        raise NotImplementedError("input_fft='fs'")
 
     def pad_input(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-pads right and bottom to a multiple of ``padder_size`` (the official check_image_size)."""

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DEFAULT_BASE_RATIO, DEFAULT_TRAIN_SIZE, ModelConfig
-from .model import GlobalAvgPool2d, NAFBlock, NAFNet, global_mean
+from .model import GlobalAvgPool2d, NAFNet, global_mean
 
 
 def _sym_min(a, b):
@@ -164,13 +164,23 @@ def convert_to_tlc(
     levels += [(dec, len(new.decoders) - 1 - i) for i, dec in enumerate(new.decoders)]
     for stage, level in levels:
         for block in stage:
-            if not isinstance(block, NAFBlock):
-                raise ValueError("model is already folded for deployment; apply TLC first, then fold")
-            if not isinstance(block.sca[0], GlobalAvgPool2d):
+            if any(isinstance(m, LocalAvgPool2d) for m in block.modules()):
                 raise ValueError("model already has TLC pooling; convert the original model instead")
-            block.sca[0] = LocalAvgPool2d(kernels[level])
+            if not _swap_pools(block, LocalAvgPool2d(kernels[level])):
+                raise ValueError("model is already folded for deployment; apply TLC first, then fold")
     new.tlc = {"train_size": train_size, "base_ratio": base_ratio, "kernels": kernels}
     return new
+
+
+def _swap_pools(block: nn.Module, pool: LocalAvgPool2d) -> int:
+    """Replaces every global SCA pooling inside ``block`` (any block kind) by ``pool``; returns how many."""
+    swapped = 0
+    for module in list(block.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, GlobalAvgPool2d):
+                setattr(module, name, copy.deepcopy(pool))
+                swapped += 1
+    return swapped
 
 
 def is_tlc(model: nn.Module) -> bool:
