@@ -81,7 +81,8 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
                  tiles: Iterable[tuple[int, int]] | tuple[int, int] | None = (DEFAULT_TILE,), dynamic: bool = True,
                  batch: int = 1, fp16: bool = False, trt: bool = False, tlc: bool = True, fold: bool = True,
                  opset: int = DEFAULT_OPSET, train_size: int | None = None, base_ratio: float = DEFAULT_BASE_RATIO,
-                 trt_options: TrtOptions | None = None, check: bool = True, progress: bool = False) -> Manifest:
+                 trt_options: TrtOptions | None = None, check: bool = True, progress: bool = False,
+                 openvino: bool = False) -> Manifest:
     """Exports a NAFNet into ``out_dir``; returns the manifest (written last, atomically).
 
     Besides the graphs it writes ``TENSORRT.md``: the trtexec/Polygraphy commands that build the same
@@ -106,13 +107,19 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
         trt_options: TensorRT builder settings.
         check: run each ONNX in onnxruntime on a photo and record max |diff| and PSNR vs PyTorch FP32.
         progress: show a progress bar on stderr.
+        openvino: also convert every fp32 ONNX graph to an OpenVINO IR with its BF16 FP32 islands marked
+            (``model-fp32-<shape>.xml`` + ``.bin``, both hashed in the manifest; needs the openvino extra).
     """
     from tqdm import tqdm
 
     trt_options = trt_options or TrtOptions()
     model, source_rec, preset_name, train_size = _resolve_source(source, preset, train_size)
     specs = _shape_specs(tiles, dynamic, batch)
-    formats = formats_for(fp16, trt)
+    formats = formats_for(fp16, trt, openvino)
+    if openvino:
+        from .openvino_ir import import_openvino
+
+        import_openvino()  # missing extra: one line before anything is written
     out_dir = make_dirs(out_dir)
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # an interrupted export must leave no valid manifest
     for stale in out_dir.glob(".*.part"):  # temporary files of an export that was killed mid-write
@@ -157,12 +164,37 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
                 data["artifacts"][fmt.artifact_name(spec)] = rec
     commands = atomic_write_text(out_dir / COMMANDS_NAME, build_commands(data))
     data["files"] = {"tensorrt-commands": file_record(commands)}
+    if openvino:
+        _write_openvino(data, out_dir, specs, progress)
     write_manifest(out_dir, data)
 
     if trt:
         _build_engines(data, out_dir, specs, trt_options, progress)
         write_manifest(out_dir, data)
     return Manifest(data, out_dir)
+
+
+def _write_openvino(data: dict[str, Any], out_dir: Path, specs: list[ShapeSpec], progress: bool) -> None:
+    """One OpenVINO IR per fp32 ONNX graph; the ``.xml`` is the artifact, its ``.bin`` a ``files`` companion."""
+    import openvino as ov
+
+    from .openvino_ir import write_ir
+
+    fmt: Format = FORMATS["openvino-fp32"]
+    source_fmt = FORMATS[fmt.built_from]
+    for spec in specs:
+        onnx_name = source_fmt.artifact_name(spec)
+        if progress:
+            print(f"converting {onnx_name} to OpenVINO IR ...", file=sys.stderr)
+        start = time.perf_counter()
+        xml, bin_path, islands = write_ir(out_dir / data["artifacts"][onnx_name]["file"], out_dir / fmt.file_name(spec))
+        weights = f"{fmt.artifact_name(spec)}-weights"
+        data["files"][weights] = file_record(bin_path)
+        data["artifacts"][fmt.artifact_name(spec)] = {
+            **file_record(xml), "format": fmt.name, "precision": fmt.precision, "runtime": fmt.runtime,
+            "shape": spec.to_dict(), "built_from": onnx_name, "companions": [weights],
+            "openvino": {"version": ov.get_version(), "fp32_islands": islands,
+                         "convert_seconds": round(time.perf_counter() - start, 1)}}
 
 
 def _build_engines(data: dict[str, Any], out_dir: Path, specs: list[ShapeSpec], options: TrtOptions,

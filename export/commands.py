@@ -67,6 +67,8 @@ def _profile(ctx, param, value):
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch of the fixed-tile graphs.")
 @click.option("--fp16", is_flag=True, help=f"Also write onnx-fp16: {FORMATS['onnx-fp16'].description}.")
 @click.option("--trt", is_flag=True, help=f"Also build trt-fp16 (needs TensorRT and a GPU): {FORMATS['trt-fp16'].description}.")
+@click.option("--openvino", is_flag=True,
+              help=f"Also write openvino-fp32 (pip install -e \".[openvino]\"): {FORMATS['openvino-fp32'].description}.")
 @click.option("--tlc/--no-tlc", default=True, show_default=True, help="TLC local pooling (kernels from --train-size).")
 @click.option("--fold/--no-fold", default=True, show_default=True,
               help="Deploy form: fold LayerNorm affine and beta/gamma into convs, split gates, TLC attention on the "
@@ -84,7 +86,7 @@ def _profile(ctx, param, value):
               help="TensorRT profile of the dynamic graph, e.g. 64x64:720x1280:1088x1920 (the default).")
 @click.option("--triton", "triton_repo", type=click.Path(file_okay=False, path_type=Path), default=None,
               metavar="REPO", help="Also write a Triton Inference Server model repository (see `export triton`).")
-def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, batch, fp16, trt, tlc, fold, opset,
+def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, batch, fp16, trt, openvino, tlc, fold, opset,
               check, workspace, opt_level, timing_cache, profile_hw, triton_repo) -> None:
     """Export CHECKPOINT to ONNX fp32 (and fp16 / TensorRT) with TLC, writing DIR/manifest.json last.
 
@@ -109,6 +111,7 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
       python cli.py export runs/demo/best.pt
       python cli.py export NAFNet-GoPro-width32.pth --preset nafnet-gopro-width32 --fp16
       python cli.py export best.pt --tile 512x512 --tile 720x1280 --trt --opt-level 5
+      python cli.py export best.pt --dynamic --openvino
     """
     from .api import export_model
     from .trt_plan import TrtOptions
@@ -119,7 +122,7 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
     options = TrtOptions(workspace_gib=workspace, opt_level=opt_level, timing_cache=timing_cache, profile_hw=profile_hw)
     manifest = export_model(checkpoint, out_dir, preset=preset, tiles=list(tiles), dynamic=dynamic, batch=batch,
                             fp16=fp16, trt=trt, tlc=tlc, fold=fold, opset=opset, train_size=train_size,
-                            trt_options=options, check=check, progress=True)
+                            trt_options=options, check=check, progress=True, openvino=openvino)
     _print_artifacts(manifest)
     from .fp16_stream import summary
 

@@ -20,7 +20,7 @@ class Format:
         name: key in the table and prefix of artifact names.
         precision: ``fp32`` or ``fp16`` (compute precision of the convs; graph I/O is always FP32).
         suffix: file suffix.
-        runtime: what runs it (``onnxruntime`` also covers any ONNX consumer; ``tensorrt``).
+        runtime: what runs it (``onnxruntime`` also covers any ONNX consumer; ``tensorrt``; ``openvino``).
         built_from: the format this one is converted from (None: from the PyTorch model).
         description: one line for ``--help`` and the README.
     """
@@ -47,10 +47,15 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
            "global residual and I/O"),
     Format("trt-fp16", "fp16", ".engine", "tensorrt", "onnx-fp16",
            "TensorRT engine built from onnx-fp16 as written (strongly typed)"),
+    Format("openvino-fp32", "fp32", ".xml", "openvino", "onnx-fp32",
+           "OpenVINO IR (.xml + .bin, FP32 weights) converted from onnx-fp32, its BF16 FP32 islands marked; runs "
+           "fp32 or bf16"),
 ]}
 
 
-def formats_for(fp16: bool, trt: bool) -> list[Format]:
-    """The formats an export writes: always onnx-fp32; onnx-fp16 with ``fp16`` or ``trt``; the engine with ``trt``."""
-    names = ["onnx-fp32"] + (["onnx-fp16"] if fp16 or trt else []) + (["trt-fp16"] if trt else [])
+def formats_for(fp16: bool, trt: bool, openvino: bool = False) -> list[Format]:
+    """The formats an export writes: always onnx-fp32; onnx-fp16 with ``fp16`` or ``trt``; the engine with ``trt``;
+    the OpenVINO IR with ``openvino``."""
+    names = ["onnx-fp32"] + (["onnx-fp16"] if fp16 or trt else []) + (["trt-fp16"] if trt else []) \
+        + (["openvino-fp32"] if openvino else [])
     return [FORMATS[n] for n in names]

@@ -28,6 +28,9 @@ Schema (``schema_version`` 1)::
                     "psnr_db": 128.1}                                                # optional
         },
         "onnx-fp16-512x512": {..., "shape": {"kind": "tile", "batch": 1, "height": 512, "width": 512}},
+        "openvino-fp32-dynamic": {..., "file": "model-fp32-dynamic.xml", "runtime": "openvino",
+          "built_from": "onnx-fp32-dynamic", "companions": ["openvino-fp32-dynamic-weights"],
+          "openvino": {"version": "2026.4.1-...", "fp32_islands": 131}},   # its .bin is in "files"
         "trt-fp16-512x512": {..., "built_from": "onnx-fp16-512x512",
           "tensorrt": {"version": "10.13.0", "gpu": "NVIDIA L4", "compute_capability": "8.9",
                        "profile": {"min": [...], "opt": [...], "max": [...]}, "workspace_bytes": 4294967296,
@@ -36,7 +39,8 @@ Schema (``schema_version`` 1)::
       "tensorrt_settings": {"dynamic_profile": {"min": [1, 3, 64, 64], "opt": [...], "max": [...]},
                             "workspace_bytes": 4294967296, "builder_optimization_level": 3},
       "files": {                            # other files of the export, hashed like the artifacts
-        "tensorrt-commands": {"file": "TENSORRT.md", "sha256": "<hex>", "bytes": 9876}   # trtexec/Polygraphy
+        "tensorrt-commands": {"file": "TENSORRT.md", "sha256": "<hex>", "bytes": 9876},  # trtexec/Polygraphy
+        "openvino-fp32-dynamic-weights": {"file": "model-fp32-dynamic.bin", "sha256": "<hex>", "bytes": 68...}
       },
       "fp16": {"fp32_stream": ["encoders.0", ...], "fp32_convs": ["downs.0", ...], "margin": 4.0,
                "max_stream": 812.5, "max_gate": 95.1, "gate_overflow": [], "measured_on": "2 photos, 256x256"}
@@ -154,6 +158,16 @@ def verify_artifact(manifest: Manifest, name: str) -> Path:
     return _check_file(manifest, name, manifest.artifacts[name], path)
 
 
+def verify_companions(manifest: Manifest, name: str) -> None:
+    """Checks the ``files`` entries an artifact needs beside it (an OpenVINO IR's ``.bin``)."""
+    files = manifest.data.get("files", {})
+    for key in manifest.artifacts[name].get("companions", []):
+        if key not in files:
+            raise ManifestError(f"{manifest.directory / MANIFEST_NAME}: artifact {name!r} needs {key!r}, which the "
+                                "files table does not list; re-run the export")
+        _check_file(manifest, key, files[key], manifest.directory / files[key]["file"])
+
+
 def _check_file(manifest: Manifest, name: str, rec: dict[str, Any], path: Path) -> Path:
     if not path.is_file():
         raise ManifestError(f"{path}: missing (artifact {name!r} of {manifest.directory / MANIFEST_NAME}); "
@@ -179,6 +193,7 @@ def verify_file(path: str | Path) -> tuple[Manifest, str] | None:
     if name is None:
         return None
     verify_artifact(manifest, name)
+    verify_companions(manifest, name)
     return manifest, name
 
 

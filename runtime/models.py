@@ -11,10 +11,13 @@ from pathlib import Path
 from nafnet_core import convert_to_tlc, load_checkpoint
 from nafnet_core.errors import UserError
 
-from .runners import OnnxRuntimeRunner, Runner, RunnerError, TensorRTRunner, TorchRunner
+from .runners import OnnxRuntimeRunner, OpenVINORunner, Runner, RunnerError, TensorRTRunner, TorchRunner
 
-#: ``--backend`` choices; ``auto`` picks the fastest one that can run here (trt > onnxrt > torch).
-BACKENDS = ("auto", "torch", "onnxrt", "trt")
+#: ``--backend`` choices; ``auto`` picks the fastest one that can run here (trt > onnxrt > torch). OpenVINO
+#: runs only when named: on this project's 2-core AVX2 machine it was not faster than onnxruntime (BENCHMARKS.md).
+BACKENDS = ("auto", "torch", "onnxrt", "openvino", "trt")
+#: Precisions OpenVINO computes an FP32 graph in (bf16: a compile-time hint with FP32 islands, export/openvino_ir.py).
+OPENVINO_PRECISIONS = ("fp32", "bf16")
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".ckpt")
 
@@ -24,8 +27,8 @@ class Artifact:
     """One runnable thing of an export: which backend runs it, at what precision, with what shape.
 
     Attributes:
-        backend: ``torch``, ``onnxrt`` or ``trt``.
-        precision: ``fp32`` or ``fp16``.
+        backend: ``torch``, ``onnxrt``, ``openvino`` or ``trt``.
+        precision: ``fp32`` or ``fp16`` (what the file holds; OpenVINO may run an fp32 file in bf16).
         path: the file.
         fixed_shape: (H, W) of a fixed-tile graph/engine, None when dynamic.
         key: its name in the manifest (``onnx-fp16-512x512``), or ``source`` for the checkpoint.
@@ -65,7 +68,7 @@ class ExportInfo:
     config: dict | None = None
 
 
-_RUNTIMES = {"onnxruntime": "onnxrt", "tensorrt": "trt"}
+_RUNTIMES = {"onnxruntime": "onnxrt", "tensorrt": "trt", "openvino": "openvino"}
 
 
 def read_export(export_dir: str | Path, verify_files: bool = False) -> ExportInfo:
@@ -126,6 +129,16 @@ def _pick(artifacts: list[Artifact], backend: str, precision: str | None, prefer
     return cands[0] if cands else None
 
 
+def openvino_artifact(artifacts: list[Artifact], precision: str | None, prefer_tile: bool | None) -> Artifact | None:
+    """What OpenVINO runs at ``precision`` (fp32 or bf16, both from FP32 weights): the export's IR if there is one
+    (it carries the BF16 FP32-island marks), else the fp32 ONNX graph; dynamic unless ``prefer_tile``."""
+    if precision not in (None, *OPENVINO_PRECISIONS):
+        return None
+    cands = [a for a in artifacts if a.backend in ("openvino", "onnxrt") and a.precision == "fp32"]
+    cands.sort(key=lambda a: ((a.fixed_shape is not None) != bool(prefer_tile), a.backend != "openvino"))
+    return cands[0] if cands else None
+
+
 def open_runner(model: str | Path, backend: str = "auto", precision: str | None = None, *, preset: str | None = None,
                 tlc: bool = True, train_size: int | None = None, device: str = "auto", threads: int | None = None,
                 tiled_graph: bool | None = None, verify: bool = True) -> Runner:
@@ -154,12 +167,14 @@ def open_runner(model: str | Path, backend: str = "auto", precision: str | None 
     suffix = path.suffix.lower()
     if path.is_dir():
         return _from_export_dir(path, backend, precision, device, threads, tiled_graph, tlc, train_size, verify)
-    if suffix == ".onnx":
-        _require(backend, ("auto", "onnxrt"), path)
+    if suffix == ".onnx" or suffix == ".xml":
+        _require(backend, ("auto", "onnxrt", "openvino") if suffix == ".onnx" else ("auto", "openvino"), path)
         if verify:
             from export.manifest import verify_file
 
             verify_file(path)
+        if suffix == ".xml" or backend == "openvino":
+            return OpenVINORunner(path, precision or "fp32", threads=threads)
         return OnnxRuntimeRunner(path, precision or "fp32", device=device, threads=threads)
     if suffix in ENGINE_SUFFIXES:
         _require(backend, ("auto", "trt"), path)
@@ -182,7 +197,8 @@ def torch_runner(checkpoint: str | Path, precision: str = "fp32", *, preset: str
 
 def _require(backend: str, allowed: tuple[str, ...], path: Path) -> None:
     if backend not in allowed:
-        what = {"torch": "a checkpoint", "onnxrt": "an .onnx file", "trt": "a TensorRT engine"}
+        what = {"torch": "a checkpoint", "onnxrt": "an .onnx file", "trt": "a TensorRT engine",
+                "openvino": "an .onnx file or OpenVINO IR (.xml)", "auto": "a model file"}
         raise UserError(f"{path}: --backend {backend} needs {what[backend]} or an export directory; "
                         f"export it first with `python cli.py export`")
 
@@ -192,10 +208,12 @@ def _from_export_dir(path: Path, backend: str, precision: str | None, device: st
     info = read_export(path)
 
     def checked(art: Artifact) -> Path:
-        if verify:  # only the file about to be loaded is hashed
-            from export.manifest import load_manifest, verify_artifact
+        if verify:  # only the file about to be loaded is hashed (an IR: its .xml and its .bin)
+            from export.manifest import load_manifest, verify_artifact, verify_companions
 
-            verify_artifact(load_manifest(path), art.key)
+            manifest = load_manifest(path)
+            verify_artifact(manifest, art.key)
+            verify_companions(manifest, art.key)
         return art.path
     order = [backend] if backend != "auto" else ["trt", "onnxrt", "torch"]
     reasons = []
@@ -213,6 +231,16 @@ def _from_export_dir(path: Path, backend: str, precision: str | None, device: st
                 return OnnxRuntimeRunner(checked(art), art.precision, device=device, threads=threads,
                                          name=f"onnxrt-{art.precision}-{art.mode}")
             reasons.append("onnxrt: no matching ONNX graph in the export")
+        elif name == "openvino":
+            from export.openvino_ir import openvino_available
+
+            ok, why = openvino_available()
+            art = openvino_artifact(info.artifacts, precision, tiled_graph)
+            if art is not None and ok:
+                return OpenVINORunner(checked(art), precision or "fp32", threads=threads,
+                                      name=f"openvino-{precision or 'fp32'}-{art.mode}")
+            reasons.append(f"openvino: {why if art is not None else 'no fp32 ONNX graph or IR in the export'}"
+                           + ("" if precision in (None, *OPENVINO_PRECISIONS) else f" (it runs {', '.join(OPENVINO_PRECISIONS)})"))
         else:
             if info.checkpoint is not None:
                 return torch_runner(info.checkpoint, precision or "fp32", preset=info.preset, tlc=info.tlc,

@@ -1,4 +1,4 @@
-"""One Runner interface over PyTorch, onnxruntime and TensorRT (after Polygraphy's ``BaseRunner``).
+"""One Runner interface over PyTorch, onnxruntime, OpenVINO and TensorRT (after Polygraphy's ``BaseRunner``).
 
     with OnnxRuntimeRunner("export/model_tile512.onnx") as runner:
         y = runner.infer(x)          # x, y: float32 (N, C, H, W) torch tensors on the CPU
@@ -20,10 +20,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from xml.etree.ElementTree import ParseError
+
 from .errors import RunnerError  # re-exported: ``from runtime.runners import RunnerError`` keeps working
 
+ET_ERRORS = (ParseError, OSError, UnicodeDecodeError)
+
 #: Precisions a backend can run, keyed by backend name.
-PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "onnxrt": ("fp32", "fp16"), "trt": ("fp16",)}
+PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "onnxrt": ("fp32", "fp16"), "trt": ("fp16",),
+              "openvino": ("fp32", "bf16")}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -31,7 +36,7 @@ class Runner:
     """Base class: ``activate`` / ``infer`` / ``deactivate`` and a context manager.
 
     Attributes:
-        backend: ``torch``, ``onnxrt`` or ``trt``.
+        backend: ``torch``, ``onnxrt``, ``openvino`` or ``trt``.
         precision: ``fp32``, ``fp16`` or ``bf16`` (what the arithmetic runs in).
         fixed_shape: (H, W) the model requires, or None for any multiple of 16.
         fixed_batch: the batch a fixed-batch graph/engine requires, or None for any batch. ``infer``
@@ -279,6 +284,101 @@ class OnnxRuntimeRunner(Runner):
         if self.profile and self._session is not None:
             self.profile_file = self._session.end_profiling()
         self._session = None
+
+
+# --------------------------------------------------------------------------------------------- OpenVINO
+
+class OpenVINORunner(Runner):
+    """An ONNX graph or OpenVINO IR (``.xml`` + ``.bin``) on OpenVINO's CPU plugin, fp32 or bf16.
+
+    bf16 is OpenVINO's inference-precision hint with the FP32 islands of export/openvino_ir.py kept in FP32
+    (LayerNorm and TLC statistics, the global residual); activate refuses it, with the reason, on a CPU
+    whose OpenVINO has no BF16 (it would run FP32 under a bf16 label). A dynamic graph is compiled once
+    per input shape (static shapes let the CPU plugin pick its kernels), the last few kept.
+
+    Args:
+        path: the ``.onnx`` or ``.xml`` file.
+        precision: ``fp32`` or ``bf16``.
+        threads: inference threads (default: all cores).
+        shapes_kept: compiled shapes of a dynamic graph kept at once.
+    """
+
+    backend = "openvino"
+
+    def __init__(self, path: str | Path, precision: str = "fp32", threads: int | None = None, shapes_kept: int = 2,
+                 name: str | None = None):
+        super().__init__(precision, name)
+        self.path = Path(path)
+        self.threads = threads
+        self.shapes_kept = shapes_kept
+        self._core = self._model = None
+        self._compiled: dict[tuple[int, ...], object] = {}
+        if not self.path.is_file():
+            raise RunnerError(f"{self.path}: no such ONNX or OpenVINO IR file")
+        if self.path.suffix.lower() == ".xml" and not self.path.with_suffix(".bin").is_file():
+            raise RunnerError(f"{self.path}: its weights {self.path.with_suffix('.bin').name} are missing beside it; "
+                              "re-run `python cli.py export ... --openvino`")
+        if self.path.suffix.lower() == ".onnx":
+            self.fixed_shape, _, self.fixed_batch = onnx_input_info(self.path)
+
+    def _activate(self) -> None:
+        from export import openvino_ir as ovh
+
+        ov = ovh.import_openvino()
+        if self.precision == "bf16":
+            ok, why = ovh.bf16_support()
+            if not ok:
+                raise RunnerError(f"openvino bf16: {why}")
+        self._core = ov.Core()
+        try:
+            self._model = (ovh.read_marked(self._core, self.path) if self.precision == "bf16"
+                           else self._core.read_model(str(self.path)))
+        except (RuntimeError, ET_ERRORS) as e:
+            raise RunnerError(f"{self.path}: OpenVINO cannot read this model (corrupt, truncated or another format): "
+                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}") from None
+        shape = self._model.inputs[0].get_partial_shape()
+        if shape.rank.is_static and shape.rank.get_length() == 4:
+            hw = [shape[i].get_length() if shape[i].is_static else None for i in (2, 3)]
+            self.fixed_shape = (hw[0], hw[1]) if None not in hw else None
+            self.fixed_batch = shape[0].get_length() if shape[0].is_static else None
+        self._config = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+                        "INFERENCE_NUM_THREADS": self.threads or (os.cpu_count() or 1),
+                        "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+        if self.fixed_shape is not None:
+            self._compile(None)
+
+    def _compile(self, shape: tuple[int, ...] | None):
+        """The compiled model for ``shape`` (None: the model as it is)."""
+        if shape in self._compiled:
+            self._compiled[shape] = self._compiled.pop(shape)  # most recent last
+            return self._compiled[shape]
+        model = self._model
+        if shape is not None:
+            model = self._model.clone()
+            model.reshape({model.inputs[0]: list(shape)})
+        try:
+            compiled = self._core.compile_model(model, "CPU", self._config)
+        except RuntimeError as e:
+            raise RunnerError(f"{self.path}: OpenVINO cannot compile this model: {str(e).strip().splitlines()[0][:300]}") \
+                from None
+        got = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        want = "bf16" if self.precision == "bf16" else "f32"
+        if want not in got.lower().replace("float32", "f32").replace("bfloat16", "bf16"):
+            raise RunnerError(f"openvino {self.precision}: the CPU plugin compiled {got} instead; "
+                              "this CPU cannot run the asked precision")
+        while len(self._compiled) >= max(1, self.shapes_kept):
+            self._compiled.pop(next(iter(self._compiled)))
+        self._compiled[shape] = compiled
+        return compiled
+
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
+        compiled = self._compile(None if self.fixed_shape is not None else tuple(x.shape))
+        y = compiled(x.cpu().numpy())[compiled.outputs[0]]
+        return torch.from_numpy(np.array(y, dtype=np.float32))
+
+    def _deactivate(self) -> None:
+        self._compiled.clear()
+        self._core = self._model = None
 
 
 # --------------------------------------------------------------------------------------------- TensorRT
