@@ -126,8 +126,31 @@ def lint_onnx(path: str | Path, run: bool = True) -> list[Finding]:
     return out
 
 
+def lint_openvino(path: str | Path) -> list[Finding]:
+    """An OpenVINO IR: it loads, and its BF16 placement keeps the FP32 islands (LayerNorm and TLC statistics,
+    the global residual) while the convolutions are left to BF16, as in the FP16 graph."""
+    from .openvino_ir import OpenVINOUnavailable, import_openvino, island_problems, island_report
+
+    path = Path(path)
+    try:
+        ov = import_openvino()
+    except OpenVINOUnavailable as e:
+        return [Finding(path.name, "BF16 FP32 islands (OpenVINO)", True, f"not checked: {e}")]
+    try:
+        model = ov.Core().read_model(str(path))
+    except RuntimeError as e:
+        return [Finding(path.name, "OpenVINO reads the IR", False, str(e).strip().splitlines()[0][:200])]
+    report = island_report(model)
+    kept = sum(v["fp32"] for v in report.values())
+    bf16 = sum(v["bf16"] for v in report.values())
+    problems = island_problems(model)
+    detail = "; ".join(problems) if problems else f"{kept} float ops kept FP32, {bf16} (convs, gates, stream) left to BF16"
+    return [Finding(path.name, "OpenVINO reads the IR", True),
+            Finding(path.name, "BF16 FP32 islands (OpenVINO)", not problems, detail)]
+
+
 def lint_path(path: str | Path, run: bool = True) -> list[Finding]:
-    """Lints one ONNX file, or every ONNX artifact of an export directory (after checking its hashes)."""
+    """Lints one ONNX file or OpenVINO IR, or every artifact of an export directory (after checking its hashes)."""
     path = Path(path)
     if path.is_dir():
         try:
@@ -138,9 +161,13 @@ def lint_path(path: str | Path, run: bool = True) -> list[Finding]:
         for name, rec in manifest.artifacts.items():
             if rec["file"].endswith(".onnx"):
                 findings += lint_onnx(manifest.directory / rec["file"], run=run)
+            elif rec["file"].endswith(".xml"):
+                findings += lint_openvino(manifest.directory / rec["file"])
         return findings
     if not path.is_file():
         raise ManifestError(f"{path}: no such file or directory; pass an export directory or an .onnx file")
+    if path.suffix.lower() == ".xml":
+        return lint_openvino(path)
     return lint_onnx(path, run=run)
 
 
