@@ -75,6 +75,8 @@ class BenchRow:
     gflops_per_s: float | None = None
     fraction_of_matmul_roof: float | None = None
     tiles: int | None = None
+    psnr: float | None = None  # of the output vs the sharp photo (uint8-rounded)
+    delta_psnr: float | None = None  # psnr - torch fp32's psnr on the same photo
     status: str = "ok"
 
 
@@ -82,7 +84,7 @@ class BenchRow:
 class BenchSpec:
     """One measurement, run in a fresh subprocess (so its peak RSS is its own)."""
 
-    kind: str  # torch | onnxrt | trt
+    kind: str  # torch | onnxrt | openvino | trt
     path: str
     precision: str
     tile: str  # "none" (whole image) | "auto" (the graph's own tile) | "HxW"
@@ -98,12 +100,13 @@ class BenchSpec:
 
 
 def measure(spec: BenchSpec) -> dict:
-    """Runs one BenchSpec in this process: times (s) of each repeat and this process's peak RSS (MB)."""
-    import resource
-
+    """Runs one BenchSpec in this process: times (s) of each repeat, this process's peak RSS (MB) and the PSNR of
+    the output against the sharp photo."""
     from .infer import choose_tiling, restore
+    from export.samples import sample_photo
+
     from .models import torch_runner
-    from .runners import OnnxRuntimeRunner, TensorRTRunner
+    from .runners import OnnxRuntimeRunner, OpenVINORunner, TensorRTRunner
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -113,18 +116,37 @@ def measure(spec: BenchSpec) -> dict:
     elif spec.kind == "onnxrt":
         runner = OnnxRuntimeRunner(spec.path, spec.precision, device="cpu", threads=spec.threads,
                                    opt_level=spec.opt_level)
+    elif spec.kind == "openvino":
+        runner = OpenVINORunner(spec.path, spec.precision, threads=spec.threads)
     else:
         runner = TensorRTRunner(spec.path, spec.precision)
     tile = spec.tile if spec.tile in ("none", "auto") else tuple(int(v) for v in spec.tile.split("x"))
-    x = torch.rand(1, 3, spec.height, spec.width)
+    target = sample_photo(spec.height, spec.width)  # a photo, box-blurred: the PSNR of the output means something
+    x = blurred(target)
+    outs = []
     with runner:
         tiling = choose_tiling(runner, spec.height, spec.width, tile)
-        times = time_call(lambda: restore(runner, x, tile), spec.warmup, spec.repeats)
+        times = time_call(lambda: outs.append(restore(runner, x, tile)), spec.warmup, spec.repeats)
     from .tiling import count_tiles
 
-    return {"times": times, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    psnr = nc.psnr(nc.quantize(outs[-1].clamp(0, 1)), nc.quantize(target)).item()
+    return {"times": times, "peak_rss_mb": peak_rss_mb(), "psnr": psnr,
             "tiles": None if tiling is None else count_tiles(spec.height, spec.width, tiling),
             "tile": None if tiling is None else list(tiling.tile)}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): VmHWM from /proc (ru_maxrss can carry the parent's peak
+    across exec), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_in_subprocess(spec: BenchSpec, timeout: float = 3600) -> dict:
@@ -139,18 +161,35 @@ def measure_in_subprocess(spec: BenchSpec, timeout: float = 3600) -> dict:
 
 
 def bench_rows(specs: list[tuple[BenchRow, BenchSpec]], gflop: float, roof: float,
-               progress: bool = True) -> list[BenchRow]:
-    """Measures every (row, spec) in its own subprocess and fills the row."""
+               progress: bool = True, rounds: int = 1) -> list[BenchRow]:
+    """Measures every (row, spec) in its own subprocess and fills the row.
+
+    ``rounds`` > 1 interleaves: every spec runs once per round (A, B, C, A, B, C, ...), each time in a fresh
+    process, and the row's times are those of all rounds, so load that comes and goes hits every backend alike.
+    """
     from tqdm import tqdm
 
+    results: dict[int, list[dict]] = {i: [] for i in range(len(specs))}
+    failed: dict[int, str] = {}
+    with tqdm(total=len(specs) * rounds, desc="bench", unit="run", disable=not progress) as bar:
+        for _ in range(rounds):
+            for i, (row, spec) in enumerate(specs):
+                if i not in failed:
+                    try:
+                        results[i].append(measure_in_subprocess(spec))
+                    except (RuntimeError, subprocess.TimeoutExpired) as e:
+                        failed[i] = f"failed: {e}"
+                bar.update()
     rows = []
-    for row, spec in tqdm(specs, desc="bench", unit="run", disable=not progress):
-        try:
-            r = measure_in_subprocess(spec)
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            row.status = f"failed: {e}"
+    for i, (row, spec) in enumerate(specs):
+        if i in failed:
+            row.status = failed[i]
             rows.append(row)
             continue
+        r = {"times": [t for res in results[i] for t in res["times"]],
+             "peak_rss_mb": max(res["peak_rss_mb"] for res in results[i]), "psnr": results[i][-1]["psnr"],
+             "tiles": results[i][-1]["tiles"], "tile": results[i][-1]["tile"]}
+        row.psnr = round(r["psnr"], 4)
         ms = sorted(t * 1e3 for t in r["times"])
         row.median_ms = round(statistics.median(ms), 1)
         row.min_ms, row.max_ms = round(ms[0], 1), round(ms[-1], 1)
@@ -168,7 +207,8 @@ def bench_rows(specs: list[tuple[BenchRow, BenchSpec]], gflop: float, roof: floa
 
 def bench_export(export_dir: str | Path, size: tuple[int, int] = (720, 1280), *, repeats: int = 3, warmup: int = 1,
                  threads: int | None = None, include_torch: bool = True, include_fp16: bool = False,
-                 big: tuple[int, int] | None = None, progress: bool = True) -> dict:
+                 big: tuple[int, int] | None = None, progress: bool = True, rounds: int = 1,
+                 include_openvino: bool = True, include_bf16: bool = True) -> dict:
     """Every backend of an export at ``size``: latency, images/s, peak RSS, GFLOP/s vs this machine's GEMM roof.
 
     Args:
@@ -178,6 +218,10 @@ def bench_export(export_dir: str | Path, size: tuple[int, int] = (720, 1280), *,
         include_torch: also PyTorch eager fp32 from the source checkpoint (the baseline).
         include_fp16: also the FP16 ONNX graphs (on CPU onnxruntime computes them in FP32).
         big: also run the tiled ONNX fp32 path on one (H, W) image (e.g. 2160x3840) for its peak memory.
+        rounds: interleaved rounds (each backend once per round, fresh process; medians over all rounds).
+        include_openvino: OpenVINO fp32 and bf16 on the export's IR or fp32 ONNX (rows say why when they
+            cannot run: no openvino package, no BF16 in this CPU).
+        include_bf16: also PyTorch bf16 (FP32 islands as the FP16 graph; on a CPU without BF16 it is emulated).
     """
     from .models import read_export
     from .runners import cuda_device_count
@@ -191,10 +235,18 @@ def bench_export(export_dir: str | Path, size: tuple[int, int] = (720, 1280), *,
     specs: list[tuple[BenchRow, BenchSpec]] = []
     size_s = f"{h}x{w}"
     if include_torch and info.checkpoint is not None:
-        specs.append((BenchRow("torch", "fp32", "whole", size_s),
-                      BenchSpec("torch", str(info.checkpoint), "fp32", "none", preset=info.preset, tlc=info.tlc,
-                                train_size=info.train_size, **common)))
-    for art in sorted(info.artifacts, key=lambda a: (a.backend, a.precision, a.fixed_shape is not None)):
+        for p in ("fp32", "bf16") if include_bf16 else ("fp32",):
+            row = BenchRow("torch", p, "whole", size_s)
+            if p == "bf16" and not torch.backends.mkldnn.is_available():
+                row.status = "oneDNN missing in this torch build"
+            elif p == "bf16" and not _cpu_has_bf16():
+                row.status = "ok (no BF16 instructions in this CPU: emulated, not a speed figure)"
+            specs.append((row, BenchSpec("torch", str(info.checkpoint), p, "none", preset=info.preset, tlc=info.tlc,
+                                         train_size=info.train_size, **common)))
+    if include_openvino:
+        specs += _openvino_specs(info, size_s, common)
+    for art in sorted((a for a in info.artifacts if a.backend != "openvino"),
+                      key=lambda a: (a.backend, a.precision, a.fixed_shape is not None)):
         if art.backend == "trt" and not cuda_device_count():
             specs.append((BenchRow("trt", art.precision, art.mode, size_s, status="skipped: no CUDA GPU here"), None))
             continue
@@ -214,7 +266,7 @@ def bench_export(export_dir: str | Path, size: tuple[int, int] = (720, 1280), *,
                                  warmup=0, threads=threads)
             specs.append((BenchRow("onnxrt", "fp32", "tiled", f"{big[0]}x{big[1]}"), big_spec))
     runnable = [(r, s) for r, s in specs if s is not None]
-    rows = bench_rows(runnable, gflop, roof, progress)
+    rows = bench_rows(runnable, gflop, roof, progress, rounds)
     # the big image's GFLOP differ from the benchmark size's
     for row, spec in runnable:
         if spec.height != h or spec.width != w:
@@ -225,27 +277,110 @@ def bench_export(export_dir: str | Path, size: tuple[int, int] = (720, 1280), *,
                 row.fraction_of_matmul_roof = round(row.gflops_per_s / roof, 3)
     rows += [r for r, s in specs if s is None]
     torch_ms = next((r.median_ms for r in rows if r.backend == "torch" and r.median_ms), None)
-    return {"export": str(export_dir), "size": size_s, "repeats": repeats, "warmup": warmup,
+    ref_psnr = next((r.psnr for r in rows if (r.backend, r.precision) == ("torch", "fp32") and r.psnr is not None
+                     and r.size == size_s), None)
+    for r in rows:
+        if ref_psnr is not None and r.psnr is not None and r.size == size_s:
+            r.delta_psnr = round(r.psnr - ref_psnr, 4)
+    return {"export": str(export_dir), "size": size_s, "repeats": repeats, "warmup": warmup, "rounds": rounds,
             "threads": threads or torch.get_num_threads(), "matmul_gflops": round(roof, 1),
             "model_gflop": round(gflop, 4),
             "rows": [{**asdict(r), "vs_torch": round(r.median_ms / torch_ms, 3) if torch_ms and r.median_ms else None}
                      for r in rows]}
 
 
+def _cpu_has_bf16() -> bool:
+    """The CPU has native BF16 arithmetic (AVX512_BF16 or AMX), from /proc/cpuinfo (False where unknown)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _openvino_specs(info, size_s: str, common: dict) -> list[tuple[BenchRow, BenchSpec | None]]:
+    """OpenVINO fp32 and bf16 rows: runnable specs, or rows (spec None) that say why they cannot run."""
+    from export.openvino_ir import bf16_support, openvino_available
+
+    from .models import OPENVINO_PRECISIONS, openvino_artifact
+
+    ok, why = openvino_available()
+    h, w = common["height"], common["width"]
+    out = []
+    for p in OPENVINO_PRECISIONS:
+        # the graph that runs the benchmark size whole: a tile of exactly that size, else the dynamic graph
+        art = next((a for a in info.artifacts if a.backend in ("openvino", "onnxrt") and a.precision == "fp32"
+                    and a.fixed_shape == (h, w)), None) or openvino_artifact(info.artifacts, p, False)
+        mode = "-" if art is None else ("whole" if art.fixed_shape is None else
+                                        f"tiled {art.fixed_shape[0]}x{art.fixed_shape[1]}")
+        can, reason = (ok, why) if p == "fp32" or not ok else bf16_support()
+        if art is None or not can:
+            out.append((BenchRow("openvino", p, mode, size_s,
+                                 status=f"skipped: {reason if art is not None else 'no fp32 graph'}"), None))
+            continue
+        out.append((BenchRow("openvino", p, mode, size_s),
+                    BenchSpec("openvino", str(art.path), p, "none" if art.fixed_shape is None else "auto", **common)))
+    return out
+
+
+#: The rows issue 12 asks ``bench`` to print: (label, backend, precisions, latency target vs onnxruntime fp32,
+#: max |ΔPSNR| dB vs PyTorch fp32).
+TARGETS = (("OpenVINO fp32", "openvino", ("fp32",), 1.0, 0.01),
+           ("best BF16 path", None, ("bf16",), 0.55, 0.05))
+
+
+def target_rows(result: dict) -> list[dict]:
+    """OpenVINO fp32 and the fastest BF16 row that ran, against onnxruntime fp32 at the benchmark size."""
+    rows = [r for r in result["rows"] if r["size"] == result["size"]]
+    ort = next((r for r in rows if (r["backend"], r["precision"]) == ("onnxrt", "fp32") and r["median_ms"]), None)
+    out = []
+    for label, backend, precisions, max_ratio, max_delta in TARGETS:
+        cands = [r for r in rows if r["precision"] in precisions and (backend is None or r["backend"] == backend)]
+        ran = sorted((r for r in cands if r["median_ms"]), key=lambda r: r["median_ms"])
+        best = ran[0] if ran else (cands[0] if cands else None)
+        entry = {"label": label, "row": best, "target_ratio": max_ratio, "target_delta_psnr": max_delta,
+                 "ratio": None, "met": None}
+        if best is not None and best["median_ms"] and ort is not None:
+            entry["ratio"] = round(best["median_ms"] / ort["median_ms"], 3)
+            delta_ok = best["delta_psnr"] is not None and abs(best["delta_psnr"]) <= max_delta
+            entry["met"] = entry["ratio"] <= max_ratio and delta_ok
+        out.append(entry)
+    return out
+
+
+def target_table(result: dict) -> str:
+    head = ["target row", "backend", "median ms", "vs onnxrt fp32", "target", "ΔPSNR dB", "GFLOP/s", "% roof",
+            "peak RSS MB", "met", "note"]
+    lines = []
+    for t in target_rows(result):
+        r = t["row"] or {}
+        met = {True: "yes", False: "NO", None: "-"}[t["met"]]
+        lines.append([t["label"], f"{r.get('backend', '-')} {r.get('precision', '')}".strip(),
+                      fmt(r.get("median_ms"), ".0f"), fmt(t["ratio"], ".2f"), f"<= {t['target_ratio']}x",
+                      fmt(r.get("delta_psnr"), "+.4f"), fmt(r.get("gflops_per_s"), ".1f"),
+                      "-" if r.get("fraction_of_matmul_roof") is None else f"{100 * r['fraction_of_matmul_roof']:.1f}",
+                      fmt(r.get("peak_rss_mb"), ".0f"), met, r.get("status", "no such row")])
+    return text_table(head, lines)
+
+
 def bench_table(result: dict) -> str:
     head = ["backend", "precision", "mode", "size", "median ms", "min", "max", "img/s", "peak RSS MB", "GFLOP/s",
-            "% roof", "vs torch", "status"]
+            "% roof", "vs torch", "ΔPSNR", "status"]
     lines = []
     for r in result["rows"]:
         lines.append([r["backend"], r["precision"], r["mode"], r["size"], fmt(r["median_ms"], ".0f"), fmt(r["min_ms"], ".0f"),
                       fmt(r["max_ms"], ".0f"), fmt(r["images_per_s"], ".3f"), fmt(r["peak_rss_mb"], ".0f"),
                       fmt(r["gflops_per_s"], ".1f"),
                       "-" if r["fraction_of_matmul_roof"] is None else f"{100 * r['fraction_of_matmul_roof']:.1f}",
-                      fmt(r["vs_torch"], ".2f"), r["status"]])
+                      fmt(r["vs_torch"], ".2f"), fmt(r.get("delta_psnr"), "+.4f"), r["status"]])
     out = [text_table(head, lines)]
+    rounds = result.get("rounds", 1)
     out.append(f"model {result['model_gflop']} GFLOP at {result['size']}; this machine's fp32 matmul roof "
                f"{result['matmul_gflops']} GFLOP/s ({result['threads']} threads); median of {result['repeats']} "
-               f"after {result['warmup']} warm-up, each backend in its own process")
+               f"after {result['warmup']} warm-up" + (f" x {rounds} interleaved rounds" if rounds > 1 else "")
+               + "; each backend in its own process; ΔPSNR: output vs the sharp photo, minus torch fp32's")
+    if any(r["backend"] == "openvino" for r in result["rows"]):
+        out += ["", target_table(result)]
     return "\n".join(out)
 
 

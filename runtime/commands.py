@@ -219,10 +219,14 @@ def parity(export_dir: Path, data_root: Path | None, split: str, limit: int | No
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch eager baseline.")
 @click.option("--big", callback=_hw, default=None,
               help="Also run one image of this size (e.g. 2160x3840) tiled, for its peak memory.")
+@click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
+              help="Interleaved rounds: every backend once per round, medians over all (for a loaded machine).")
+@click.option("--no-openvino", is_flag=True, help="Skip the OpenVINO fp32/bf16 rows.")
+@click.option("--no-bf16", is_flag=True, help="Skip the PyTorch bf16 row.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def bench(export_dir: Path, size, repeats: int, warmup: int, threads: int | None, include_fp16: bool, no_torch: bool,
-          big, json_path: Path | None, quiet: bool) -> None:
+          big, rounds: int, no_openvino: bool, no_bf16: bool, json_path: Path | None, quiet: bool) -> None:
     """Latency, images/s, peak memory and GFLOP/s of every backend of an export, on this machine.
 
     Each backend runs in its own process (so its peak resident memory is its own); the machine's fp32
@@ -232,6 +236,10 @@ def bench(export_dir: Path, size, repeats: int, warmup: int, threads: int | None
     Examples:
       python cli.py bench runs/demo/export --size 256x256
       python cli.py bench exported/ --size 720x1280 --big 2160x3840 --json bench.json
+      python cli.py bench exported/ --repeats 1 --rounds 3     # interleaved: A B C, A B C, A B C
+
+    With OpenVINO rows it ends with issue 12's rows: OpenVINO fp32 and the fastest BF16 path against
+    onnxruntime fp32 (latency ratio, ΔPSNR vs PyTorch fp32 on the same photo, GFLOP/s, peak RSS).
     """
     import json
 
@@ -240,7 +248,8 @@ def bench(export_dir: Path, size, repeats: int, warmup: int, threads: int | None
     from .bench import bench_export, bench_table
 
     result = bench_export(export_dir, size, repeats=repeats, warmup=warmup, threads=threads,
-                          include_torch=not no_torch, include_fp16=include_fp16, big=big, progress=not quiet)
+                          include_torch=not no_torch, include_fp16=include_fp16, big=big, progress=not quiet,
+                          rounds=rounds, include_openvino=not no_openvino, include_bf16=not no_bf16)
     click.echo(bench_table(result))
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
