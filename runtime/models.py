@@ -239,8 +239,11 @@ def _from_export_dir(path: Path, backend: str, precision: str | None, device: st
             if art is not None and ok:
                 return OpenVINORunner(checked(art), precision or "fp32", threads=threads,
                                       name=f"openvino-{precision or 'fp32'}-{art.mode}")
-            reasons.append(f"openvino: {why if art is not None else 'no fp32 ONNX graph or IR in the export'}"
-                           + ("" if precision in (None, *OPENVINO_PRECISIONS) else f" (it runs {', '.join(OPENVINO_PRECISIONS)})"))
+            if precision not in (None, *OPENVINO_PRECISIONS):
+                why = f"it runs {' or '.join(OPENVINO_PRECISIONS)}, not {precision}"
+            elif art is None:
+                why = "no fp32 ONNX graph or IR in the export"
+            reasons.append(f"openvino: {why}")
         else:
             if info.checkpoint is not None:
                 return torch_runner(info.checkpoint, precision or "fp32", preset=info.preset, tlc=info.tlc,

@@ -333,7 +333,7 @@ class OpenVINORunner(Runner):
         try:
             self._model = (ovh.read_marked(self._core, self.path) if self.precision == "bf16"
                            else self._core.read_model(str(self.path)))
-        except (RuntimeError, ET_ERRORS) as e:
+        except (RuntimeError, *ET_ERRORS) as e:
             raise RunnerError(f"{self.path}: OpenVINO cannot read this model (corrupt, truncated or another format): "
                               f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}") from None
         shape = self._model.inputs[0].get_partial_shape()
