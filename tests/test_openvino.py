@@ -187,4 +187,4 @@ def test_missing_openvino_is_one_line(monkeypatch, tiny_onnx, tiny_checkpoint, t
 def test_manifest_json_lists_ir_hashes(ov_export):
     data = json.loads((ov_export / "manifest.json").read_text())
     ir = [k for k, r in data["artifacts"].items() if r["runtime"] == "openvino"]
-    assert sorted(ir) == ["openvino-fp32-dynamic", f"openvino-fp32-{TILE}x{TILE}"]
+    assert set(ir) == {"openvino-fp32-dynamic", f"openvino-fp32-{TILE}x{TILE}"}
