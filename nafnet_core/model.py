@@ -282,10 +282,18 @@ class NAFNet(nn.Module):
         raise NotImplementedError("input_fft='fs'")
 
     def pad_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Zero-pads right and bottom to a multiple of ``padder_size`` (the official check_image_size)."""
+        """Zero-pads right and bottom to a multiple of ``padder_size`` (the official check_image_size), and to at
+        least ``config.min_side`` (FNAFNet's windows must fit in their maps)."""
         h, w = x.shape[-2:]
-        m = self.padder_size
-        return F.pad(x, (0, (m - w % m) % m, 0, (m - h % m) % m))
+        m, least = self.padder_size, self.config.min_side
+        if least > 1:
+            h, w = _sym_max(h, least), _sym_max(w, least)
+        return F.pad(x, (0, (m - w % m) % m + w - x.shape[-1], 0, (m - h % m) % m + h - x.shape[-2]))
+
+
+def _sym_max(a, b):
+    # torch.sym_max keeps max() symbolic under torch.export instead of guarding on one branch.
+    return torch.sym_max(a, b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else max(a, b)
 
 
 def count_parameters(model: nn.Module) -> int:
