@@ -136,29 +136,46 @@ class FFTBranch(nn.Module):
         self.b2_real = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.b2_imag = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
+        if window > 0:  # fixed window: the DFT matrices are constants (non-persistent buffers)
+            for name, m in zip(("rfft_right", "rfft_left"), dft.rfft2_stacked_matrices(window, window)):
+                self.register_buffer(name, m, persistent=False)
+            for name, m in zip(("irfft_left", "irfft_right"), dft.irfft2_stacked_matrices(window, window)):
+                self.register_buffer(name, m, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # the DFT matrices stay FP32 whatever .half() / .to(dtype) does to the module (an FP32 island)
+        super()._apply(fn, recurse)
+        for name, buf in self.named_buffers(recurse=False):
+            if buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
+
     @staticmethod
-    def _complex_linear(re: torch.Tensor, im: torch.Tensor, wr: torch.Tensor, wi: torch.Tensor, br: torch.Tensor,
-                        bi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(re + i im) @ (wr + i wi) + (br + i bi)`` over channels of (B, C, L) maps, as one real MatMul."""
+    def _complex_linear(y: torch.Tensor, wr: torch.Tensor, wi: torch.Tensor, br: torch.Tensor,
+                        bi: torch.Tensor) -> torch.Tensor:
+        """``Y @ (wr + i wi) + (br + i bi)`` over the channels of a spectrum with the real and imaginary parts
+        interleaved per channel, (B, 2 C_in, L) -> (B, 2 C_out, L), as one real FP32 MatMul."""
         wr, wi = wr.float().T, wi.float().T  # (out, in)
-        m = torch.cat([torch.cat([wr, -wi], 1), torch.cat([wi, wr], 1)], 0)  # (2 out, 2 in)
-        y = m @ torch.cat([re, im], 1) + torch.cat([br.float().reshape(-1, 1), bi.float().reshape(-1, 1)], 0)
-        return y.chunk(2, 1)
+        m = torch.stack([torch.stack([wr, -wi], -1), torch.stack([wi, wr], -1)], 1)  # (out, 2, in, 2)
+        bias = torch.stack([br.float().reshape(-1), bi.float().reshape(-1)], 1).reshape(-1, 1)
+        return m.reshape(2 * m.shape[0], -1) @ y + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C, H, W) FP32
         n, c, h_full, w_full = x.shape
         ws = self.window
         xw = window_partition(x, ws) if ws else x
         h, w = xw.shape[-2:]
-        re, im = dft.rfft2(xw)  # (B, C, h, w // 2 + 1) FP32
-        b, f = re.shape[0], re.shape[-1]
-        re, im = re.reshape(b, c, h * f), im.reshape(b, c, h * f)
-        re, im = self._complex_linear(re, im, self.complex_weight1_real, self.complex_weight1_imag,
-                                      self.b1_real, self.b1_imag)
-        re, im = F.gelu(re), F.gelu(im)
-        re, im = self._complex_linear(re, im, self.complex_weight2_real, self.complex_weight2_imag,
-                                      self.b2_real, self.b2_imag)
-        y = dft.irfft2(re.reshape(b, c, h, f), im.reshape(b, c, h, f), (h, w))
+        if ws:
+            mats = self.rfft_right, self.rfft_left, self.irfft_left, self.irfft_right
+        else:  # the whole map: matrices of its (possibly symbolic) size, built in the graph
+            mats = dft.rfft2_stacked_matrices(h, w, x.device) + dft.irfft2_stacked_matrices(h, w, x.device)
+        y = dft.rfft2_stacked(xw, mats[0], mats[1])  # (B, C, 2h, f) = [Re; Im] along H, FP32
+        b, f = y.shape[0], y.shape[-1]
+        y = y.reshape(b, 2 * c, h * f)  # channel-major, [re; im] per channel
+        y = self._complex_linear(y, self.complex_weight1_real, self.complex_weight1_imag, self.b1_real, self.b1_imag)
+        y = F.gelu(y)  # exact GELU on the real and imaginary parts alike
+        y = self._complex_linear(y, self.complex_weight2_real, self.complex_weight2_imag, self.b2_real, self.b2_imag)
+        y = dft.irfft2_stacked(y.reshape(b, c, 2 * h, f), mats[2], mats[3])  # (B, C, h, w)
         return window_merge(y, n, (h_full, w_full), ws) if ws else y
 
     def extra_repr(self) -> str:

@@ -206,7 +206,7 @@ def test_tlc_is_a_no_op_when_windows_are_smaller_than_the_kernels():
     tlc = convert_to_tlc(model, train_size=256)  # kernels 384 ... 24 >= windows 24 ... 3
     pools = [m for m in tlc.modules() if isinstance(m, (GlobalAvgPool2d, LocalAvgPool2d))]
     assert pools and all(isinstance(m, LocalAvgPool2d) for m in pools)  # every windowed SCA pool was swapped
-    x = photo(70, 90)
+    x = photo(50, 60)
     with torch.no_grad():
         assert torch.equal(tlc(x), model(x))
         # kernels smaller than the windows (train 16: 24, 12, 6, 3, 1 vs 24, 12, 6, 3, 3): TLC acts
@@ -215,7 +215,7 @@ def test_tlc_is_a_no_op_when_windows_are_smaller_than_the_kernels():
 
 def test_half_model_keeps_the_fft_branch_in_fp32():
     model = fnaf_model(2)
-    x = photo(48, 64)
+    x = photo(30, 40)
     with torch.no_grad():
         ref = model(x)
         out = model.half()(x)
