@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_nontrivial, photo
+from test_train import cache_dir  # noqa: F401  (the synthetic set fixture)
 from nafnet_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_official
 from nafnet_core.config import PRESET_PARAMS, get_config
 from nafnet_core.fnafnet import FNAFBlock, window_merge, window_partition
@@ -221,3 +222,31 @@ def test_half_model_keeps_the_fft_branch_in_fp32():
         out = model.half()(x)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out - ref).abs().max().item() < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_charfreq_loss_is_charbonnier_plus_a_hundredth_of_the_spectrum_l1():
+    import numpy as np
+
+    from train.objectives import LOSS_FUNCTIONS
+
+    g = torch.Generator().manual_seed(0)
+    pred, gt = torch.rand(2, 3, 12, 9, generator=g), torch.rand(2, 3, 12, 9, generator=g)
+    d = (pred - gt).numpy().astype(np.float64)
+    expected = np.sqrt(d**2 + 1e-6).mean() + 0.01 * np.abs(np.fft.rfft2(d)).mean()
+    assert abs(LOSS_FUNCTIONS["charfreq"](pred, gt).item() - expected) < 1e-6
+
+
+def test_tiny_fnaf_trains_and_resumes_exactly(cache_dir, tmp_path):
+    """The resume test of tests/test_train.py on tiny-fnaf with the official Charbonnier + frequency loss."""
+    from test_train import _short_cfg, assert_resume_is_exact
+
+    cfg = _short_cfg(model="tiny-fnaf", loss="charfreq", steps=8)
+    assert_resume_is_exact(cfg, tmp_path)
+    from train.config import build_config
+
+    assert build_config("fnafnet-gopro").loss == "charfreq"
+    assert build_config("fnafnet-gopro").model == "fnafnet-gopro-width32"

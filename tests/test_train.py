@@ -201,14 +201,18 @@ def _short_cfg(**kw):
 
 
 def test_resume_is_exact(cache_dir, tmp_path):
+    assert_resume_is_exact(_short_cfg(), tmp_path)
+
+
+def assert_resume_is_exact(cfg, tmp_path) -> None:
+    """Trains ``cfg`` uninterrupted and stopped at step 5 then resumed: identical weights, EMA, best and log."""
     from train.loop import train
 
-    cfg = _short_cfg()
     full = train(cfg, tmp_path / "full", progress=False)
     part = train(cfg, tmp_path / "part", progress=False, stop_at=5)
     assert part.status == "stopped_at" and part.step == 5
     resumed = train(cfg, tmp_path / "part", progress=False, resume=True)
-    assert resumed.step == full.step == 12
+    assert resumed.step == full.step == cfg.steps
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     ea, eb = (read_checkpoint(p / "last.pt")["extra"] for p in (tmp_path / "full", tmp_path / "part"))
