@@ -1,6 +1,7 @@
 """TensorRT readiness without a GPU, and an FP16 range report.
 
-Readiness (per ONNX file): ``onnx.checker``; every op in onnx-tensorrt's supported list; axes of
+Readiness (per ONNX file): ``onnx.checker``; every op in onnx-tensorrt's supported list; no ``DFT`` op and no
+complex tensor (:func:`check_no_dft`); axes of
 ReduceMean/CumSum/Pad/Slice/(Un)Squeeze are initializers; the opset within what every supported
 TensorRT parses; Pad modes constant/edge; DepthToSpace in PixelShuffle's CRD order; no INT64 constant
 beyond INT32 except clamped Slice bounds; a fixed-tile graph has no shape arithmetic; an FP16 graph keeps LayerNorm, pooling and CumSum in FP32 with FP32 I/O; onnxruntime
@@ -48,6 +49,30 @@ class Finding:
     detail: str = ""
 
 
+#: ONNX element types TensorRT has no equivalent for.
+COMPLEX_TYPES = {onnx.TensorProto.COMPLEX64: "complex64", onnx.TensorProto.COMPLEX128: "complex128"}
+
+
+def check_no_dft(model: onnx.ModelProto) -> list[str]:
+    """``DFT`` nodes (no TensorRT layer computes them) and tensors of a complex type (TensorRT has none), anywhere
+    in the graph: graph I/O, initializers, intermediate values (after shape inference), Constant and Cast nodes.
+    FFTs must be real matrix products (:mod:`nafnet_core.dft`). Empty list: fine."""
+    problems = [f"DFT {n.name}" for n in model.graph.node if n.op_type == "DFT"]
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=False)
+    g = inferred.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.tensor_type.elem_type in COMPLEX_TYPES:
+            problems.append(f"{vi.name} is {COMPLEX_TYPES[vi.type.tensor_type.elem_type]}")
+    for init in g.initializer:
+        if init.data_type in COMPLEX_TYPES:
+            problems.append(f"initializer {init.name} is {COMPLEX_TYPES[init.data_type]}")
+    for n in g.node:
+        for a in n.attribute:
+            if (a.name == "value" and a.t.data_type in COMPLEX_TYPES) or (a.name == "to" and a.i in COMPLEX_TYPES):
+                problems.append(f"{n.op_type} {n.name} makes a complex tensor")
+    return problems
+
+
 def _shape_of(model: onnx.ModelProto) -> ShapeSpec:
     meta = {p.key: p.value for p in model.metadata_props}
     if "nafnet.shape" in meta:
@@ -81,6 +106,7 @@ def lint_onnx(path: str | Path, run: bool = True) -> list[Finding]:
     counts = graph.op_counts(model)
     add("TensorRT ops", graph.unsupported_ops(model), f"{len(counts)} op types, all supported")
     add("constant axes", graph.computed_axes(model))
+    add("no DFT, no complex types", check_no_dft(model), "FFTs (if any) as real MatMuls")
     add("opset within TensorRT's parser", graph.opset_problems(model),
         f"opset {graph.opset_of(model)}, parsed by TensorRT >= 10.0 (opsets {graph.TRT_OPSET_SAFE[0]}-"
         f"{graph.TRT_OPSET_SAFE[1]})")

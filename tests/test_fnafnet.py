@@ -250,3 +250,68 @@ def test_tiny_fnaf_trains_and_resumes_exactly(cache_dir, tmp_path):
 
     assert build_config("fnafnet-gopro").loss == "charfreq"
     assert build_config("fnafnet-gopro").model == "fnafnet-gopro-width32"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export
+
+
+def test_check_no_dft_flags_dft_and_complex_tensors():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.lint import check_no_dft
+
+    dft_node = helper.make_node("DFT", ["x", "", "axis"], ["y"], onesided=1)
+    cast = helper.make_node("Cast", ["x"], ["z"], to=TensorProto.COMPLEX64)
+    graph = helper.make_graph([dft_node, cast], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 2]),
+                               helper.make_tensor_value_info("z", TensorProto.COMPLEX64, [1, 8, 1])],
+                              [helper.make_tensor("axis", TensorProto.INT64, [], [1])])
+    problems = check_no_dft(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    assert any(p.startswith("DFT") for p in problems) and any("complex64" in p or "Cast" in p for p in problems)
+    assert isinstance(onnx.TensorProto.COMPLEX64, int)
+
+
+def test_fold_leaves_fnaf_blocks_as_written():
+    from export.fold import fold_for_deploy
+
+    model = fnaf_model(6)
+    folded = fold_for_deploy(model)
+    assert all(type(b) is FNAFBlock for stage in [*folded.encoders, folded.middle_blks, *folded.decoders]
+               for b in stage)
+    x = photo(30, 40)
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
+
+
+@pytest.fixture(scope="module")
+def fnaf_export(tmp_path_factory):
+    """A two-level tiny-fnaf checkpoint (every FFT kind: windowed, whole map, none) exported fp32 + FP16,
+    dynamic + a 40x56 tile, with TLC (train size 4: TLC kernels smaller than the windows, so TLC acts)."""
+    from export.api import export_model
+
+    tmp = tmp_path_factory.mktemp("fnaf_export")
+    model = fnaf_model(4, enc_blk_nums=(1, 1), dec_blk_nums=(1, 1), sca_windows=(12, 6, 3), fft_windows=(12, 0, -1))
+    ckpt = save_checkpoint(tmp / "fnaf.pt", model, train_size=4)
+    manifest = export_model(ckpt, tmp / "export", tiles=[(40, 56)], dynamic=True, fp16=True, tlc=True, check=True)
+    return manifest, tmp / "export"
+
+
+def test_export_fp32_fp16_dynamic_tile_matches_and_lints(fnaf_export):
+    import onnx
+
+    from export.lint import check_no_dft, lint_path
+
+    manifest, out = fnaf_export
+    arts = manifest.artifacts
+    assert len(arts) == 4, sorted(arts)
+    for name, rec in arts.items():
+        if rec["precision"] == "fp32":
+            assert rec["check"]["max_abs_diff"] <= 1e-4, (name, rec["check"])
+        proto = onnx.load(str(out / rec["file"]))
+        assert check_no_dft(proto) == []
+        ops = {n.op_type for n in proto.graph.node}
+        assert "DFT" not in ops and "MatMul" in ops and "Sin" in ops
+    failed = [f for f in lint_path(out) if not f.ok]
+    assert not failed, failed
