@@ -163,6 +163,12 @@ PRESETS: dict[str, ModelConfig] = {
     "seed-v3": ModelConfig(width=32, enc_blk_nums=(2, 2, 4, 8), middle_blk_num=12, dec_blk_nums=(2, 2, 2, 2)),
     # Small enough to train in minutes on 2 CPU cores; keeps 4 levels so padding to 16 is exercised.
     "tiny": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1)),
+    # CascadedGaze (Ascend-Research/CascadedGaze options/*/GoPro/CascadedGazeMH-GoPro.yml: GCENetMH, 4 heads
+    # combined pairwise into 10 outputs); tiny-cg for tests and demos.
+    "cgnet-gopro": ModelConfig(width=62, enc_blk_nums=(1, 1, 1, 27), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
+                               block="cg", heads=4),
+    "tiny-cg": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
+                           block="cg", heads=4),
 }
 
 #: Parameter counts of the presets (docs/DESIGN.md §3 (The model)); the tests assert them.
@@ -171,6 +177,8 @@ PRESET_PARAMS = {
     "nafnet-gopro-width64": 67_888_835,
     "seed-v1": 4_497_507,
     "seed-v3": 29_159_715,
+    # CascadedGaze
+    "cgnet-gopro": 68_766_134,
 }
 
 
