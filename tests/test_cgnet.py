@@ -16,6 +16,7 @@ from nafnet_core.cgnet import CascadedGazeBlock
 from nafnet_core.model import GlobalAvgPool2d, NAFBlock
 from nafnet_core.tlc import LocalAvgPool2d
 from test_tlc import reference_local_mean
+from test_train import _short_cfg, cache_dir  # noqa: F401 - the synthetic set fixture, shared
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -250,3 +251,74 @@ def test_checkpoint_records_the_deployment_head(tmp_path, suffix):
         torch.save(raw, tmp_path / "bad.pt")
         with pytest.raises(CheckpointError, match=r"bad\.pt: invalid deployment head.*0\.\.9"):
             nc.load_checkpoint(tmp_path / "bad.pt")
+
+
+# --- training: best-of-outputs loss, head chosen on validation, resume ---
+
+def test_best_output_loss_is_the_official_multi_head_psnr_loss():
+    from train.objectives import best_output, psnr_loss
+
+    g = torch.Generator().manual_seed(0)
+    outs = torch.rand(3, 10, 3, 8, 9, generator=g, requires_grad=True)
+    sharp = torch.rand(3, 3, 8, 9, generator=g)
+    ours = psnr_loss(best_output(outs, sharp), sharp)
+    # CascadedGaze's MultiHeadPSNRLoss: per image the minimum MSE over the outputs, then -PSNR, batch mean
+    mse = ((outs - sharp.unsqueeze(1)) ** 2).mean(dim=(2, 3, 4)).min(dim=1)[0]
+    official = 10 / torch.log(torch.tensor(10.0)) * torch.log(mse + 1e-8).mean()
+    (ga,) = torch.autograd.grad(ours, outs)
+    (gb,) = torch.autograd.grad(official, outs)
+    torch.testing.assert_close(ours, official)
+    torch.testing.assert_close(ga, gb)
+    assert (ga.flatten(2).abs().sum(2) > 0).sum() == 3  # one output per image receives the gradient
+    assert torch.equal(best_output(outs[:, :1], sharp), outs[:, 0]) and torch.equal(best_output(outs), outs[:, 0])
+
+
+def test_tiny_cg_trains_resumes_exactly_and_records_the_head(cache_dir, tmp_path):
+    from train.data import load_pairs
+    from train.evaluate import evaluate
+    from train.loop import train
+
+    cfg = _short_cfg(model="tiny-cg", steps=4, val_every=2, save_every=2, amp="bf16")  # EMA, dropout, TLC val
+    full = train(cfg, tmp_path / "full", progress=False)
+    part = train(cfg, tmp_path / "part", progress=False, stop_at=3)
+    resumed = train(cfg, tmp_path / "part", progress=False, resume=True)
+    assert part.step == 3 and resumed.step == full.step == 4
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert resumed.model.head == full.model.head
+    # best.pt records the head with the best validation PSNR, and loads with it (export and infer use it)
+    best = nc.load_checkpoint(tmp_path / "full" / "best.pt")
+    val = best.extra["val"]
+    assert best.model.head == val["head"] == val["best_head"]
+    assert val["psnr"] == max(h["psnr"] for h in val["heads"]) == val["heads"][val["head"]]["psnr"]
+    pairs = load_pairs(read_checkpoint_data(best))["val"][: cfg.val_max]
+    res = evaluate(best.model, pairs, tlc=True, train_size=cfg.crop)
+    assert res.best_head() == best.model.head and res.summary()["psnr"] == pytest.approx(val["psnr"], abs=1e-9)
+    x = photo(24, 40)
+    with torch.no_grad():
+        assert torch.equal(best.model(x), best.model(x, all_heads=True)[:, best.model.head])
+
+
+def read_checkpoint_data(ckpt) -> str:
+    """The data root a run trained on (the synthetic set in these tests)."""
+    import json
+
+    return json.loads((ckpt.path.parent / "config.json").read_text())["data_root"]
+
+
+def test_eval_cli_reports_every_head_and_the_recorded_one(cache_dir, tmp_path):
+    model = cg_model(7)
+    model.head = 3
+    path = nc.save_checkpoint(tmp_path / "cg.pt", model, train_size=32)
+    result = CliRunner().invoke(__import__("cli").main, ["eval", str(path), "--max-images", "1", "--device", "cpu",
+                                                         "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    table = lines[lines.index("output  heads   PSNR dB    SSIM") + 1:][:10]
+    assert [int(t.split()[0]) for t in table] == list(range(10)) and "(3,0)" in table[6]
+    assert "deployment head (recorded in the checkpoint)" in table[3] and "(deployment head 3)" in result.output
+    import json
+
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert saved["head"] == saved["recorded_head"] == 3 and len(saved["heads"]) == 10
+    assert saved["psnr"] == saved["heads"][3]["psnr"] and "psnr_h9" in result.output
