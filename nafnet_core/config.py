@@ -184,6 +184,12 @@ PRESETS: dict[str, ModelConfig] = {
     # over the whole map (0) and a level without FFT (-1).
     "tiny-fnaf": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
                              block="fnaf", sca_windows=(24, 12, 6, 3, 3), fft_windows=(24, 0, 6, -1, 3)),
+    # CascadedGaze (Ascend-Research/CascadedGaze options/*/GoPro/CascadedGazeMH-GoPro.yml: GCENetMH, 4 heads
+    # combined pairwise into 10 outputs); tiny-cg for tests and demos.
+    "cgnet-gopro": ModelConfig(width=62, enc_blk_nums=(1, 1, 1, 27), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
+                               block="cg", heads=4),
+    "tiny-cg": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
+                           block="cg", heads=4),
 }
 
 #: Parameter counts of the presets (docs/DESIGN.md §3 (The model)); the tests assert them.
@@ -195,6 +201,8 @@ PRESET_PARAMS = {
     # FNAFNet: 16 c^2 + 12 c more per block with FFT branches.
     "fnafnet-gopro-width32": 17_805_411,
     "fnafnet-gopro-width64": 68_021_443,
+    # CascadedGaze
+    "cgnet-gopro": 68_766_134,
 }
 
 

@@ -211,9 +211,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the Charbonnier + frequency loss.
     "fnafnet-gopro": {"model": "fnafnet-gopro-width32", "loss": "charfreq"},
     "fnafnet-gopro-width64": {"model": "fnafnet-gopro-width64", "loss": "charfreq"},
+    # CascadedGaze GoPro (Ascend-Research/CascadedGaze options/train/GoPro/CascadedGazeMH-GoPro.yml): the NAFNet
+    # recipe with batch 64 (8 GPUs x 8) over 400k iterations, validation every 10k; the PSNR loss on the best
+    # of the 10 outputs (MultiHeadPSNRLoss), the deployment head chosen at every validation.
+    "cgnet-gopro": {"model": "cgnet-gopro", "batch": 64, "steps": 400_000, "val_every": 10_000},
     # Tests: the tiny model on the embedded synthetic set; about 90 s on 2 CPU cores.
     "tiny": {"model": "tiny", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3, "val_every": 250,
              "save_every": 250, "log_every": 10, "workers": 0},
+    # Tests and demos of the CascadedGaze family: tiny-cg with the tiny recipe.
+    "tiny-cg": {"model": "tiny-cg", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3, "val_every": 250,
+                "save_every": 250, "log_every": 10, "workers": 0},
     # `python cli.py demo`: the best recipe measured within the demo's CPU budget (BENCHMARKS.md, "Demo:
     # searching for a training recipe that deblurs visibly"); kept apart from `tiny` so that tuning it
     # leaves the tests alone.
