@@ -163,6 +163,11 @@ PRESETS: dict[str, ModelConfig] = {
     "seed-v3": ModelConfig(width=32, enc_blk_nums=(2, 2, 4, 8), middle_blk_num=12, dec_blk_nums=(2, 2, 2, 2)),
     # Small enough to train in minutes on 2 CPU cores; keeps 4 levels so padding to 16 is exercised.
     "tiny": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1)),
+    # Input FFT (input_fft="fs"): the frequency-selection image concatenated to the input (intro 6 -> width).
+    "seed-v3-fft": ModelConfig(width=32, enc_blk_nums=(2, 2, 4, 8), middle_blk_num=12, dec_blk_nums=(2, 2, 2, 2),
+                               input_fft="fs"),
+    "tiny-fft": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
+                            input_fft="fs"),
 }
 
 #: Parameter counts of the presets (docs/DESIGN.md §3 (The model)); the tests assert them.
@@ -171,6 +176,9 @@ PRESET_PARAMS = {
     "nafnet-gopro-width64": 67_888_835,
     "seed-v1": 4_497_507,
     "seed-v3": 29_159_715,
+    # Input FFT: the intro conv reads 3 more channels (3 * width * 9 more weights).
+    "seed-v3-fft": 29_160_579,
+    "tiny-fft": 290_931,
 }
 
 
