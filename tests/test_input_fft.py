@@ -280,3 +280,34 @@ def test_official_file_of_the_wrong_input_names_the_preset(tmp_path):
     assert str(tmp_path / "fs.pth") in str(e.value) and "\n" not in str(e.value)
     custom = nc.create_model("tiny-fft", width=6).state_dict()
     assert infer_config(custom) == get_config("tiny-fft", width=6)
+
+
+def test_tiler_runs_fs_models_whole_and_warns_about_tiles(tmp_path):
+    from runtime.infer import AUTO_WHOLE_MAX_PIXELS, TilingWarning, choose_tiling
+    from runtime.models import open_runner
+    from runtime.runners import TorchRunner
+
+    fs, plain = TorchRunner(nc.create_model("tiny-fft")), TorchRunner(nc.create_model("tiny"))
+    assert fs.whole_image_input and not plain.whole_image_input
+    big = (1088, 1920)  # above AUTO_WHOLE_MAX_PIXELS: a plain model is tiled, an fs model runs whole
+    assert big[0] * big[1] > AUTO_WHOLE_MAX_PIXELS
+    assert choose_tiling(plain, *big) is not None and choose_tiling(fs, *big) is None
+    with pytest.warns(TilingWarning, match="input_fft=fs"):
+        assert choose_tiling(fs, *big, tile=512) is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        choose_tiling(fs, 256, 256, tile=512)  # one tile holds the image: nothing changes, no warning
+        choose_tiling(plain, *big, tile=512)
+    # a checkpoint opened through the runtime knows it too
+    nc.save_checkpoint(tmp_path / "fs.pt", nc.create_model("tiny-fft"), train_size=64)
+    assert open_runner(tmp_path / "fs.pt", backend="torch").whole_image_input
+
+
+def test_exported_fs_graphs_tell_the_runtime(fs_export):
+    from runtime.models import open_runner
+
+    _, manifest = fs_export
+    assert open_runner(manifest.directory, backend="onnxrt").whole_image_input
+    assert open_runner(manifest.directory, backend="onnxrt", tiled_graph=True).whole_image_input
+    lone = next(r for r in manifest.artifacts.values() if r["shape"]["kind"] == "tile")
+    assert open_runner(manifest.directory / lone["file"]).whole_image_input
