@@ -190,6 +190,11 @@ PRESETS: dict[str, ModelConfig] = {
                                block="cg", heads=4),
     "tiny-cg": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
                            block="cg", heads=4),
+    # Input FFT (input_fft="fs"): the frequency-selection image concatenated to the input (intro 6 -> width).
+    "seed-v3-fft": ModelConfig(width=32, enc_blk_nums=(2, 2, 4, 8), middle_blk_num=12, dec_blk_nums=(2, 2, 2, 2),
+                               input_fft="fs"),
+    "tiny-fft": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
+                            input_fft="fs"),
 }
 
 #: Parameter counts of the presets (docs/DESIGN.md §3 (The model)); the tests assert them.
@@ -203,6 +208,9 @@ PRESET_PARAMS = {
     "fnafnet-gopro-width64": 68_021_443,
     # CascadedGaze
     "cgnet-gopro": 68_766_134,
+    # Input FFT: the intro conv reads 3 more channels (3 * width * 9 more weights).
+    "seed-v3-fft": 29_160_579,
+    "tiny-fft": 290_931,
 }
 
 

@@ -18,11 +18,17 @@ FFT. Angles are formed as ``2 pi ((a * b) mod N) / N`` with the product and the 
 so they stay exact for any N (a float ``a * b`` loses bits past 2**24); only the final scaling and the
 cos/sin are FP32. The matrices are built with torch ops from the sizes, so the same code gives
 constants in a fixed-shape graph and in-graph matrices in a dynamic one.
+
+:func:`frequency_selection` is the input image of ``input_fft='fs'`` (docs/DESIGN.md §16 (The input FFT)):
+``irfft2(relu(Re F) + i relu(Im F), s=(H, W))`` with ``F = rfft2(x)`` over the whole (padded) image.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from typing import Iterator
 
 import torch
 
@@ -109,3 +115,43 @@ def irfft2_stacked(y: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> 
     """
     zr, zi = (left @ y.float()).chunk(2, -2)  # inverse along H
     return torch.cat([zr, zi], -1) @ right  # Zr Chat - Zi Shat
+#: Set by :func:`matrix_form`: eager code computes the frequency selection with the matrices too.
+_MATRIX_FORM: contextvars.ContextVar[bool] = contextvars.ContextVar("nafnet_dft_matrix_form", default=False)
+
+
+@contextlib.contextmanager
+def matrix_form() -> Iterator[None]:
+    """Within this block :func:`frequency_selection` uses the matrices in eager mode too (FLOP counts of the
+    exported form, equality tests, benchmarks)."""
+    token = _MATRIX_FORM.set(True)
+    try:
+        yield
+    finally:
+        _MATRIX_FORM.reset(token)
+
+
+def uses_matrices() -> bool:
+    """True when the transforms must be matrix products: export, tracing, compiling, or :func:`matrix_form`."""
+    return (_MATRIX_FORM.get() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing())
+
+
+def frequency_selection(x: torch.Tensor) -> torch.Tensor:
+    """The frequency-selection image of ``x`` (..., H, W): ``irfft2(relu(Re F) + i relu(Im F), s=(H, W))`` with
+    ``F = rfft2(x)`` over the last two axes; computed in FP32 (an FP32 island in a half model), returned in
+    ``x``'s dtype. Spatially aligned with ``x``, no parameters (the ``FFT_ReLU`` of Mao et al., AAAI 2023).
+
+    Exported, traced or compiled it is the matrix form of this module (no ``DFT`` op, no complex type);
+    in eager mode it is ``torch.fft``, the same values to FP32 rounding and ~10x faster at 720x1280
+    (BENCHMARKS.md, "Input FFT (input_fft=fs)"), unless inside :func:`matrix_form`.
+
+    Args:
+        x: image(s); the transform spans the whole of the last two axes (the caller decides what "whole" is).
+    """
+    size = (x.shape[-2], x.shape[-1])
+    if uses_matrices():
+        re, im = rfft2(x)
+        return irfft2(torch.relu(re), torch.relu(im), size).to(x.dtype)
+    spectrum = torch.fft.rfft2(x.float(), norm="backward")
+    selected = torch.complex(torch.relu(spectrum.real), torch.relu(spectrum.imag))
+    return torch.fft.irfft2(selected, s=size, norm="backward").to(x.dtype)

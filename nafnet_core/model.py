@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .dft import frequency_selection
 
 
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
@@ -314,10 +315,15 @@ class NAFNet(nn.Module):
         return torch.stack([self.head_output(x, k) for k in range(self.config.n_outputs)], dim=1)
 
     def intro_input(self, inp: torch.Tensor) -> torch.Tensor:
-        """What ``intro`` reads: the padded image, with its frequency-selection image when ``input_fft='fs'``."""
+        """What ``intro`` reads: the padded image, with its frequency-selection image when ``input_fft='fs'``.
+
+        ``fs``: ``[x, irfft2(relu(Re F) + i relu(Im F))]`` with ``F = rfft2(x)`` of the whole *padded* image
+        (N, 2C, H', W'), so the model's own output on an image equals the runtime's (which pads to 16 before
+        calling the model). The spectrum is an FP32 island (:func:`~nafnet_core.dft.frequency_selection`).
+        """
         if self.config.input_fft == "none":
             return inp
-        raise NotImplementedError("input_fft='fs'")
+        return torch.cat([inp, frequency_selection(inp)], dim=1)  # (N, 2C, H', W')
 
     def pad_input(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-pads right and bottom to a multiple of ``padder_size`` (the official check_image_size), and to at

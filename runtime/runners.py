@@ -39,6 +39,9 @@ class Runner:
         fixed_batch: the batch a fixed-batch graph/engine requires, or None for any batch. ``infer``
             takes any batch either way: it runs a fixed-batch model in chunks, the last one padded.
         name: a readable label for tables and logs.
+        whole_image_input: the model transforms its whole input (``input_fft='fs'``: the spectrum of what it
+            is given), so a tile's output is not the whole image's; ``runtime.infer.choose_tiling`` runs such
+            models whole where it can and warns where it cannot.
     """
 
     backend = "base"
@@ -51,6 +54,7 @@ class Runner:
         self.name = name or f"{self.backend}-{precision}"
         self.fixed_shape: tuple[int, int] | None = None
         self.fixed_batch: int | None = None
+        self.whole_image_input = False
         self.is_active = False
         self.last_ms = 0.0
 
@@ -131,6 +135,7 @@ class TorchRunner(Runner):
         super().__init__(precision, name)
         self.model = model
         self.device = device
+        self.whole_image_input = getattr(getattr(model, "config", None), "input_fft", "none") == "fs"
         self._module: nn.Module | None = None
 
     def _activate(self) -> None:

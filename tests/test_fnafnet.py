@@ -256,23 +256,6 @@ def test_tiny_fnaf_trains_and_resumes_exactly(cache_dir, tmp_path):
 # Export
 
 
-def test_check_no_dft_flags_dft_and_complex_tensors():
-    import onnx
-    from onnx import TensorProto, helper
-
-    from export.lint import check_no_dft
-
-    dft_node = helper.make_node("DFT", ["x", "", "axis"], ["y"], onesided=1)
-    cast = helper.make_node("Cast", ["x"], ["z"], to=TensorProto.COMPLEX64)
-    graph = helper.make_graph([dft_node, cast], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 2]),
-                               helper.make_tensor_value_info("z", TensorProto.COMPLEX64, [1, 8, 1])],
-                              [helper.make_tensor("axis", TensorProto.INT64, [], [1])])
-    problems = check_no_dft(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
-    assert any(p.startswith("DFT") for p in problems) and any("complex64" in p or "Cast" in p for p in problems)
-    assert isinstance(onnx.TensorProto.COMPLEX64, int)
-
-
 def test_fold_leaves_fnaf_blocks_as_written():
     from export.fold import fold_for_deploy
 

@@ -226,6 +226,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # leaves the tests alone.
     "demo": {"model": "tiny", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3, "loss": "l1", "val_every": 250,
              "save_every": 250, "log_every": 10, "workers": 0},
+    # Input FFT (input_fft="fs"): the tiny recipe on the tiny model with the frequency-selection input.
+    "tiny-fft": {"model": "tiny-fft", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3, "val_every": 250,
+                 "save_every": 250, "log_every": 10, "workers": 0},
 }
 
 
