@@ -5,7 +5,7 @@ used. BF16 is a compile-time hint (``INFERENCE_PRECISION_HINT``): the CPU plugin
 float node in BF16 unless the node is marked to keep its precision. The marking is the IR attribute
 ``precise`` (OpenVINO reads it as its ``DisablePrecisionConversion`` runtime attribute; the CPU plugin
 keeps such nodes in their original FP32). Python has no API to set that attribute on a node, so the
-islands are written into the IR's XML (:func:`mark_fp32_islands`), docs/DESIGN.md §15 (OpenVINO and BF16).
+islands are written into the IR's XML (:func:`mark_fp32_islands`), docs/DESIGN.md §17 (OpenVINO and BF16).
 
 On a CPU without BF16 instructions the CPU plugin ignores a bf16 hint and runs FP32 (measured here:
 the compiled model reads the hint back as f32). The runner refuses that case with the reason instead
