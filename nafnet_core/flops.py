@@ -10,7 +10,9 @@ from .model import NAFNet
 
 
 def model_gflops(config: ModelConfig, height: int, width: int) -> float:
-    """GFLOP (2 x multiply-adds of the convolutions) of one forward at ``height`` x ``width``, batch 1.
+    """GFLOP (2 x multiply-adds of the convolutions and MatMuls) of one forward at ``height`` x ``width``, batch 1.
+
+    MatMuls are FNAFNet's FFT branches (DFT products, complex linears on the spectra) and nothing in NAFNet.
 
     Element-wise ops and the TLC pooling are not counted (they are memory-bound, and the usual
     NAFNet figures, 32 GFLOP at 256x256 for width 32, leave them out too).

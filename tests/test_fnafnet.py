@@ -316,3 +316,11 @@ def test_export_fp32_fp16_dynamic_tile_matches_and_lints(fnaf_export):
         assert "DFT" not in ops and "MatMul" in ops and "Sin" in ops
     failed = [f for f in lint_path(out) if not f.ok]
     assert not failed, failed
+
+
+def test_fp16_range_report_covers_fnaf_blocks():
+    from export.lint import fp16_range_report
+
+    report = fp16_range_report(fnaf_model(), [photo(48, 64)], half_size=(32, 32))
+    assert len(report.blocks) == 9 and not report.overflows
+    assert report.half_psnr_db > 40  # PyTorch half (FFT branches as FP32 islands) vs FP32
