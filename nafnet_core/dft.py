@@ -84,8 +84,8 @@ def rfft2_stacked(x: torch.Tensor, right: torch.Tensor, left: torch.Tensor) -> t
         right, left: :func:`rfft2_stacked_matrices` of its size.
     """
     ab = x.float() @ right  # (..., H, 2F) = [A | B], A = x C_W, B = -x S_W
-    a, b = ab.chunk(2, -1)
-    return left @ torch.cat([a, b], -2)  # [C_H A + S_H B; C_H B - S_H A]
+    f = right.shape[-1] // 2  # slices, not chunk: a chunk of a symbolic size exports as SplitToSequence
+    return left @ torch.cat([ab[..., :f], ab[..., f:]], -2)  # [C_H A + S_H B; C_H B - S_H A]
 
 
 def irfft2_stacked_matrices(h, w, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,5 +107,6 @@ def irfft2_stacked(y: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> 
         y: the stacked spectrum.
         left, right: :func:`irfft2_stacked_matrices` of the output size.
     """
-    zr, zi = (left @ y.float()).chunk(2, -2)  # inverse along H
-    return torch.cat([zr, zi], -1) @ right  # Zr Chat - Zi Shat
+    z = left @ y.float()  # inverse along H: [Zr; Zi]
+    h = left.shape[-1] // 2
+    return torch.cat([z[..., :h, :], z[..., h:, :]], -1) @ right  # Zr Chat - Zi Shat
