@@ -313,7 +313,9 @@ def fp16_range_report(model: NAFNet, images: list[torch.Tensor], half_size: tupl
         hook(block.conv3, gate, pre=True)  # conv3 reads x * sca(x)
         for sub in block.modules():
             # leaves, and the deploy form's gate products (act(a) * b is no leaf's output there)
-            if sub is not block and (not list(sub.children()) or isinstance(sub, GatedConv)):
+            # FP32 islands (FNAFNet's FFT branches) never hold their outputs in FP16: not counted
+            if sub is not block and not getattr(sub, "fp32_island", False) and \
+                    (not list(sub.children()) or isinstance(sub, GatedConv)):
                 hook(sub, track)
             if isinstance(sub, (Gate, GatedConv)):
                 hook(sub, gate)

@@ -116,6 +116,8 @@ def irfft2_stacked(y: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> 
     z = left @ y.float()  # inverse along H: [Zr; Zi]
     h = left.shape[-1] // 2
     return torch.cat([z[..., :h, :], z[..., h:, :]], -1) @ right  # Zr Chat - Zi Shat
+
+
 #: Set by :func:`matrix_form`: eager code computes the frequency selection with the matrices too.
 _MATRIX_FORM: contextvars.ContextVar[bool] = contextvars.ContextVar("nafnet_dft_matrix_form", default=False)
 

@@ -12,7 +12,8 @@ from .model import NAFNet
 
 def model_gflops(config: ModelConfig, height: int, width: int) -> float:
     """GFLOP (2 x multiply-adds of the convolutions and matrix products) of one forward at ``height`` x ``width``,
-    batch 1. The matrix products are the DFTs of ``input_fft='fs'`` in their exported (matrix) form.
+    batch 1. The matrix products are the DFTs in their exported (matrix) form, FNAFNet's FFT branches (DFT
+    products and the complex linears on the spectra) and the input FFT of ``input_fft='fs'``.
 
     Element-wise ops and the TLC pooling are not counted (they are memory-bound, and the usual
     NAFNet figures, 32 GFLOP at 256x256 for width 32, leave them out too).

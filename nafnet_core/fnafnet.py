@@ -120,6 +120,9 @@ class FFTBranch(nn.Module):
         window: window side (0: the whole map).
     """
 
+    #: Computes in FP32 inside a half model (the FP16 range report of ``export lint`` skips its output).
+    fp32_island = True
+
     def __init__(self, dim: int, expand: int, window: int):
         super().__init__()
         hid = dim * expand
