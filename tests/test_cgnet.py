@@ -356,3 +356,22 @@ def test_tiny_cg_checkpoint_exports_fp32_fp16_dynamic_and_tile_with_tlc(tmp_path
     with torch.no_grad():
         half = run("onnx-fp16-40x56", photo(40, 56, index=4))
         assert (half - tlc(photo(40, 56, index=4))).abs().max().item() < 2e-2
+
+
+def test_lint_counts_shape_gathers_not_data_gathers():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export import graph
+
+    idx = helper.make_tensor("idx", TensorProto.INT64, [4], [0, 0, 1, 1])
+    nodes = [helper.make_node("Gather", ["x", "idx"], ["up"], axis=3, name="nearest"),
+             helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "two"], ["h"], axis=0, name="height")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+                          [helper.make_tensor_value_info("up", TensorProto.FLOAT, [1, 1, 2, 4]),
+                           helper.make_tensor_value_info("h", TensorProto.INT64, [])],
+                          [idx, helper.make_tensor("two", TensorProto.INT64, [], [2])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    assert graph.shape_arithmetic(model) == ["Shape shape", "Gather height"]
