@@ -162,7 +162,10 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
 def infer_config(state_dict: dict[str, torch.Tensor]) -> ModelConfig | None:
     """The architecture a NAFNet state dict has, from its keys and shapes (gate and dropout excepted)."""
     try:
-        width, img_channel = state_dict["intro.weight"].shape[:2]
+        width, in_channels = state_dict["intro.weight"].shape[:2]
+        # intro reading twice the channels ending writes: the image and its frequency-selection image
+        fs = in_channels == 2 * state_dict["ending.weight"].shape[0]
+        img_channel, input_fft = (in_channels // 2, "fs") if fs else (in_channels, "none")
         n_levels = sum(1 for k in state_dict if k.startswith("downs.") and k.endswith(".weight"))
         enc, dec, middle = [0] * n_levels, [0] * n_levels, 0
         for k in state_dict:
@@ -174,7 +177,7 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> ModelConfig | None:
                 middle = max(middle, int(parts[1]) + 1)
         block = next(k for k in state_dict if k.endswith("conv1.weight"))[: -len("conv1.weight")]
         c = state_dict[block + "norm1.weight"].shape[0]
-        return ModelConfig(width=int(width), img_channel=int(img_channel), enc_blk_nums=tuple(enc),
+        return ModelConfig(width=int(width), img_channel=int(img_channel), input_fft=input_fft, enc_blk_nums=tuple(enc),
                            middle_blk_num=middle, dec_blk_nums=tuple(dec),
                            dw_expand=int(state_dict[block + "conv1.weight"].shape[0] // c),
                            ffn_expand=int(state_dict[block + "conv4.weight"].shape[0] // c))
@@ -196,7 +199,8 @@ def _suggest(state_dict: dict[str, torch.Tensor]) -> str:
     if inferred is not None and _shape_match(inferred, state_dict):
         cfg = inferred
         return (f"its shapes match no preset but fit width={cfg.width}, enc_blk_nums={list(cfg.enc_blk_nums)}, "
-                f"middle_blk_num={cfg.middle_blk_num}, dec_blk_nums={list(cfg.dec_blk_nums)}")
+                f"middle_blk_num={cfg.middle_blk_num}, dec_blk_nums={list(cfg.dec_blk_nums)}"
+                + (", input_fft='fs'" if cfg.input_fft == "fs" else ""))
     return "its shapes match no preset"
 
 

@@ -46,6 +46,7 @@ def info(model: str, preset: str | None, train_size: int | None) -> None:
         ("blocks", f"enc {list(config.enc_blk_nums)} mid {config.middle_blk_num} dec {list(config.dec_blk_nums)}"),
         ("block kind", kind),
         ("gate", config.gate),
+        ("input", "image + frequency-selection image (input_fft=fs)" if config.input_fft == "fs" else "image"),
         ("parameters", f"{n_params:,}"),
         ("GFLOP 256x256", f"{model_gflops(config, 256, 256):.2f}"),
         ("GFLOP 720x1280", f"{model_gflops(config, 720, 1280):.2f}"),

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .dft import frequency_selection
 
 
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
@@ -314,16 +315,29 @@ class NAFNet(nn.Module):
         return torch.stack([self.head_output(x, k) for k in range(self.config.n_outputs)], dim=1)
 
     def intro_input(self, inp: torch.Tensor) -> torch.Tensor:
-        """What ``intro`` reads: the padded image, with its frequency-selection image when ``input_fft='fs'``."""
+        """What ``intro`` reads: the padded image, with its frequency-selection image when ``input_fft='fs'``.
+
+        ``fs``: ``[x, irfft2(relu(Re F) + i relu(Im F))]`` with ``F = rfft2(x)`` of the whole *padded* image
+        (N, 2C, H', W'), so the model's own output on an image equals the runtime's (which pads to 16 before
+        calling the model). The spectrum is an FP32 island (:func:`~nafnet_core.dft.frequency_selection`).
+        """
         if self.config.input_fft == "none":
             return inp
-        raise NotImplementedError("input_fft='fs'")
+        return torch.cat([inp, frequency_selection(inp)], dim=1)  # (N, 2C, H', W')
 
     def pad_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Zero-pads right and bottom to a multiple of ``padder_size`` (the official check_image_size)."""
+        """Zero-pads right and bottom to a multiple of ``padder_size`` (the official check_image_size), and to at
+        least ``config.min_side`` (FNAFNet's windows must fit in their maps)."""
         h, w = x.shape[-2:]
-        m = self.padder_size
-        return F.pad(x, (0, (m - w % m) % m, 0, (m - h % m) % m))
+        m, least = self.padder_size, self.config.min_side
+        if least > 1:
+            h, w = _sym_max(h, least), _sym_max(w, least)
+        return F.pad(x, (0, (m - w % m) % m + w - x.shape[-1], 0, (m - h % m) % m + h - x.shape[-2]))
+
+
+def _sym_max(a, b):
+    # torch.sym_max keeps max() symbolic under torch.export instead of guarding on one branch.
+    return torch.sym_max(a, b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else max(a, b)
 
 
 def head_pairs(heads: int) -> list[tuple[int, int]]:
