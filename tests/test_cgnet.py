@@ -337,6 +337,7 @@ def test_tiny_cg_checkpoint_exports_fp32_fp16_dynamic_and_tile_with_tlc(tmp_path
     path = nc.save_checkpoint(tmp_path / "cg.pt", model, train_size=16)
     manifest = export_model(path, tmp_path / "export", tiles=[(40, 56)], dynamic=True, fp16=True, train_size=16)
     assert set(manifest.artifacts) == {"onnx-fp32-dynamic", "onnx-fp32-40x56", "onnx-fp16-dynamic", "onnx-fp16-40x56"}
+    assert manifest.data["model"]["head"] == 5
     failed = [f for f in lint_path(tmp_path / "export") if not f.ok]
     assert not failed, failed
     tlc = nc.convert_to_tlc(model, train_size=16)
