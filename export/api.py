@@ -129,7 +129,8 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
     data: dict[str, Any] = {
         "format": MANIFEST_FORMAT, "schema_version": SCHEMA_VERSION, "project_version": __version__,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "model": {"preset": preset_name, "config": model.config.to_dict(), "parameters": count_parameters(model)},
+        "model": {"preset": preset_name, "config": model.config.to_dict(), "parameters": count_parameters(model),
+                  "head": model.head},  # the output the graphs compute (multi-head models: the deployment head)
         "source": source_rec,
         "tlc": {"enabled": tlc, "train_size": train_size, "base_ratio": base_ratio,
                 "kernels": [list(k) for k in tlc_kernels(model.config, train_size, base_ratio)] if tlc else None},

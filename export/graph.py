@@ -74,8 +74,17 @@ def unsupported_ops(model: onnx.ModelProto) -> list[str]:
 
 
 def shape_arithmetic(model: onnx.ModelProto) -> list[str]:
-    """Names of shape-arithmetic nodes (Shape/Size/Gather/Min/Max/Mod) in ``model``."""
-    return [f"{n.op_type} {n.name}" for n in model.graph.node if n.op_type in SHAPE_ARITHMETIC_OPS]
+    """Names of shape-arithmetic nodes (Shape/Size/Gather/Min/Max/Mod) in ``model``.
+
+    A Gather of a floating-point tensor at constant indices moves data, not shapes (CascadedGaze's
+    nearest upsampling), and is not counted.
+    """
+    nodes = [n for n in model.graph.node if n.op_type in SHAPE_ARITHMETIC_OPS]
+    if any(n.op_type == "Gather" for n in nodes):
+        types, constants = tensor_types(model), _constant_names(model)
+        nodes = [n for n in nodes if not (n.op_type == "Gather" and types.get(n.input[0]) in _FLOAT_TYPES
+                                          and n.input[1] in constants)]
+    return [f"{n.op_type} {n.name}" for n in nodes]
 
 
 def _constant_names(model: onnx.ModelProto) -> set[str]:

@@ -8,7 +8,8 @@ beyond INT32 except clamped Slice bounds; a fixed-tile graph has no shape arithm
 loads it and runs it at concrete shapes with finite outputs of the input's shape. For a directory
 the manifest's sha256 of every artifact is checked first.
 
-FP16 range (needs the PyTorch model): FP32 forward hooks on sample photos record, per NAFBlock,
+FP16 range (needs the PyTorch model): FP32 forward hooks on sample photos record, per residual block
+(every block kind: NAFBlock, its deploy form, CascadedGaze's block...),
 the largest |value| of the residual stream, of the gate products and of any layer output against
 the FP16 maximum 65504, and the fraction of values below FP16's smallest normal (6.1e-5); then a
 PyTorch half run (the same FP32 islands as the FP16 graph, and the same FP32 stream stages) is
@@ -266,7 +267,7 @@ class RangeReport:
 
 def fp16_range_report(model: NAFNet, images: list[torch.Tensor], half_size: tuple[int, int] | None = (128, 128),
                       fp32_stream: list[str] | None = None) -> RangeReport:
-    """FP32 activation ranges per NAFBlock over ``images``, and PSNR of PyTorch half vs FP32 at ``half_size``.
+    """FP32 activation ranges per block over ``images``, and PSNR of PyTorch half vs FP32 at ``half_size``.
 
     Args:
         model: the FP32 model as deployed (TLC and folding applied or not, as exported).
@@ -285,7 +286,7 @@ def fp16_range_report(model: NAFNet, images: list[torch.Tensor], half_size: tupl
         handles.append(module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn))
 
     for name, block in model.named_modules():
-        if not isinstance(block, (NAFBlock, DeployBlock)):  # as trained, or folded for deployment
+        if not _is_block(block):
             continue
         row = BlockRange(name)
         report.blocks.append(row)
@@ -310,7 +311,7 @@ def fp16_range_report(model: NAFNet, images: list[torch.Tensor], half_size: tupl
         hook(block, stream, pre=True)
         hook(block, stream)
         hook(block.norm2, stream, pre=True)  # norm2 reads the stream after the first add
-        hook(block.conv3, gate, pre=True)  # conv3 reads x * sca(x)
+        hook(block.get_submodule(getattr(block, "sca_reader", "conv3")), gate, pre=True)  # it reads x * sca(x)
         for sub in block.modules():
             # leaves, and the deploy form's gate products (act(a) * b is no leaf's output there)
             # FP32 islands (FNAFNet's FFT branches) never hold their outputs in FP16: not counted
@@ -336,6 +337,11 @@ def fp16_range_report(model: NAFNet, images: list[torch.Tensor], half_size: tupl
         report.half_psnr_db = round(float(psnr(out.clamp(0, 1), ref.clamp(0, 1), data_range=1.0).min()), 2)
         report.half_size = tuple(x.shape[-2:])
     return report
+
+
+def _is_block(module: torch.nn.Module) -> bool:
+    """A residual block of the network (any kind, as trained or folded): what has an FP32-stream form."""
+    return isinstance(module, (NAFBlock, DeployBlock)) or hasattr(type(module), "fp32_stream")
 
 
 def _center_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:

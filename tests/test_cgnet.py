@@ -322,3 +322,57 @@ def test_eval_cli_reports_every_head_and_the_recorded_one(cache_dir, tmp_path):
     saved = json.loads((tmp_path / "e.json").read_text())
     assert saved["head"] == saved["recorded_head"] == 3 and len(saved["heads"]) == 10
     assert saved["psnr"] == saved["heads"][3]["psnr"] and "psnr_h9" in result.output
+
+
+# --- export ---
+
+def test_tiny_cg_checkpoint_exports_fp32_fp16_dynamic_and_tile_with_tlc(tmp_path):
+    import onnxruntime as ort
+
+    from export.api import export_model
+    from export.lint import lint_path
+
+    model = cg_model(8, width=4)
+    model.head = 5  # export and the runners use the recorded deployment head
+    path = nc.save_checkpoint(tmp_path / "cg.pt", model, train_size=16)
+    manifest = export_model(path, tmp_path / "export", tiles=[(40, 56)], dynamic=True, fp16=True, train_size=16)
+    assert set(manifest.artifacts) == {"onnx-fp32-dynamic", "onnx-fp32-40x56", "onnx-fp16-dynamic", "onnx-fp16-40x56"}
+    assert manifest.data["model"]["head"] == 5
+    failed = [f for f in lint_path(tmp_path / "export") if not f.ok]
+    assert not failed, failed
+    tlc = nc.convert_to_tlc(model, train_size=16)
+
+    def run(name, x):
+        sess = ort.InferenceSession(str(manifest.path(name)), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(sess.run(["output"], {"input": x.numpy()})[0])
+
+    for name, x in [("onnx-fp32-dynamic", photo(37, 53)), ("onnx-fp32-dynamic", photo(5, 9, index=1)),
+                    ("onnx-fp32-dynamic", torch.cat([photo(64, 96, index=2), photo(64, 96, index=3)])),
+                    ("onnx-fp32-40x56", photo(40, 56, index=4))]:
+        with torch.no_grad():
+            every = tlc(x, all_heads=True)
+        out = run(name, x)
+        assert (out - every[:, 5]).abs().max().item() <= 1e-4, (name, tuple(x.shape))
+        assert (out - every[:, 0]).abs().max().item() > 1e-3  # another head would be seen
+    with torch.no_grad():
+        half = run("onnx-fp16-40x56", photo(40, 56, index=4))
+        assert (half - tlc(photo(40, 56, index=4))).abs().max().item() < 2e-2
+
+
+def test_lint_counts_shape_gathers_not_data_gathers():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export import graph
+
+    idx = helper.make_tensor("idx", TensorProto.INT64, [4], [0, 0, 1, 1])
+    nodes = [helper.make_node("Gather", ["x", "idx"], ["up"], axis=3, name="nearest"),
+             helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "two"], ["h"], axis=0, name="height")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+                          [helper.make_tensor_value_info("up", TensorProto.FLOAT, [1, 1, 2, 4]),
+                           helper.make_tensor_value_info("h", TensorProto.INT64, [])],
+                          [idx, helper.make_tensor("two", TensorProto.INT64, [], [2])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    assert graph.shape_arithmetic(model) == ["Shape shape", "Gather height"]
