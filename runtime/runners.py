@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from nafnet_core.model import NAFNet
+
 from .errors import RunnerError  # re-exported: ``from runtime.runners import RunnerError`` keeps working
 
 #: Precisions a backend can run, keyed by backend name.
@@ -142,7 +144,14 @@ class TorchRunner(Runner):
             raise RunnerError("torch: CUDA requested but torch.cuda.is_available() is False; use --device cpu")
         self._device = torch.device(device)
         self._dtype = TORCH_DTYPES[self.precision]
-        self._module = copy.deepcopy(self.model).to(self._device, self._dtype).eval()
+        if self.precision == "fp16" and isinstance(self.model, NAFNet):
+            # As the FP16 export: stages whose residual stream would overflow FP16 on sample photos keep it
+            # in FP32 (a plain .half() of such a checkpoint gives inf/NaN).
+            from export.fp16_stream import plan, to_half
+
+            self._module = to_half(self.model, plan(self.model)["fp32_stream"]).to(self._device)
+        else:
+            self._module = copy.deepcopy(self.model).to(self._device, self._dtype).eval()
 
     def _infer(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

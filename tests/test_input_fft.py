@@ -1,4 +1,4 @@
-"""input_fft='fs': the frequency-selection image concatenated to the input (docs/DESIGN.md §15 (The input FFT)).
+"""input_fft='fs': the frequency-selection image concatenated to the input (docs/DESIGN.md §16 (The input FFT)).
 
 References are written here from the definition with torch.fft in float64, independent of nafnet_core.dft.
 """
