@@ -6,7 +6,6 @@ One table of backends keyed by name drives ``--backend`` choices, ``auto`` selec
 from __future__ import annotations
 
 import json
-
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,7 +230,6 @@ def _from_export_dir(path: Path, backend: str, precision: str | None, device: st
 
 def _runner_of_export(info: ExportInfo, path: Path, backend: str, precision: str | None, device: str,
                       threads: int | None, tiled_graph: bool | None, verify: bool) -> Runner:
-
     def checked(art: Artifact) -> Path:
         if verify:  # only the file about to be loaded is hashed (an IR: its .xml and its .bin)
             from export.manifest import load_manifest, verify_artifact, verify_companions

@@ -236,7 +236,10 @@ def test_export_fp32_fp16_dynamic_and_tile_lint_clean(fs_export):
     model, manifest = fs_export
     assert len(manifest.artifacts) == 4  # fp32 / fp16 x dynamic / 64x64
     for name, rec in manifest.artifacts.items():
-        assert rec["check"]["max_abs_diff"] <= 1e-4, (name, rec["check"])
+        # onnxruntime vs PyTorch fp32 on a photo: fp32 exact to 1e-4, FP16 (computed in FP32 by ORT on CPU,
+        # from FP16-rounded weights) within a few 1e-4
+        limit = 1e-4 if rec["precision"] == "fp32" else 3e-3
+        assert rec["check"]["max_abs_diff"] <= limit, (name, rec["check"])
         proto = onnx.load(str(manifest.directory / rec["file"]))
         assert not check_no_dft(proto)
         counts = graph.op_counts(proto)
