@@ -213,10 +213,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"model": "tiny", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3, "val_every": 250,
              "save_every": 250, "log_every": 10, "workers": 0},
     # `python cli.py demo`: the best recipe measured within the demo's CPU budget (BENCHMARKS.md, "Demo:
-    # searching for a training recipe that deblurs visibly"); kept apart from `tiny` so that tuning it
-    # leaves the tests alone.
-    "demo": {"model": "tiny", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3, "loss": "l1", "val_every": 250,
-             "save_every": 250, "log_every": 10, "workers": 0},
+    # searching for a training recipe that deblurs visibly" and "Demo: a recipe that reaches +1.5 dB");
+    # 2400 steps fill the time the dynamic export no longer takes (an idle-machine estimate: re-time it).
+    # Kept apart from `tiny` so that tuning it leaves the tests alone.
+    "demo": {"model": "tiny", "crop": 64, "batch": 8, "steps": 2400, "lr": 4e-3, "loss": "l1", "val_every": 400,
+             "save_every": 400, "log_every": 10, "workers": 0},
 }
 
 
