@@ -211,6 +211,9 @@ def deploy_block(block: NAFBlock) -> DeployBlock:
 def fold_for_deploy(model: NAFNet) -> NAFNet:
     """A copy of ``model`` with every NAFBlock in its :class:`DeployBlock` form; ``model`` is untouched.
 
+    Blocks of other kinds, subclasses of NAFBlock included (FNAFNet's: its FFT branches read the normed input
+    with its affine, so the affine cannot move into conv1/conv4), are kept as written.
+
     Apply TLC first (``convert_to_tlc``), then fold: the deploy attention takes its window from the TLC
     pooling. Already folded blocks are kept, so folding twice is folding once.
 
@@ -222,7 +225,7 @@ def fold_for_deploy(model: NAFNet) -> NAFNet:
     new = copy.deepcopy(model).eval()
     for stage in [*new.encoders, new.middle_blks, *new.decoders]:
         for i, block in enumerate(stage):
-            if isinstance(block, NAFBlock):
+            if type(block) is NAFBlock:  # other block kinds (FNAFNet's, CascadedGaze's) export as written
                 stage[i] = deploy_block(block)
     new.folded = True
     return new.eval()

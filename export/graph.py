@@ -166,27 +166,33 @@ def fp16_placement_problems(model: onnx.ModelProto, fp32_convs: int = 0) -> list
     return problems
 
 
-def pad_mode_problems(model: onnx.ModelProto) -> list[str]:
-    """Pad nodes whose mode is not ``constant``/``edge``, each with why it is flagged."""
+#: op -> (its mode attribute's ONNX default, the modes that are fine, why each other mode is flagged)
+MODE_RULES = {
+    "Pad": ("constant", PAD_MODES_OK, PAD_MODE_PROBLEMS, "not an ONNX pad mode"),
+    "DepthToSpace": ("DCR", ("CRD",), DEPTH_TO_SPACE_PROBLEMS, "TensorRT's importer knows only DCR and CRD"),
+}
+
+
+def mode_problems(model: onnx.ModelProto, op_type: str) -> list[str]:
+    """Nodes of ``op_type`` (a key of :data:`MODE_RULES`) whose ``mode`` attribute is not fine, each with why."""
+    default, ok, why, otherwise = MODE_RULES[op_type]
     out = []
     for n in model.graph.node:
-        if n.op_type == "Pad":
-            mode = next((a.s.decode() for a in n.attribute if a.name == "mode"), "constant")
-            if mode not in PAD_MODES_OK:
-                out.append(f"Pad {n.name}: mode {mode!r}: " + PAD_MODE_PROBLEMS.get(mode, "not an ONNX pad mode"))
+        if n.op_type == op_type:
+            mode = next((a.s.decode() for a in n.attribute if a.name == "mode"), default)
+            if mode not in ok:
+                out.append(f"{op_type} {n.name}: mode {mode!r}: " + why.get(mode, otherwise))
     return out
+
+
+def pad_mode_problems(model: onnx.ModelProto) -> list[str]:
+    """Pad nodes whose mode is not ``constant``/``edge``, each with why it is flagged."""
+    return mode_problems(model, "Pad")
 
 
 def depth_to_space_problems(model: onnx.ModelProto) -> list[str]:
     """DepthToSpace nodes whose mode is not ``CRD`` (PixelShuffle's order), each with why."""
-    out = []
-    for n in model.graph.node:
-        if n.op_type == "DepthToSpace":
-            mode = next((a.s.decode() for a in n.attribute if a.name == "mode"), "DCR")
-            if mode != "CRD":
-                out.append(f"DepthToSpace {n.name}: mode {mode!r}: " + DEPTH_TO_SPACE_PROBLEMS.get(
-                    mode, "TensorRT's importer knows only DCR and CRD"))
-    return out
+    return mode_problems(model, "DepthToSpace")
 
 
 def _int64_constants(model: onnx.ModelProto):

@@ -1,6 +1,7 @@
 """TensorRT readiness without a GPU, and an FP16 range report.
 
-Readiness (per ONNX file): ``onnx.checker``; every op in onnx-tensorrt's supported list; axes of
+Readiness (per ONNX file): ``onnx.checker``; every op in onnx-tensorrt's supported list; no ``DFT`` op and
+no complex tensor anywhere (:func:`check_no_dft`: TensorRT has neither); axes of
 ReduceMean/CumSum/Pad/Slice/(Un)Squeeze are initializers; the opset within what every supported
 TensorRT parses; Pad modes constant/edge; DepthToSpace in PixelShuffle's CRD order; no INT64 constant
 beyond INT32 except clamped Slice bounds; a fixed-tile graph has no shape arithmetic; an FP16 graph keeps LayerNorm, pooling and CumSum in FP32 with FP32 I/O; onnxruntime
@@ -36,6 +37,11 @@ from .shapes import ShapeSpec
 FP16_MAX = 65504.0
 #: Smallest normal FP16 value (2**-14); smaller magnitudes lose precision (subnormal) or flush to zero.
 FP16_MIN_NORMAL = 2.0**-14
+#: Fourier-transform ops: ONNX's (DFT, STFT) and onnxruntime's contrib ones (com.microsoft Rfft/Irfft). TensorRT's
+#: ONNX parser has none of them.
+FOURIER_OPS = frozenset({"DFT", "STFT", "Rfft", "Irfft"})
+#: ONNX element types TensorRT cannot hold (it has no complex tensors).
+COMPLEX_TYPES = {onnx.TensorProto.COMPLEX64: "complex64", onnx.TensorProto.COMPLEX128: "complex128"}
 #: Concrete sizes the dynamic graph is run at (odd, non-square, below and above a multiple of 16).
 DYNAMIC_RUN_SHAPES = ((1, 3, 37, 53), (2, 3, 64, 96))
 
@@ -62,6 +68,45 @@ def _run_shapes(spec: ShapeSpec) -> list[tuple[int, ...]]:
     return list(DYNAMIC_RUN_SHAPES) if spec.is_dynamic else [(spec.batch, 3, spec.height, spec.width)]
 
 
+def _all_nodes(g: onnx.GraphProto, where: str = ""):
+    """(node, where) for every node of ``g`` and of its subgraphs (If/Loop/Scan bodies)."""
+    for n in g.node:
+        yield n, where
+        for a in n.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for sub in subs:
+                yield from _all_nodes(sub, f"{where}{n.op_type} {n.name or '?'}/{a.name}: ")
+
+
+def check_no_dft(model: onnx.ModelProto) -> list[str]:
+    """What TensorRT cannot run for lack of Fourier support: every ``DFT``/``STFT`` (or contrib Rfft/Irfft) node
+    and every complex tensor (inputs, outputs, initializers, value infos, Cast targets, constants), each
+    named. Empty list: none. FFTs must be real matrix products (``nafnet_core.dft``).
+
+    Args:
+        model: the ONNX model (subgraphs are searched too).
+    """
+    problems = []
+    for n, where in _all_nodes(model.graph):
+        if n.op_type in FOURIER_OPS:
+            problems.append(f"{where}{n.op_type} node {n.name or '?'} (inputs {', '.join(n.input)}): TensorRT has no "
+                            "Fourier op; export FFTs as matrix products (nafnet_core.dft)")
+        for a in n.attribute:
+            if n.op_type == "Cast" and a.name == "to" and a.i in COMPLEX_TYPES:
+                problems.append(f"{where}Cast node {n.name or '?'} casts to {COMPLEX_TYPES[a.i]}: TensorRT has no "
+                                "complex tensors")
+            elif (a.type == onnx.AttributeProto.TENSOR and a.t.data_type in COMPLEX_TYPES
+                  and (where or n.op_type != "Constant")):  # top-level constants: typed below
+                problems.append(f"{where}{n.op_type} node {n.name or '?'} holds a {COMPLEX_TYPES[a.t.data_type]} "
+                                f"constant: TensorRT has no complex tensors")
+    g = model.graph
+    io = {vi.name: "input" for vi in g.input} | {vi.name: "output" for vi in g.output}
+    io |= {t.name: "initializer" for t in g.initializer}
+    problems += [f"{io.get(name, 'tensor')} {name} is {COMPLEX_TYPES[t]}: TensorRT has no complex tensors"
+                 for name, t in graph.tensor_types(model).items() if t in COMPLEX_TYPES]
+    return problems
+
+
 def lint_onnx(path: str | Path, run: bool = True) -> list[Finding]:
     """All readiness checks on one ONNX file."""
     path = Path(path)
@@ -80,6 +125,8 @@ def lint_onnx(path: str | Path, run: bool = True) -> list[Finding]:
         add("onnx.checker", [str(e).splitlines()[0]])
     counts = graph.op_counts(model)
     add("TensorRT ops", graph.unsupported_ops(model), f"{len(counts)} op types, all supported")
+    add("no DFT op, no complex tensor", check_no_dft(model),
+        "no DFT/STFT op, no complex tensor")
     add("constant axes", graph.computed_axes(model))
     add("opset within TensorRT's parser", graph.opset_problems(model),
         f"opset {graph.opset_of(model)}, parsed by TensorRT >= 10.0 (opsets {graph.TRT_OPSET_SAFE[0]}-"

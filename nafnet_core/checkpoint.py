@@ -5,7 +5,10 @@ Project format (a ``torch.save`` of plain containers and tensors, readable with
 
     {"format": "nafnet-deblurring", "version": 1,
      "config": {...ModelConfig...}, "preset": "tiny" | None, "train_size": 256,
+     "head": 0,                               # the deployment head of a multi-head model (NAFNet.head)
      "state_dict": {...}, "extra": {...}}     # extra: step, optimizer, RNG states, metrics...
+
+Files written before ``head`` existed, and official files, load with head 0.
 
 Every read goes through :func:`read_checkpoint`, which never unpickles arbitrary objects
 and turns every failure into one :class:`CheckpointError` naming the file.
@@ -42,7 +45,8 @@ class LoadedCheckpoint:
     """What :func:`load_checkpoint` returns.
 
     Attributes:
-        model: the NAFNet in eval mode on CPU (global pooling; apply ``convert_to_tlc`` for TLC).
+        model: the NAFNet in eval mode on CPU (global pooling; apply ``convert_to_tlc`` for TLC), with the
+            stored deployment head (``model.head``; 0 for official files).
         config: its architecture.
         preset: the preset name when the config equals one.
         train_size: crop size it was trained on (sets the TLC kernels).
@@ -84,12 +88,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, preset: str | None = 
         from safetensors.torch import save_file
 
         meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(model.config.to_dict()),
-                "preset": preset or "", "train_size": str(train_size), "extra": json.dumps(extra)}
+                "preset": preset or "", "train_size": str(train_size), "head": str(model.head),
+                "extra": json.dumps(extra)}
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
         return path
     payload = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(), "preset": preset,
-               "train_size": int(train_size), "state_dict": state, "extra": extra}
+               "train_size": int(train_size), "head": model.head, "state_dict": state, "extra": extra}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
@@ -145,18 +150,22 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         config = json.loads(meta["config"]) if "config" in meta else None
         extra = json.loads(meta.get("extra", "{}"))
         train_size = int(meta.get("train_size", DEFAULT_TRAIN_SIZE))
+        head = int(meta.get("head", 0))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable metadata: {e}") from None
     if config is None:  # bare weights: treat like an official state dict
         return {"params": state}
     return {"format": FORMAT, "version": VERSION, "config": config, "preset": meta.get("preset") or None,
-            "train_size": train_size, "state_dict": state, "extra": extra, "_source": "safetensors"}
+            "train_size": train_size, "head": head, "state_dict": state, "extra": extra, "_source": "safetensors"}
 
 
 def infer_config(state_dict: dict[str, torch.Tensor]) -> ModelConfig | None:
     """The architecture a NAFNet state dict has, from its keys and shapes (gate and dropout excepted)."""
     try:
-        width, img_channel = state_dict["intro.weight"].shape[:2]
+        width, in_channels = state_dict["intro.weight"].shape[:2]
+        # intro reading twice the channels ending writes: the image and its frequency-selection image
+        fs = in_channels == 2 * state_dict["ending.weight"].shape[0]
+        img_channel, input_fft = (in_channels // 2, "fs") if fs else (in_channels, "none")
         n_levels = sum(1 for k in state_dict if k.startswith("downs.") and k.endswith(".weight"))
         enc, dec, middle = [0] * n_levels, [0] * n_levels, 0
         for k in state_dict:
@@ -168,7 +177,7 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> ModelConfig | None:
                 middle = max(middle, int(parts[1]) + 1)
         block = next(k for k in state_dict if k.endswith("conv1.weight"))[: -len("conv1.weight")]
         c = state_dict[block + "norm1.weight"].shape[0]
-        return ModelConfig(width=int(width), img_channel=int(img_channel), enc_blk_nums=tuple(enc),
+        return ModelConfig(width=int(width), img_channel=int(img_channel), input_fft=input_fft, enc_blk_nums=tuple(enc),
                            middle_blk_num=middle, dec_blk_nums=tuple(dec),
                            dw_expand=int(state_dict[block + "conv1.weight"].shape[0] // c),
                            ffn_expand=int(state_dict[block + "conv4.weight"].shape[0] // c))
@@ -190,7 +199,8 @@ def _suggest(state_dict: dict[str, torch.Tensor]) -> str:
     if inferred is not None and _shape_match(inferred, state_dict):
         cfg = inferred
         return (f"its shapes match no preset but fit width={cfg.width}, enc_blk_nums={list(cfg.enc_blk_nums)}, "
-                f"middle_blk_num={cfg.middle_blk_num}, dec_blk_nums={list(cfg.dec_blk_nums)}")
+                f"middle_blk_num={cfg.middle_blk_num}, dec_blk_nums={list(cfg.dec_blk_nums)}"
+                + (", input_fft='fs'" if cfg.input_fft == "fs" else ""))
     return "its shapes match no preset"
 
 
@@ -244,6 +254,10 @@ def load_checkpoint(path: str | Path, preset: str | None = None, **overrides: An
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: no state_dict in checkpoint")
         _load_state(model, state, path, "its own stored config")
+        try:
+            model.head = obj.get("head", 0)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: invalid deployment head: {e}") from None
         extra = obj.get("extra") or {}
         source = obj.get("_source", "project")
         name = obj.get("preset") or find_preset(config)

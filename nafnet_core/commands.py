@@ -29,18 +29,24 @@ def info(model: str, preset: str | None, train_size: int | None) -> None:
     """
     if model in PRESETS and not Path(model).exists():
         config, name, source, stored_size = get_config(model), model, "preset", DEFAULT_TRAIN_SIZE
-        n_params = count_parameters(NAFNet(config))
+        net = NAFNet(config)
     else:
         ckpt = load_checkpoint(model, preset=preset)
         config, name, source, stored_size = ckpt.config, ckpt.preset, f"{ckpt.source} checkpoint {model}", ckpt.train_size
-        n_params = count_parameters(ckpt.model)
+        net = ckpt.model
+    n_params = count_parameters(net)
     train_size = train_size or stored_size
+    kind = config.block
+    if config.heads > 1:
+        kind += f", {config.heads} heads -> {config.n_outputs} outputs, deployment head {net.head}"
     rows = [
         ("model", name or "(custom)"),
         ("source", source),
         ("width", config.width),
         ("blocks", f"enc {list(config.enc_blk_nums)} mid {config.middle_blk_num} dec {list(config.dec_blk_nums)}"),
+        ("block kind", kind),
         ("gate", config.gate),
+        ("input", "image + frequency-selection image (input_fft=fs)" if config.input_fft == "fs" else "image"),
         ("parameters", f"{n_params:,}"),
         ("GFLOP 256x256", f"{model_gflops(config, 256, 256):.2f}"),
         ("GFLOP 720x1280", f"{model_gflops(config, 720, 1280):.2f}"),

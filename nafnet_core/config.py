@@ -111,6 +111,15 @@ class ModelConfig:
         return 2 ** len(self.enc_blk_nums)
 
     @property
+    def min_side(self) -> int:
+        """Smallest padded input side every window fits in: the largest ``fnaf`` window (SCA or FFT) times its
+        level's downscale 2 ** level (the middle: 2 ** number of levels); 1 without windows."""
+        levels = len(self.enc_blk_nums)
+        sides = [w << min(i, levels) for windows in (self.sca_windows, self.fft_windows)
+                 for i, w in enumerate(windows) if w > 0]
+        return max(sides, default=1)
+
+    @property
     def n_outputs(self) -> int:
         """Images the model can return: the pairwise head combinations (1 for a single head)."""
         return self.heads * (self.heads + 1) // 2
@@ -163,6 +172,29 @@ PRESETS: dict[str, ModelConfig] = {
     "seed-v3": ModelConfig(width=32, enc_blk_nums=(2, 2, 4, 8), middle_blk_num=12, dec_blk_nums=(2, 2, 2, 2)),
     # Small enough to train in minutes on 2 CPU cores; keeps 4 levels so padding to 16 is exercised.
     "tiny": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1)),
+    # FNAFNet (INVOKERer/DeepRFT branch AAAI2023, FNAFNet_arch.py and its GoPro options): windowed SCA, windowed
+    # FFT branches; windows per encoder level, then the middle's (-1: no FFT branch).
+    "fnafnet-gopro-width32": ModelConfig(width=32, enc_blk_nums=(1, 1, 1, 28), middle_blk_num=1,
+                                         dec_blk_nums=(1, 1, 1, 1), block="fnaf", sca_windows=(64, 32, 16, 8, 8),
+                                         fft_windows=(64, 32, 16, -1, -1)),
+    "fnafnet-gopro-width64": ModelConfig(width=64, enc_blk_nums=(1, 1, 1, 28), middle_blk_num=1,
+                                         dec_blk_nums=(1, 1, 1, 1), block="fnaf", sca_windows=(64, 32, 16, 8, 8),
+                                         fft_windows=(64, -1, -1, -1, -1)),
+    # Tests: windows that do not divide the padded maps (edge windows at every level), odd windows, an FFT
+    # over the whole map (0) and a level without FFT (-1).
+    "tiny-fnaf": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
+                             block="fnaf", sca_windows=(24, 12, 6, 3, 3), fft_windows=(24, 0, 6, -1, 3)),
+    # CascadedGaze (Ascend-Research/CascadedGaze options/*/GoPro/CascadedGazeMH-GoPro.yml: GCENetMH, 4 heads
+    # combined pairwise into 10 outputs); tiny-cg for tests and demos.
+    "cgnet-gopro": ModelConfig(width=62, enc_blk_nums=(1, 1, 1, 27), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
+                               block="cg", heads=4),
+    "tiny-cg": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
+                           block="cg", heads=4),
+    # Input FFT (input_fft="fs"): the frequency-selection image concatenated to the input (intro 6 -> width).
+    "seed-v3-fft": ModelConfig(width=32, enc_blk_nums=(2, 2, 4, 8), middle_blk_num=12, dec_blk_nums=(2, 2, 2, 2),
+                               input_fft="fs"),
+    "tiny-fft": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
+                            input_fft="fs"),
 }
 
 #: Parameter counts of the presets (docs/DESIGN.md §3 (The model)); the tests assert them.
@@ -171,6 +203,14 @@ PRESET_PARAMS = {
     "nafnet-gopro-width64": 67_888_835,
     "seed-v1": 4_497_507,
     "seed-v3": 29_159_715,
+    # FNAFNet: 16 c^2 + 12 c more per block with FFT branches.
+    "fnafnet-gopro-width32": 17_805_411,
+    "fnafnet-gopro-width64": 68_021_443,
+    # CascadedGaze
+    "cgnet-gopro": 68_766_134,
+    # Input FFT: the intro conv reads 3 more channels (3 * width * 9 more weights).
+    "seed-v3-fft": 29_160_579,
+    "tiny-fft": 290_931,
 }
 
 

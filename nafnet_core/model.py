@@ -12,6 +12,12 @@ FP32 islands as the exported FP16 ONNX graph. A half model also accepts FP32 inp
 after padding, computes in FP16, and adds the global residual in the input's dtype, so FP32 in
 gives FP32 out with an exact FP32 skip path (the FP16 ONNX graph is exactly this model exported).
 
+Multi-head models (``heads > 1``, CascadedGaze's GoPro model): the ending conv gives ``heads`` images,
+averaged pairwise into ``n_outputs`` outputs (:func:`head_pairs`), each plus the input. ``model(x)``
+returns one of them, the deployment head :attr:`NAFNet.head` (0 until a validation chooses one;
+checkpoints record it), so TLC, folding, export and every runner see a single-image model;
+``model(x, all_heads=True)`` returns them all, (N, n_outputs, C, H, W), for training and evaluation.
+
 Deploy-time folding (``export.fold``) removes the LayerNorm affine (``affine=False``) and
 beta/gamma (set to ``None``); the forward passes below accept both forms.
 
@@ -29,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .dft import frequency_selection
 
 
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
@@ -264,8 +271,25 @@ class NAFNet(nn.Module):
             self.decoders.append(blocks(c, n, "dec", levels - 1 - j))
         self.ending = nn.Conv2d(config.width, config.img_channel * config.heads, 3, padding=1)
         self.padder_size = config.pad_multiple
+        self.head = 0
 
-    def forward(self, inp: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C, H, W)
+    @property
+    def head(self) -> int:
+        """The output ``forward`` returns: index into :func:`head_pairs` (0 until a validation chooses one;
+        checkpoints record it). Always 0 for a single-head model."""
+        return self._head
+
+    @head.setter
+    def head(self, k: int) -> None:
+        n = self.config.n_outputs
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n:
+            raise ValueError(f"head must be an output index in 0..{n - 1} (the model has {n} output"
+                             f"{'s' if n > 1 else ''}), got {k!r}")
+        self._head = k
+
+    def forward(self, inp: torch.Tensor, all_heads: bool = False) -> torch.Tensor:
+        """The restored image (N, C, H, W) of the deployment head :attr:`head`; with ``all_heads`` every
+        output, (N, n_outputs, C, H, W) (training and evaluation of multi-head models)."""
         h, w = inp.shape[-2:]
         inp = self.pad_input(inp)
         x = self.intro(self.intro_input(inp).to(self.intro.weight.dtype))  # FP32 input into a half model: cast after padding
@@ -277,20 +301,54 @@ class NAFNet(nn.Module):
         x = self.middle_blks(x)
         for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips)):
             x = decoder(up(x) + skip)
-        x = self.ending(x).to(inp.dtype) + inp  # global residual in the input's dtype
-        return x[:, :, :h, :w]
+        x = self.ending(x).to(inp.dtype)  # global residual below, in the input's dtype
+        if all_heads:
+            return (self.combine_heads(x) + inp.unsqueeze(1))[..., :h, :w]
+        return (self.head_output(x, self.head) + inp)[:, :, :h, :w]
+
+    def head_output(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Output ``k`` of the ending conv's ``heads`` images ``x`` (N, heads*C, H, W), before the residual:
+        ``(x_i + x_j) / 2`` for ``(i, j) = head_pairs(heads)[k]``; ``x`` itself for a single head."""
+        if self.config.heads == 1:
+            return x
+        c = self.config.img_channel
+        i, j = head_pairs(self.config.heads)[k]
+        return (x[:, i * c:(i + 1) * c] + x[:, j * c:(j + 1) * c]) / 2
+
+    def combine_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Every output of the ending conv's images ``x`` (N, heads*C, H, W): (N, n_outputs, C, H, W)."""
+        return torch.stack([self.head_output(x, k) for k in range(self.config.n_outputs)], dim=1)
 
     def intro_input(self, inp: torch.Tensor) -> torch.Tensor:
-        """What ``intro`` reads: the padded image, with its frequency-selection image when ``input_fft='fs'``."""
+        """What ``intro`` reads: the padded image, with its frequency-selection image when ``input_fft='fs'``.
+
+        ``fs``: ``[x, irfft2(relu(Re F) + i relu(Im F))]`` with ``F = rfft2(x)`` of the whole *padded* image
+        (N, 2C, H', W'), so the model's own output on an image equals the runtime's (which pads to 16 before
+        calling the model). The spectrum is an FP32 island (:func:`~nafnet_core.dft.frequency_selection`).
+        """
         if self.config.input_fft == "none":
             return inp
-        raise NotImplementedError("input_fft='fs'")
+        return torch.cat([inp, frequency_selection(inp)], dim=1)  # (N, 2C, H', W')
 
     def pad_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Zero-pads right and bottom to a multiple of ``padder_size`` (the official check_image_size)."""
+        """Zero-pads right and bottom to a multiple of ``padder_size`` (the official check_image_size), and to at
+        least ``config.min_side`` (FNAFNet's windows must fit in their maps)."""
         h, w = x.shape[-2:]
-        m = self.padder_size
-        return F.pad(x, (0, (m - w % m) % m, 0, (m - h % m) % m))
+        m, least = self.padder_size, self.config.min_side
+        if least > 1:
+            h, w = _sym_max(h, least), _sym_max(w, least)
+        return F.pad(x, (0, (m - w % m) % m + w - x.shape[-1], 0, (m - h % m) % m + h - x.shape[-2]))
+
+
+def _sym_max(a, b):
+    # torch.sym_max keeps max() symbolic under torch.export instead of guarding on one branch.
+    return torch.sym_max(a, b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else max(a, b)
+
+
+def head_pairs(heads: int) -> list[tuple[int, int]]:
+    """The ending conv's image pairs ``(i, j)``, ``i >= j``, averaged into the outputs of a multi-head model, in
+    output order (official ``GCENetMH`` with ``combinate_heads``): (0,0), (1,0), (1,1), (2,0), ..."""
+    return [(i, j) for i in range(heads) for j in range(i + 1)]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,14 @@ from .tiling import DEFAULT_TILE, TileSpec, default_overlap, padded_size, restor
 AUTO_WHOLE_MAX_PIXELS = 1280 * 736
 
 
+class TilingWarning(UserWarning):
+    """Tiled inference of a model whose output depends on the whole input (``input_fft='fs'``)."""
+
+
+#: What tiling costs an ``input_fft='fs'`` model (BENCHMARKS.md, "Input FFT (input_fft=fs)").
+FS_TILING_NOTE = "see BENCHMARKS.md, Input FFT"
+
+
 def choose_tiling(runner: Runner, height: int, width: int, tile: str | int | tuple[int, int] = "auto",
                   overlap: int | None = None) -> TileSpec | None:
     """The TileSpec for one image (None = whole image).
@@ -42,20 +51,27 @@ def choose_tiling(runner: Runner, height: int, width: int, tile: str | int | tup
         overlap: pixels; None = ``default_overlap(tile)`` (128, or a quarter of smaller tiles).
     """
     check_tile(runner, tile)
+    whole_input = getattr(runner, "whole_image_input", False)
     if runner.fixed_shape is not None:
         tile_hw = runner.fixed_shape
     elif tile in ("none", None):
         return None
     elif tile == "auto":
-        if padded_size(height) * padded_size(width) <= AUTO_WHOLE_MAX_PIXELS:
+        # a model with an input FFT runs whole at any size: tiles would change its output
+        if whole_input or padded_size(height) * padded_size(width) <= AUTO_WHOLE_MAX_PIXELS:
             return None
         tile_hw = (DEFAULT_TILE, DEFAULT_TILE)
     else:
         tile_hw = _as_hw(tile)
     try:
-        return TileSpec(tile_hw, default_overlap(tile_hw) if overlap is None else overlap)
+        spec = TileSpec(tile_hw, default_overlap(tile_hw) if overlap is None else overlap)
     except ValueError as e:
         raise UserError(f"--tile/--overlap: {e}") from None
+    if whole_input and (padded_size(height) > tile_hw[0] or padded_size(width) > tile_hw[1]):
+        warnings.warn(f"{runner.name}: this model's input FFT (input_fft=fs) spans the whole input, so "
+                      f"{tile_hw[0]}x{tile_hw[1]} tiles give another output than the whole image ({FS_TILING_NOTE}); "
+                      "run a dynamic graph with --tile none", TilingWarning, stacklevel=2)
+    return spec
 
 
 def check_tile(runner: Runner, tile: str | int | tuple[int, int]) -> None:

@@ -5,6 +5,8 @@ One table of backends keyed by name drives ``--backend`` choices, ``auto`` selec
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,7 +162,11 @@ def open_runner(model: str | Path, backend: str = "auto", precision: str | None 
             from export.manifest import verify_file
 
             verify_file(path)
-        return OnnxRuntimeRunner(path, precision or "fp32", device=device, threads=threads)
+        runner = OnnxRuntimeRunner(path, precision or "fp32", device=device, threads=threads)
+        from export.onnx_export import read_metadata
+
+        runner.whole_image_input = whole_image_input(read_metadata(path).get("nafnet.config"))
+        return runner
     if suffix in ENGINE_SUFFIXES:
         _require(backend, ("auto", "trt"), path)
         from export.manifest import verify_file
@@ -180,6 +186,16 @@ def torch_runner(checkpoint: str | Path, precision: str = "fp32", *, preset: str
     return TorchRunner(model, precision, device=device, name=label)
 
 
+def whole_image_input(config: dict | str | None) -> bool:
+    """True for a model config (dict or its JSON) whose input FFT spans the whole input (``input_fft='fs'``)."""
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            return False
+    return isinstance(config, dict) and config.get("input_fft") == "fs"
+
+
 def _require(backend: str, allowed: tuple[str, ...], path: Path) -> None:
     if backend not in allowed:
         what = {"torch": "a checkpoint", "onnxrt": "an .onnx file", "trt": "a TensorRT engine"}
@@ -190,6 +206,13 @@ def _require(backend: str, allowed: tuple[str, ...], path: Path) -> None:
 def _from_export_dir(path: Path, backend: str, precision: str | None, device: str, threads: int | None,
                      tiled_graph: bool | None, tlc: bool, train_size: int | None, verify: bool = True) -> Runner:
     info = read_export(path)
+    runner = _runner_of_export(info, path, backend, precision, device, threads, tiled_graph, verify)
+    runner.whole_image_input = runner.whole_image_input or whole_image_input(info.config)
+    return runner
+
+
+def _runner_of_export(info: ExportInfo, path: Path, backend: str, precision: str | None, device: str,
+                      threads: int | None, tiled_graph: bool | None, verify: bool) -> Runner:
 
     def checked(art: Artifact) -> Path:
         if verify:  # only the file about to be loaded is hashed

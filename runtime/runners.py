@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from nafnet_core.model import NAFNet
+
 from .errors import RunnerError  # re-exported: ``from runtime.runners import RunnerError`` keeps working
 
 #: Precisions a backend can run, keyed by backend name.
@@ -37,6 +39,9 @@ class Runner:
         fixed_batch: the batch a fixed-batch graph/engine requires, or None for any batch. ``infer``
             takes any batch either way: it runs a fixed-batch model in chunks, the last one padded.
         name: a readable label for tables and logs.
+        whole_image_input: the model transforms its whole input (``input_fft='fs'``: the spectrum of what it
+            is given), so a tile's output is not the whole image's; ``runtime.infer.choose_tiling`` runs such
+            models whole where it can and warns where it cannot.
     """
 
     backend = "base"
@@ -49,6 +54,7 @@ class Runner:
         self.name = name or f"{self.backend}-{precision}"
         self.fixed_shape: tuple[int, int] | None = None
         self.fixed_batch: int | None = None
+        self.whole_image_input = False
         self.is_active = False
         self.last_ms = 0.0
 
@@ -129,6 +135,7 @@ class TorchRunner(Runner):
         super().__init__(precision, name)
         self.model = model
         self.device = device
+        self.whole_image_input = getattr(getattr(model, "config", None), "input_fft", "none") == "fs"
         self._module: nn.Module | None = None
 
     def _activate(self) -> None:
@@ -137,7 +144,14 @@ class TorchRunner(Runner):
             raise RunnerError("torch: CUDA requested but torch.cuda.is_available() is False; use --device cpu")
         self._device = torch.device(device)
         self._dtype = TORCH_DTYPES[self.precision]
-        self._module = copy.deepcopy(self.model).to(self._device, self._dtype).eval()
+        if self.precision == "fp16" and isinstance(self.model, NAFNet):
+            # As the FP16 export: stages whose residual stream would overflow FP16 on sample photos keep it
+            # in FP32 (a plain .half() of such a checkpoint gives inf/NaN).
+            from export.fp16_stream import plan, to_half
+
+            self._module = to_half(self.model, plan(self.model)["fp32_stream"]).to(self._device)
+        else:
+            self._module = copy.deepcopy(self.model).to(self._device, self._dtype).eval()
 
     def _infer(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

@@ -58,10 +58,9 @@ def test_table_reads_every_source(runs):
     rows = summarize_runs([a, b])
     ra, rb = rows
     assert (ra.run, rb.run) == ("simple", "swiglu")
-    # config differences: exactly the keys set differently (paths and bookkeeping are not listed)
-    assert ra.differs == {"lr": 4e-3, "model_args": {}} or ra.differs["lr"] != rb.differs["lr"]
-    assert set(ra.differs) == set(rb.differs) == {"lr", "model_args"}
-    assert rb.differs["model_args"] == {"gate": "swiglu"}
+    # config differences: exactly the keys set differently (paths and bookkeeping are not listed); the
+    # model_args as the architecture fields they changed
+    assert ra.differs == {"lr": 4e-3, "model.gate": "simple"} and rb.differs == {"lr": 2e-3, "model.gate": "swiglu"}
     # model cost from the config, equal to counting the real models
     assert ra.parameters == nc.count_parameters(nc.create_model("tiny"))
     assert rb.parameters == nc.count_parameters(nc.create_model("tiny", gate="swiglu"))
@@ -80,7 +79,7 @@ def test_table_reads_every_source(runs):
     ort = [r["median_ms"] for r in bench["rows"] if r["backend"] == "onnxrt" and r["precision"] == "fp32"]
     assert ra.onnxrt_720p_ms == pytest.approx(min(ort))
     table = compare_table(rows)
-    assert "lr=0.002" in table and 'model_args={"gate":"swiglu"}' in table
+    assert "lr=0.002" in table and "model.gate=swiglu" in table
     assert f"{ra.test_psnr:.2f} / {ra.test_ssim:.4f}" in table
 
 
@@ -103,6 +102,24 @@ def test_an_old_run_with_only_config_and_metrics_compares(runs, tmp_path):
     assert "-" in compare_table([row])
 
 
+def test_runs_from_before_new_keys_differ_only_where_they_did(runs, tmp_path):
+    # An old run: config.json without the training keys and model options added since (they default), and a
+    # variant run (input FFT) made by changing only the preset
+    a, _, _, _ = runs
+    config = json.loads((a / "config.json").read_text())
+    old, variant = tmp_path / "old", tmp_path / "fft"
+    for d, cfg in ((old, {k: v for k, v in config.items() if k not in ("ema", "compile", "tensorboard", "model_args")}),
+                   (variant, {**config, "model": "tiny-fft"})):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+    rows = summarize_runs([a, old, variant])
+    assert [r.differs for r in rows] == [{"model.input_fft": "none"}, {"model.input_fft": "none"},
+                                         {"model.input_fft": "fs"}]
+    assert rows[2].parameters == nc.count_parameters(nc.create_model("tiny-fft"))
+    assert rows[2].gflop_720p > rows[0].gflop_720p  # the input FFT's matrices are counted
+    assert "model.input_fft=fs" in compare_table(rows)
+
+
 def test_not_a_run_is_one_line(tmp_path):
     with pytest.raises(UserError, match="not a training run"):
         summarize_runs([tmp_path])
@@ -121,6 +138,6 @@ def test_cli_json_and_csv(runs, tmp_path):
     rows = json.loads((tmp_path / "t.json").read_text())
     assert [r["run"] for r in rows] == ["simple", "swiglu"]
     table = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))
-    assert table[1]["differs"].startswith("lr=") and float(table[0]["parameters"]) == rows[0]["parameters"]
+    assert table[1]["differs"] == "lr=0.002 model.gate=swiglu" and float(table[0]["parameters"]) == rows[0]["parameters"]
     bad = CliRunner().invoke(main, ["compare", str(tmp_path)])
     assert bad.exit_code == 1 and "not a training run" in bad.output

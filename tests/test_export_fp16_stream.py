@@ -105,3 +105,16 @@ def test_lint_accepts_the_fp32_stream_readers(hot_export):
     assert graph.fp16_placement_problems(model, 4) == []
     assert len(graph.fp16_placement_problems(model, 0)) == 4  # undeclared FP32 convs are still caught
     assert graph.fp16_placement_problems(model, 5)[-1] == "5 FP32 convs (around an FP32 residual stream) expected, 4 found"
+
+
+def test_torch_fp16_runner_keeps_the_overflowing_stream_fp32():
+    """``--backend torch --precision fp16`` (parity's torch-fp16 row) runs the same placement as the export."""
+    from runtime.runners import TorchRunner
+
+    model = hot_model()
+    x = photo(*TILE, index=1)
+    with torch.no_grad():
+        ref = model(x)
+    with TorchRunner(model, precision="fp16", device="cpu") as runner:
+        out = runner.infer(x)
+    assert torch.isfinite(out).all() and (out - ref).abs().max().item() < TOLERANCE

@@ -201,14 +201,18 @@ def _short_cfg(**kw):
 
 
 def test_resume_is_exact(cache_dir, tmp_path):
+    assert_resume_is_exact(_short_cfg(), tmp_path)
+
+
+def assert_resume_is_exact(cfg, tmp_path) -> None:
+    """Trains ``cfg`` uninterrupted and stopped at step 5 then resumed: identical weights, EMA, best and log."""
     from train.loop import train
 
-    cfg = _short_cfg()
     full = train(cfg, tmp_path / "full", progress=False)
     part = train(cfg, tmp_path / "part", progress=False, stop_at=5)
     assert part.status == "stopped_at" and part.step == 5
     resumed = train(cfg, tmp_path / "part", progress=False, resume=True)
-    assert resumed.step == full.step == 12
+    assert resumed.step == full.step == cfg.steps
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     ea, eb = (read_checkpoint(p / "last.pt")["extra"] for p in (tmp_path / "full", tmp_path / "part"))
@@ -356,14 +360,13 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, run_dir: str, 
     torch.save(result.model.state_dict(), f"{out}/rank{rank}.pt")
 
 
-def test_ddp_two_cpu_processes_match_one_process(cache_dir, tmp_path):
+def _train_two_ranks(cfg, tmp_path, cache_dir) -> tuple[dict, dict]:
+    """Trains ``cfg`` with DDP on 2 CPU processes (gloo, a free loopback port); the ranks' final weights,
+    asserted equal to each other."""
     import socket
 
     import torch.multiprocessing as mp
 
-    from train.loop import build_model, train
-
-    cfg = _short_cfg(steps=6, batch=4, dropout=0.0, ema=0.0, val_every=6, save_every=6)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -371,6 +374,14 @@ def test_ddp_two_cpu_processes_match_one_process(cache_dir, tmp_path):
              nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) for k in r0), "ranks disagree after training"
+    return r0, r1
+
+
+def test_ddp_two_cpu_processes_match_one_process(cache_dir, tmp_path):
+    from train.loop import build_model, train
+
+    cfg = _short_cfg(steps=6, batch=4, dropout=0.0, ema=0.0, val_every=6, save_every=6)
+    r0, r1 = _train_two_ranks(cfg, tmp_path, cache_dir)
     single = train(cfg, tmp_path / "single", progress=False).model.state_dict()
     torch.manual_seed(cfg.seed)
     init = build_model(cfg).state_dict()
@@ -480,21 +491,11 @@ def test_speed_option_resumes_exactly_and_matches_fp32_psnr(option, fp32_short_r
 
 @pytest.mark.parametrize("compile_", ["off", pytest.param("on", marks=needs_compile_time)])
 def test_ddp_with_speed_options_ranks_agree(compile_, cache_dir, tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
     from train.loop import train
 
     cfg = _short_cfg(steps=4, batch=4, dropout=0.0, ema=0.0, val_every=4, save_every=4, channels_last="on",
                      compile=compile_, amp="bf16", **SPEED_MODEL)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, cfg.to_dict(), str(tmp_path / "ddp"), str(tmp_path), str(cache_dir)),
-             nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert all(torch.equal(r0[k], r1[k]) for k in r0), "ranks disagree after training"
+    r0, r1 = _train_two_ranks(cfg, tmp_path, cache_dir)
     single = train(cfg, tmp_path / "single", progress=False).model.state_dict()
     diff = max(float((r0[k] - single[k]).abs().max()) for k in r0)
     print(f"DDP(2) vs 1 process with bf16+channels_last, compile {compile_}: max |dw| {diff:.2e}")

@@ -179,8 +179,11 @@ def eval_cmd(checkpoint, preset, train_size, data_root, split, tlc, json_path, c
                                        split=split, tlc=tlc, max_images=max_images, device=device)
     click.echo(result.csv_text(), nl=False)
     s = result.summary()
+    if result.n_outputs > 1:
+        click.echo(heads_table(result, meta["model_heads"]))
     click.echo(f"mean over {s['images']} {split} images of {meta['data']} (TLC {'on' if tlc else 'off'}, "
-               f"train size {meta['train_size']}): PSNR {s['psnr']:.3f} dB, SSIM {s['ssim']:.4f}; "
+               f"train size {meta['train_size']}): PSNR {s['psnr']:.3f} dB, SSIM {s['ssim']:.4f}"
+               f"{f' (deployment head {result.head})' if result.n_outputs > 1 else ''}; "
                f"blurry input {s['input_psnr']:.3f} dB, {s['input_ssim']:.4f}")
     if csv_path:
         result.write_csv(csv_path)
@@ -191,6 +194,25 @@ def eval_cmd(checkpoint, preset, train_size, data_root, split, tlc, json_path, c
             click.echo(f"failed: {reason}", err=True)
         raise click.ClickException(f"{len(result.failed)} of {len(result.failed) + s['images']} pairs could not be "
                                    "scored (listed above; the means exclude them)")
+
+
+def heads_table(result, heads: int) -> str:
+    """Every output of a multi-head model: its head pair, mean PSNR/SSIM, and which is deployed / best here.
+
+    Args:
+        result: the evaluation (:class:`train.evaluate.EvalResult`).
+        heads: the model's ``heads`` (its outputs average the pairs of :func:`nafnet_core.model.head_pairs`).
+    """
+    from nafnet_core.model import head_pairs
+
+    pairs = head_pairs(heads)
+    best = result.best_head()
+    lines = ["output  heads   PSNR dB    SSIM"]
+    for k, (p, q) in enumerate(zip(result.head_means("psnr"), result.head_means("ssim"))):
+        marks = [m for m, on in (("deployment head (recorded in the checkpoint)", k == result.head),
+                                 ("best on this split", k == best)) if on]
+        lines.append(f"{k:>6}  ({pairs[k][0]},{pairs[k][1]})  {p:8.3f}  {q:.4f}  {', '.join(marks)}".rstrip())
+    return "\n".join(lines)
 
 
 @click.command(name="compare")

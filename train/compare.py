@@ -4,8 +4,11 @@ Everything comes from files a run already leaves behind, so runs made by any ver
 compare (a file that is missing is a ``-`` cell, never an error):
 
 - ``config.json``: the training config; the table lists only the keys whose values differ between runs.
-- the model config (from ``config.json``): parameters and GFLOP at 256x256 and 720x1280, counted on
-  the meta device (no weights are loaded).
+  Keys a run predates take their current defaults first, so an old run differs only where it really did.
+- the model config (preset + ``model_args`` of ``config.json``, resolved to every architecture field with
+  the defaults of fields added later, e.g. ``block`` and ``input_fft``): the fields that differ are listed
+  as ``model.<field>`` (``model.input_fft=fs``) in place of the raw ``model_args``; parameters and GFLOP at
+  256x256 and 720x1280 (the exported form: DFT matrices counted), on the meta device (no weights loaded).
 - ``metrics.csv``: the best validation PSNR/SSIM (with the blurry input's on the same images) and the
   median training throughput.
 - eval JSON files in the run directory (``python cli.py eval RUN/best.pt --json RUN/test.json``): the test
@@ -83,17 +86,35 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return data
 
 
-def _model_cost(config: dict[str, Any]) -> tuple[int | None, float | None, float | None]:
-    """Parameters and GFLOP at 256x256 and 720x1280 of the run's model, on the meta device."""
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` over the current training defaults: a key the run predates reads as its default."""
+    from .config import TrainConfig
+
+    return TrainConfig().to_dict() | config
+
+
+def _model_config(config: dict[str, Any]):
+    """The run's :class:`~nafnet_core.config.ModelConfig` (as ``train`` builds it), or None for a preset or
+    option this version does not know."""
+    from nafnet_core.config import get_config
+
+    overrides = dict(config.get("model_args") or {})
+    if config.get("dropout"):
+        overrides["drop_out_rate"] = config["dropout"]
+    try:
+        return get_config(config.get("model", "nafnet-gopro-width32"), **overrides)
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _model_cost(cfg) -> tuple[int | None, float | None, float | None]:
+    """Parameters and GFLOP at 256x256 and 720x1280 of ``cfg`` (a ModelConfig or None), on the meta device."""
     import torch
 
-    from nafnet_core.config import get_config
     from nafnet_core.flops import model_gflops
     from nafnet_core.model import NAFNet, count_parameters
 
-    try:
-        cfg = get_config(config.get("model", "nafnet-gopro-width32"), **(config.get("model_args") or {}))
-    except (KeyError, ValueError, TypeError):
+    if cfg is None:
         return None, None, None  # a preset this version does not know
     with torch.device("meta"):
         params = count_parameters(NAFNet(cfg))
@@ -161,22 +182,33 @@ def _latency(export_dir: Path) -> float | None:
     return best
 
 
+def _differing(dicts: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """The ``keys`` whose values are not the same in every dict (a missing key counts as a value)."""
+    missing = object()
+    return [k for k in keys if len({json.dumps(d.get(k, missing), sort_keys=True, default=str) for d in dicts}) > 1]
+
+
 def summarize_runs(run_dirs: list[str | Path]) -> list[RunSummary]:
     """One :class:`RunSummary` per run directory, with the config keys that differ between them."""
     if not run_dirs:
         raise UserError("no run directories given; e.g. python cli.py compare runs/*")
     dirs = [Path(d) for d in run_dirs]
-    configs = [read_run_config(d) for d in dirs]
-    keys = sorted({k for c in configs for k in c} - set(IGNORED_KEYS))
-    missing = object()
-    differing = [k for k in keys if len({json.dumps(c.get(k, missing), sort_keys=True, default=str)
-                                         for c in configs}) > 1]
+    configs = [_with_defaults(read_run_config(d)) for d in dirs]
+    models = [_model_config(c) for c in configs]
+    resolved = all(m is not None for m in models)
+    # the architecture as fields: model_args is then redundant (model.<field> says what it changed)
+    skip = set(IGNORED_KEYS) | {"model"} | ({"model_args"} if resolved else set())
+    keys = sorted({k for c in configs for k in c} - skip)
+    differing = _differing(configs, keys)
+    model_dicts = [m.to_dict() if m is not None else {} for m in models]
+    model_differing = _differing(model_dicts, sorted({k for m in model_dicts for k in m})) if resolved else []
     names = [d.name if [x.name for x in dirs].count(d.name) == 1 else str(d) for d in dirs]
     rows = []
-    for d, name, config in zip(dirs, names, configs):
+    for d, name, config, cfg, mdict in zip(dirs, names, configs, models, model_dicts):
         row = RunSummary(run=name, model=config.get("model"),
-                         differs={k: config.get(k) for k in differing if k != "model"})
-        row.parameters, row.gflop_256, row.gflop_720p = _model_cost(config)
+                         differs={**{k: config.get(k) for k in differing},
+                                  **{f"model.{k}": mdict.get(k) for k in model_differing}})
+        row.parameters, row.gflop_256, row.gflop_720p = _model_cost(cfg)
         _metrics(d, row)
         _test_eval(d, row)
         export_dir = _export_of(d)

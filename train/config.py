@@ -25,7 +25,7 @@ from nafnet_core.errors import UserError
 from .dashboard import MODES as TENSORBOARD_MODES
 from .data import CROP_MODES
 
-LOSSES = ("psnr", "l1", "charbonnier")
+LOSSES = ("psnr", "l1", "charbonnier", "charfreq")
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "cosine_epoch", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -60,7 +60,8 @@ class TrainConfig:
         schedule: cosine (per step, official) | cosine_epoch (CosineAnnealingLR stepped per epoch, the seed's) |
             constant.
         warmup: linear warm-up steps.
-        loss: psnr (official) | l1 | charbonnier.
+        loss: psnr (official) | l1 | charbonnier | charfreq (FNAFNet's official Charbonnier + 0.01 * L1 of the
+            spectra difference).
         grad_clip: max gradient norm (0 disables).
         amp: auto | bf16 | fp16 | off: autocast of the forward (fp16 CUDA-only); auto = the device's
             measured default (``train.speed.AUTO``: bf16 on CUDA when supported, else fp16; off on CPU).
@@ -209,15 +210,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seed": {"model": "seed-v1", "crop_mode": "resize", "crop": 256, "dropout": 0.5, "optimizer": "adam",
              "weight_decay": 0.0, "betas": [0.9, 0.999], "lr": 1e-3, "lr_min": 1e-7, "batch": 8, "epochs": 50,
              "schedule": "cosine_epoch", "grad_clip": 0.0, "early_stop": 5, "val_every": 263},
+    # FNAFNet's official GoPro recipe (INVOKERer/DeepRFT AAAI2023, FNAFNet-width32-freqloss-4gpu.yml): the
+    # NAFNet recipe (AdamW 1e-3, wd 1e-3, betas 0.9/0.9, cosine to 1e-7 over 200k, batch 32, 256 crops) with
+    # the Charbonnier + frequency loss.
+    "fnafnet-gopro": {"model": "fnafnet-gopro-width32", "loss": "charfreq"},
+    "fnafnet-gopro-width64": {"model": "fnafnet-gopro-width64", "loss": "charfreq"},
+    # CascadedGaze GoPro (Ascend-Research/CascadedGaze options/train/GoPro/CascadedGazeMH-GoPro.yml): the NAFNet
+    # recipe with batch 64 (8 GPUs x 8) over 400k iterations, validation every 10k; the PSNR loss on the best
+    # of the 10 outputs (MultiHeadPSNRLoss), the deployment head chosen at every validation.
+    "cgnet-gopro": {"model": "cgnet-gopro", "batch": 64, "steps": 400_000, "val_every": 10_000},
     # Tests: the tiny model on the embedded synthetic set; about 90 s on 2 CPU cores.
     "tiny": {"model": "tiny", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3, "val_every": 250,
              "save_every": 250, "log_every": 10, "workers": 0},
+    # Tests and demos of the CascadedGaze family: tiny-cg with the tiny recipe.
+    "tiny-cg": {"model": "tiny-cg", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3, "val_every": 250,
+                "save_every": 250, "log_every": 10, "workers": 0},
     # `python cli.py demo`: the best recipe measured within the demo's CPU budget (BENCHMARKS.md, "Demo:
     # searching for a training recipe that deblurs visibly" and "Demo: a recipe that reaches +1.5 dB");
     # 2400 steps fill the time the dynamic export no longer takes (an idle-machine estimate: re-time it).
     # Kept apart from `tiny` so that tuning it leaves the tests alone.
     "demo": {"model": "tiny", "crop": 64, "batch": 8, "steps": 2400, "lr": 4e-3, "loss": "l1", "val_every": 400,
              "save_every": 400, "log_every": 10, "workers": 0},
+    # Input FFT (input_fft="fs"): the tiny recipe on the tiny model with the frequency-selection input.
+    "tiny-fft": {"model": "tiny-fft", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3, "val_every": 250,
+                 "save_every": 250, "log_every": 10, "workers": 0},
 }
 
 

@@ -79,6 +79,15 @@ def from_main(info: DistInfo, flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def int_from_main(info: DistInfo, value: int) -> int:
+    """Rank 0's ``value`` on every rank."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=info.device if info.device.type == "cuda" else "cpu")
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def mean_over_ranks(info: DistInfo, value: float) -> float:
     if not info.enabled:
         return value

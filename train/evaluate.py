@@ -2,6 +2,10 @@
 
 Used by validation during training and by ``python cli.py eval``. Outputs are rounded to uint8 before
 scoring (docs/DESIGN.md §6 (Metrics)), so the figures are those of the PNG files the model would write.
+
+A multi-head model is scored on every output (``head_psnr`` / ``head_ssim`` per image); the ``psnr`` and
+``ssim`` columns are those of one head, the model's deployment head unless :meth:`EvalResult.with_head`
+picks another (validation picks :meth:`EvalResult.best_head`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ COLUMNS = ("name", "height", "width", "psnr", "ssim", "input_psnr", "input_ssim"
 class EvalResult:
     """Per-image rows (dicts with :data:`COLUMNS`) and their means; ``samples`` holds (blur, out, sharp) uint8.
 
+    Multi-head models (``n_outputs > 1``): each row also holds ``head_psnr`` and ``head_ssim`` (one value per
+    output); ``psnr``/``ssim`` (and the samples) are those of output ``head``.
+
     ``failed`` maps each pair that could not be scored (unreadable file, size mismatch, smaller than the
     SSIM window) to a one-line reason naming the file; the means are over the scored pairs only.
     """
@@ -41,18 +48,57 @@ class EvalResult:
     tlc: bool
     samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    head: int = 0
+    n_outputs: int = 1
+    outputs: list[np.ndarray] = field(default_factory=list, repr=False)  # every output of the sample images
 
     def mean(self, key: str) -> float:
         values = [r[key] for r in self.rows]
         return float(np.mean(values)) if values else math.nan
 
+    def head_means(self, key: str = "psnr") -> list[float]:
+        """Mean ``key`` (``psnr`` or ``ssim``) of every output over the images."""
+        if self.n_outputs == 1:
+            return [self.mean(key)]
+        return [float(v) for v in np.mean([r[f"head_{key}"] for r in self.rows], axis=0)] if self.rows \
+            else [math.nan] * self.n_outputs
+
+    def best_head(self) -> int:
+        """The output with the best mean PSNR (the first of equals); 0 for a single-head model."""
+        means = self.head_means("psnr")
+        return int(np.argmax(means)) if self.rows else self.head
+
+    def with_head(self, k: int) -> "EvalResult":
+        """The same scores with output ``k`` in the ``psnr``/``ssim`` columns and the samples."""
+        if k == self.head:
+            return self
+        if not 0 <= k < self.n_outputs:
+            raise ValueError(f"head must be in 0..{self.n_outputs - 1}, got {k}")
+        rows = [{**r, "psnr": r["head_psnr"][k], "ssim": r["head_ssim"][k]} for r in self.rows]
+        samples = [(b, outs[k], s) for (b, _, s), outs in zip(self.samples, self.outputs)]
+        return EvalResult(rows=rows, tlc=self.tlc, samples=samples, failed=self.failed, head=k,
+                          n_outputs=self.n_outputs, outputs=self.outputs)
+
     def summary(self) -> dict:
-        return {"psnr": self.mean("psnr"), "ssim": self.mean("ssim"), "input_psnr": self.mean("input_psnr"),
-                "input_ssim": self.mean("input_ssim"), "images": len(self.rows), "tlc": self.tlc,
-                "seconds_per_image": self.mean("seconds"), "failed": len(self.failed)}
+        out = {"psnr": self.mean("psnr"), "ssim": self.mean("ssim"), "input_psnr": self.mean("input_psnr"),
+               "input_ssim": self.mean("input_ssim"), "images": len(self.rows), "tlc": self.tlc,
+               "seconds_per_image": self.mean("seconds"), "failed": len(self.failed)}
+        if self.n_outputs > 1:
+            out |= {"head": self.head, "best_head": self.best_head(),
+                    "heads": [{"psnr": p, "ssim": s} for p, s in zip(self.head_means("psnr"), self.head_means("ssim"))]}
+        return out
+
+    def columns(self) -> tuple[str, ...]:
+        """:data:`COLUMNS`, then ``psnr_h<k>`` / ``ssim_h<k>`` of every output of a multi-head model."""
+        if self.n_outputs == 1:
+            return COLUMNS
+        return COLUMNS + tuple(f"{m}_h{k}" for m in ("psnr", "ssim") for k in range(self.n_outputs))
 
     def csv_text(self) -> str:
-        return csv_text(COLUMNS, self.rows, ".6f")
+        rows = [{**{c: r[c] for c in COLUMNS},
+                 **{f"{m}_h{k}": v for m in ("psnr", "ssim") for k, v in enumerate(r.get(f"head_{m}", []))}}
+                for r in self.rows]
+        return csv_text(self.columns(), rows, ".6f")
 
     def write_csv(self, path: str | Path) -> None:
         atomic_write_text(path, self.csv_text())
@@ -102,7 +148,8 @@ def evaluate(model: NAFNet, pairs: Sequence[Pair], *, tlc: bool = True, train_si
     pairs = list(pairs)[:max_images] if max_images else list(pairs)
     was_training = model.training
     net = prepare_model(model, tlc, train_size).to(device).eval()
-    result = EvalResult(rows=[], tlc=tlc)
+    n_outputs = model.config.n_outputs
+    result = EvalResult(rows=[], tlc=tlc, head=model.head, n_outputs=n_outputs)
     it = range(len(pairs))
     if progress:
         from tqdm import tqdm
@@ -121,20 +168,27 @@ def evaluate(model: NAFNet, pairs: Sequence[Pair], *, tlc: bool = True, train_si
             if device != "cpu" and torch.device(device).type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = net(blur)
-            out_q = quantize(out)
+            outs_q = quantize(net(blur, all_heads=True)[0])  # (n_outputs, 3, H, W)
             if torch.device(device).type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             sharp_q, blur_q = quantize(sharp), quantize(blur)
-            result.rows.append({
+            head_psnr = [float(v) for v in psnr(outs_q, sharp_q.expand_as(outs_q))]
+            head_ssim = [float(v) for v in ssim(outs_q, sharp_q.expand_as(outs_q))]
+            row = {
                 "name": pair.name, "height": int(blur8.shape[0]), "width": int(blur8.shape[1]),
-                "psnr": float(psnr(out_q, sharp_q)[0]), "ssim": float(ssim(out_q, sharp_q)[0]),
+                "psnr": head_psnr[result.head], "ssim": head_ssim[result.head],
                 "input_psnr": float(psnr(blur_q, sharp_q)[0]), "input_ssim": float(ssim(blur_q, sharp_q)[0]),
                 "seconds": seconds,
-            })
+            }
+            if n_outputs > 1:
+                row |= {"head_psnr": head_psnr, "head_ssim": head_ssim}
+            result.rows.append(row)
             if i < keep_samples:
-                result.samples.append((blur8, out_q[0].permute(1, 2, 0).cpu().numpy(), sharp8))
+                outs8 = [o.permute(1, 2, 0).cpu().numpy() for o in outs_q]
+                result.samples.append((blur8, outs8[result.head], sharp8))
+                if n_outputs > 1:
+                    result.outputs.append(outs8)
     finally:
         model.train(was_training)
     return result
@@ -165,4 +219,6 @@ def evaluate_checkpoint(path: str | Path, *, preset: str | None = None, train_si
                       progress=progress)
     meta = {"checkpoint": str(path), "data": str(data), "split": split, "train_size": size,
             "preset": ckpt.preset, "step": ckpt.extra.get("step")}
+    if ckpt.config.n_outputs > 1:
+        meta |= {"model_heads": ckpt.config.heads, "recorded_head": ckpt.model.head}
     return result, meta

@@ -44,7 +44,7 @@ from .config import TrainConfig
 from .dashboard import Dashboard, summary_writer_class
 from .data import PairDataset, PairTransform, SampleStream, check_dataset, train_loader, write_split_lists
 from .evaluate import evaluate
-from .objectives import LOSS_FUNCTIONS, lr_at
+from .objectives import LOSS_FUNCTIONS, best_output, lr_at
 from .report import MetricsLog, plot_curves, write_sample_grid
 from .synth import ensure_synthetic
 
@@ -188,6 +188,9 @@ class Trainer:
     A model variant changes a hook, not the loop: :meth:`loss` (what is minimised, given the model's raw
     output and the sharp target) and :meth:`prediction` (the restored image inside that output, on which
     the training PSNR is measured). Validation scores the model's forward through :func:`train.evaluate.evaluate`.
+    The raw output holds every output of the model (``all_heads=True``: (N, n_outputs, 3, H, W)); a
+    multi-head model trains its best output per image and validation chooses its deployment head (the
+    output with the best validation PSNR), which ``best.pt`` / ``last.pt`` record.
 
     Args:
         cfg: the configuration.
@@ -222,13 +225,16 @@ class Trainer:
 
     # ---- variant hooks --------------------------------------------------------------------------
 
-    def prediction(self, out: torch.Tensor) -> torch.Tensor:
-        """The restored image ``(N, 3, H, W)`` in the model's raw output (NAFNet: the output itself).
+    def prediction(self, out: torch.Tensor, sharp: torch.Tensor | None = None) -> torch.Tensor:
+        """The restored image ``(N, 3, H, W)`` in the model's raw output: the only output of a single-head
+        model; of a multi-head one, per image the output closest to ``sharp`` (what the best-of-outputs loss
+        trains, :func:`train.objectives.best_output`), or the deployment head without ``sharp``.
 
         Args:
-            out: what the model's forward returned.
+            out: what the model's forward returned, (N, n_outputs, 3, H, W).
+            sharp: the target batch, or None.
         """
-        return out
+        return best_output(out, sharp, self.model.head)
 
     def loss(self, out: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
         """The scalar to minimise (``cfg.loss``, computed in fp32).
@@ -237,7 +243,7 @@ class Trainer:
             out: what the model's forward returned (under autocast when mixed precision is on).
             sharp: the target batch.
         """
-        return self.loss_fn(self.prediction(out).float(), sharp)
+        return self.loss_fn(self.prediction(out, sharp).float(), sharp)
 
     # ---- set-up ---------------------------------------------------------------------------------
 
@@ -332,6 +338,9 @@ class Trainer:
         """
         extra = state["extra"]
         self.model.load_state_dict(state["state_dict"])
+        if self.ema is not None:
+            self.ema.head = state.get("head", 0)
+        self.model.head = state.get("head", 0)  # the deployment head the last validation chose
         self.opt.load_state_dict(extra["optimizer"])
         if extra.get("scaler"):
             self.scaler.load_state_dict(extra["scaler"])
@@ -398,11 +407,11 @@ class Trainer:
             sync = self.net.no_sync() if info.enabled and micro < cfg.accum - 1 else contextlib.nullcontext()
             with sync:
                 with speed.autocast(self.plan, self.dev):
-                    out = self.net(blur)
+                    out = self.net(blur, all_heads=True)  # (N, n_outputs, 3, H, W)
                 loss = self.loss(out, sharp)
                 self.scaler.scale(loss / cfg.accum).backward()
             with torch.no_grad():
-                mse = (self.prediction(out).detach().float().clamp(0, 1) - sharp).pow(2).flatten(1).mean(1)
+                mse = (self.prediction(out, sharp).detach().float().clamp(0, 1) - sharp).pow(2).flatten(1).mean(1)
                 psnr_sum += float((-10 * torch.log10(mse + 1e-10)).mean())
             loss_sum += float(loss.detach())
 
@@ -479,6 +488,8 @@ class Trainer:
             images = [self.val_set.load(i) for i in range(len(self.val_set))]
             res = evaluate(scored, self.val_pairs, tlc=cfg.val_tlc, train_size=cfg.crop, device=self.dev,
                            keep_samples=3, images=images)
+            res = res.with_head(res.best_head())  # the deployment head: the output with the best val PSNR
+            self.model.head = scored.head = res.head
             if res.failed:
                 self.save_last()
                 raise TrainingError("validation pairs that cannot be scored: " + "; ".join(res.failed.values())
@@ -500,10 +511,13 @@ class Trainer:
             self.metrics.flush()
             self.dashboard.flush()
             plot_curves(self.metrics, self.run_dir / "curves.png", title=self.run_dir.name)
-            self.say(f"step {step}: val PSNR {row['psnr']:.2f} dB SSIM {row['ssim']:.4f} (blurry input "
+            head = f" (head {res.head} of {res.n_outputs})" if res.n_outputs > 1 else ""
+            self.say(f"step {step}: val PSNR {row['psnr']:.2f} dB SSIM {row['ssim']:.4f}{head} (blurry input "
                      f"{row['input_psnr']:.2f} dB / {row['input_ssim']:.4f}){' *best*' if improved else ''} "
                      f"[{time.perf_counter() - t0:.1f} s]")
-        # Keep every rank's copy of the early-stopping counter equal (it is saved in last.pt by rank 0 only).
+        # Every rank deploys the head rank 0 chose; the early-stopping counter is equal on every rank (it is
+        # saved in last.pt by rank 0 only).
+        self.model.head = scored.head = ddp.int_from_main(self.info, self.model.head)
         early_stop = ddp.from_main(self.info, cfg.early_stop > 0 and self.bad_vals >= cfg.early_stop)
         return {**row, "early_stop": early_stop}
 

@@ -4,7 +4,14 @@ Losses take ``(N, C, H, W)`` float tensors and return a scalar to minimise:
 
 - ``psnr``: the official NAFNet PSNR loss (``nafnet_core.psnr_loss``, = -PSNR of each image, batch mean);
 - ``l1``: mean absolute error;
-- ``charbonnier``: ``mean(sqrt((pred - gt)^2 + eps^2))`` with eps = 1e-3.
+- ``charbonnier``: ``mean(sqrt((pred - gt)^2 + eps^2))`` with eps = 1e-3;
+- ``charfreq``: FNAFNet's official ``CharFreqLoss``: charbonnier + 0.01 * mean of the modulus of
+  ``rfft2(pred) - rfft2(gt)`` (per image and channel over H x W, norm 'backward').
+
+Multi-head models (``heads > 1``) are trained on their best output: :func:`best_output` picks, per image,
+the output closest to the target (MSE), and the loss is computed on it. With ``psnr`` this is exactly the
+official CascadedGaze ``MultiHeadPSNRLoss``, ``(10/ln10) * mean_batch(ln(min_outputs MSE + 1e-8))``, with
+the same gradient (the minimum routes it to the chosen output); a single-head model has one output.
 """
 
 from __future__ import annotations
@@ -25,10 +32,41 @@ def charbonnier_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3
     return torch.sqrt((pred - target).pow(2) + eps * eps).mean()
 
 
+#: Weight of the frequency term of ``charfreq`` (the official CharFreqLoss, loss_weight 1, scales it by 0.01).
+FREQ_LOSS_WEIGHT = 0.01
+
+
+def charfreq_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """FNAFNet's training loss: Charbonnier + ``FREQ_LOSS_WEIGHT`` * mean |rfft2(pred) - rfft2(target)|.
+
+    The spectra are taken in FP32 (``torch.fft`` has no bf16/fp16 kernels on CPU); training only, never exported.
+    """
+    diff = torch.fft.rfft2(pred.float()) - torch.fft.rfft2(target.float())
+    return charbonnier_loss(pred, target) + FREQ_LOSS_WEIGHT * diff.abs().mean()
+def best_output(outs: torch.Tensor, target: torch.Tensor | None = None, default: int = 0) -> torch.Tensor:
+    """Per image, the output of ``outs`` (N, K, C, H, W) with the smallest MSE to ``target`` (N, C, H, W):
+    (N, C, H, W), differentiable through the chosen outputs. Without a target: output ``default``.
+
+    Args:
+        outs: every output of the model (``model(x, all_heads=True)``).
+        target: the sharp batch; None to take ``default``.
+        default: the output taken without a target (the deployment head).
+    """
+    if outs.shape[1] == 1:
+        return outs[:, 0]
+    if target is None:
+        return outs[:, default]
+    with torch.no_grad():
+        mse = (outs.detach().float() - target.float().unsqueeze(1)).pow(2).flatten(2).mean(2)  # (N, K)
+        chosen = mse.argmin(1)
+    return outs[torch.arange(outs.shape[0], device=outs.device), chosen]
+
+
 LOSS_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "psnr": psnr_loss,
     "l1": l1_loss,
     "charbonnier": charbonnier_loss,
+    "charfreq": charfreq_loss,
 }
 
 

@@ -1,0 +1,129 @@
+"""Variants side by side at one size: parameters, GFLOP, export time, PyTorch eager vs onnxruntime fp32.
+
+    python -m runtime.bench_variants seed-v3 seed-v3-fft --size 720x1280 --repeats 2 --fs
+
+For each preset: a model with randomised beta/gamma (a fresh one has them at 0, which skips every block),
+its deploy form (TLC for a 256 training size, folded) exported as a dynamic fp32 ONNX graph (timed), then
+PyTorch eager (the same deploy module) and onnxruntime CPU timed interleaved (A, B, A, B... medians: the
+machine is shared), and the largest |ONNX - PyTorch| on a photo. ``--fs`` adds the frequency-selection image
+alone: the matrix form against ``torch.fft`` in eager (interleaved) and their largest difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import nafnet_core as nc
+from nafnet_core import dft
+
+
+def nontrivial(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random beta/gamma (N(0, 0.5)) so that every block acts; returns the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("beta", "gamma")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+def bench_preset(preset: str, size: tuple[int, int], repeats: int, out_dir: Path) -> dict:
+    """One preset: parameters, GFLOP, export seconds, eager / onnxruntime seconds (per repeat) and max |diff|."""
+    import onnxruntime as ort
+
+    from export.api import prepare_model
+    from export.onnx_export import save_onnx, to_onnx_proto
+    from export.samples import sample_photo
+    from export.shapes import ShapeSpec
+
+    torch.manual_seed(0)
+    model = nontrivial(nc.create_model(preset))
+    deploy = prepare_model(model)
+    row = {"preset": preset, "parameters": nc.count_parameters(model),
+           "gflop": round(nc.model_gflops(model.config, *size), 1)}
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = save_onnx(to_onnx_proto(deploy, ShapeSpec.dynamic()), out_dir / f"{preset}.onnx")
+    row["export_s"] = round(time.perf_counter() - start, 1)
+    row["onnx_mb"] = round(path.stat().st_size / 2**20, 1)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = sample_photo(*size)
+    with torch.no_grad():
+        ref = deploy(x)  # warm-up of both, and the accuracy check
+    out = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    row["max_abs_diff"] = float(f"{(out - ref).abs().max().item():.3g}")
+    eager, onnxrt = [], []
+    for _ in range(repeats):  # interleaved
+        t = time.perf_counter()
+        with torch.no_grad():
+            deploy(x)
+        eager.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        sess.run(None, {"input": x.numpy()})
+        onnxrt.append(time.perf_counter() - t)
+    row["eager_s"] = [round(v, 2) for v in eager]
+    row["onnxrt_s"] = [round(v, 2) for v in onnxrt]
+    row["onnxrt_over_eager"] = round(statistics.median(onnxrt) / statistics.median(eager), 2)
+    return row
+
+
+def bench_fs(size: tuple[int, int], repeats: int) -> dict:
+    """The frequency-selection image of a (1, 3, H, W) photo: matrices vs torch.fft in eager, interleaved."""
+    from export.samples import sample_photo
+
+    x = sample_photo(*size)
+
+    def matrices():
+        with dft.matrix_form():
+            return dft.frequency_selection(x)
+
+    a, b = matrices(), dft.frequency_selection(x)  # warm-up and the difference
+    mat, fft = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        matrices()
+        mat.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        dft.frequency_selection(x)
+        fft.append(time.perf_counter() - t)
+    return {"size": list(size), "matrices_s": [round(v, 3) for v in mat], "torch_fft_s": [round(v, 3) for v in fft],
+            "ratio": round(statistics.median(mat) / statistics.median(fft), 1),
+            "max_abs_diff": float(f"{(a - b).abs().max().item():.3g}"), "max_abs_value": round(b.abs().max().item(), 2)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("presets", nargs="+")
+    parser.add_argument("--size", default="720x1280")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--fs", action="store_true", help="also time the frequency-selection image alone")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+    h, _, w = args.size.partition("x")
+    size = (int(h), int(w))
+    result = {"size": args.size, "threads": torch.get_num_threads(), "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets:
+            row = bench_preset(preset, size, args.repeats, Path(tmp))
+            print(json.dumps(row), flush=True)
+            result["rows"].append(row)
+    if args.fs:
+        result["fs"] = bench_fs(size, max(args.repeats, 3))
+        print(json.dumps({"fs": result["fs"]}), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
