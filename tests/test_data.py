@@ -258,6 +258,33 @@ def test_synth_sharp_is_the_middle_subframe_and_blur_varies_across_the_frame():
     assert abs(float(extent[0] - extent[1])) > 0.2
 
 
+def test_synth_shake_scales_the_camera_path_from_the_same_draws():
+    """``shake`` scales the trajectory drawn from the same random numbers: shake=1 is the default set's pair,
+    a weaker shake needs fewer sub-frames, keeps the window and is closer to sharp, a stronger one farther."""
+    import torch
+
+    from nafnet_core.metrics import psnr
+    from train.config import ConfigError, build_config
+    from train.synth import default_root, draw_params, load_photo, render_pair
+
+    photo = load_photo("rocket.jpg")
+    params = {b: draw_params(np.random.default_rng([7, 0, 1]), photo, "rocket.jpg", (64, 96), b) for b in (0.5, 1.0, 2.0)}
+    assert params[1.0] == draw_params(np.random.default_rng([7, 0, 1]), photo, "rocket.jpg", (64, 96))
+    assert (params[0.5].top, params[0.5].scale) == (params[1.0].top, params[1.0].scale)  # same scene window
+    np.testing.assert_allclose(np.array(params[0.5].translation) * 2, params[1.0].translation)
+    assert params[0.5].zoom * 4 == pytest.approx(params[2.0].zoom)
+    assert params[0.5].subframes < params[1.0].subframes < params[2.0].subframes
+    scores = []
+    for b in (0.5, 1.0, 2.0):
+        blur, sharp = (torch.from_numpy(a).permute(2, 0, 1) for a in render_pair(photo, params[b], (64, 96)))
+        scores.append(float(psnr(blur, sharp)[0]))
+    assert scores[0] > scores[1] + 1 and scores[1] > scores[2] + 1, scores
+    assert default_root(0, 24) != default_root(0, 24, 0.5)  # a set of its own in the cache
+    assert default_root(0, 24, 0.5).name.endswith("-shake0.5")
+    with pytest.raises(ConfigError, match="synth_shake"):
+        build_config("demo", sets={"synth_shake": 0})
+
+
 def test_data_synth_cli(tmp_path):
     from cli import main
 

@@ -91,3 +91,29 @@ def test_missing_deblurred_file_is_named(small_synth, tmp_path):
     (tmp_path / "deblurred" / "0003.png").unlink()
     with pytest.raises(UserError, match="0003.png: no deblurred image"):
         score_test_split(small_synth, blur_dir, tmp_path / "deblurred")
+
+
+def test_demo_end_to_end_small(tmp_path, monkeypatch):
+    """The whole chain on a small override (6 train pairs, 4 steps): a tile-only export, parity, the test
+    gain of the deblurred files and the comparison image that the last lines name."""
+    import json
+
+    from nafnet_core.images import read_rgb8
+    from runtime.demo import score_test_split
+
+    monkeypatch.setenv("NAFNET_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(main, ["demo", "--out", str(out), "-q", "--steps", "4", "--set", "synth_count=6",
+                                    "--set", "val_every=4", "--set", "crop=48"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    assert {a["shape"]["kind"] for a in manifest["artifacts"].values()} == {"tile"}  # no dynamic graph
+    assert {a["precision"] for a in manifest["artifacts"].values()} >= {"fp32", "fp16"}
+    lines = res.output.strip().splitlines()
+    assert lines[-2].startswith("test gain: ") and "mean of the 1 test images" in lines[-2]
+    assert lines[-1].startswith(f"open this: {out / 'comparison.png'} (blurry | deblurred | sharp")
+    data = next((tmp_path / "cache").iterdir())
+    test = score_test_split(data, data / "test" / "blur", out / "deblurred")  # the printed gain is the files'
+    assert lines[-2].startswith(f"test gain: {test.gain:+.2f} dB")
+    assert (out / "parity.json").exists()
+    assert read_rgb8(out / "comparison.png").shape[1] == 3 * 256 * 2 + 2 * 8  # three 192x256 panels, 2x

@@ -211,7 +211,7 @@ def evaluate_checkpoint(path: str | Path, *, preset: str | None = None, train_si
     tcfg = ckpt.extra.get("train_config") or {}
     if data is None:
         data = tcfg.get("data") or ensure_synthetic(tcfg.get("synth_seed", 0), tcfg.get("synth_count", 24),
-                                                     progress=progress)
+                                                     progress=progress, shake=tcfg.get("synth_shake", 1.0))
     pairs = load_pairs(data, blur_dir=tcfg.get("blur_dir", "blur"))[split]
     size = train_size or ckpt.train_size
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")

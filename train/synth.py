@@ -46,6 +46,9 @@ TRAIN_PHOTOS = ("astronaut.png", "rocket.jpg", "ihc.png", "hubble_deep_field.jpg
 TEST_PHOTOS = ("coffee.png", "chelsea.png")
 DEFAULT_COUNT = 24
 DEFAULT_SIZE = (192, 256)  # (height, width)
+#: End-to-end extent of the straight part of the camera path at ``shake = 1``, pixels of a 256-px-wide frame
+#: (20-60 px at GoPro's 1280 width); ``shake`` scales the whole trajectory (translation, rotation, zoom).
+BLUR_LENGTH = (4.0, 12.0)
 MARGIN = 32  # pixels of scene around the output window, so warps never sample outside the photo
 
 
@@ -93,8 +96,10 @@ def _texture(rgb: np.ndarray) -> float:
     return float(np.abs(np.diff(g, axis=0)).mean() + np.abs(np.diff(g, axis=1)).mean())
 
 
-def draw_params(rng: np.random.Generator, photo: np.ndarray, name: str, size: tuple[int, int]) -> BlurParams:
-    """Random window and camera trajectory for one pair."""
+def draw_params(rng: np.random.Generator, photo: np.ndarray, name: str, size: tuple[int, int],
+                shake: float = 1.0) -> BlurParams:
+    """Random window and camera trajectory for one pair; ``shake`` scales the trajectory (the same random draws
+    for every ``shake``, so ``shake = 1`` gives the original set byte for byte)."""
     h, w = size
     ph, pw = photo.shape[:2]
     rh, rw = h + 2 * MARGIN, w + 2 * MARGIN
@@ -111,7 +116,7 @@ def draw_params(rng: np.random.Generator, photo: np.ndarray, name: str, size: tu
         if best is None or score > best[0]:
             best = (score, scale, top, left)
     _, scale, top, left = best
-    length = rng.uniform(4.0, 12.0)  # end-to-end extent of the straight part, pixels
+    length = rng.uniform(*BLUR_LENGTH)  # end-to-end extent of the straight part, pixels
     angle = rng.uniform(0, 2 * math.pi)
     a1 = [length / 2 * math.cos(angle), length / 2 * math.sin(angle)]
     a2 = list(rng.normal(0, length / 8, 2))
@@ -119,6 +124,9 @@ def draw_params(rng: np.random.Generator, photo: np.ndarray, name: str, size: tu
     rotation = [float(rng.uniform(-1, 1) * math.radians(1.0)), float(rng.normal(0, math.radians(0.3)))]
     zoom = float(rng.uniform(-0.015, 0.015))
     center = [float(rng.uniform(0, w)), float(rng.uniform(0, h))]
+    if shake != 1.0:
+        a1, a2, a3 = ([shake * v for v in a] for a in (a1, a2, a3))
+        rotation, zoom = [shake * v for v in rotation], shake * zoom
     params = BlurParams(photo=name, scale=scale, top=top, left=left, mirror=bool(rng.random() < 0.5),
                         translation=[a1, [float(v) for v in a2], [float(v) for v in a3]], rotation=rotation,
                         zoom=zoom, center=center, subframes=0)
@@ -187,7 +195,7 @@ def render_pair(photo: np.ndarray, p: BlurParams, size: tuple[int, int]) -> tupl
 
 
 def synthesize(out: str | Path, seed: int = 0, count: int = DEFAULT_COUNT, size: tuple[int, int] = DEFAULT_SIZE,
-               progress: bool = True) -> Path:
+               progress: bool = True, shake: float = 1.0) -> Path:
     """Writes a GoPro-style tree ``out/{train,test}/{blur,sharp}/NNNN.png`` and ``out/synth.json``.
 
     Args:
@@ -197,12 +205,15 @@ def synthesize(out: str | Path, seed: int = 0, count: int = DEFAULT_COUNT, size:
         count: training pairs; the test folder gets ``max(2, count // 3)`` pairs of unseen photos.
         size: (height, width) of every pair.
         progress: show a progress bar on stderr.
+        shake: strength of the camera shake: scales every trajectory (1 = :data:`BLUR_LENGTH`).
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not empty; choose a new folder or delete it")
     if count < 1:
         raise UserError(f"--count must be at least 1, got {count}")
+    if not 0.0 < shake <= 4.0:
+        raise UserError(f"camera shake strength must be in (0, 4], got {shake}")
     h, w = size
     if h < 32 or w < 32:
         raise UserError(f"synthetic image size must be at least 32x32, got {w}x{h}")
@@ -223,14 +234,14 @@ def synthesize(out: str | Path, seed: int = 0, count: int = DEFAULT_COUNT, size:
             if name not in photos:
                 photos[name] = load_photo(name)
             rng = np.random.default_rng([seed, RAW_SPLIT_IDS[split], i])
-            params = draw_params(rng, photos[name], name, size)
+            params = draw_params(rng, photos[name], name, size, shake)
             blur, sharp = render_pair(photos[name], params, size)
             fname = f"{i:04d}.png"
             write_rgb8(tmp / split / "blur" / fname, blur)
             write_rgb8(tmp / split / "sharp" / fname, sharp)
             records.append({"split": split, "name": fname, **asdict(params)})
         manifest = {"generator": "nafnet-deblurring synthetic GoPro-style blur", "version": VERSION, "seed": seed,
-                    "count": count, "size": [h, w], "pairs": records}
+                    "count": count, "size": [h, w], **({"shake": shake} if shake != 1.0 else {}), "pairs": records}
         atomic_write_text(tmp / "synth.json", json.dumps(manifest, indent=1) + "\n")
         if out.exists():
             out.rmdir()  # empty (checked above)
@@ -250,17 +261,23 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "nafnet-deblurring"
 
 
-def default_root(seed: int = 0, count: int = DEFAULT_COUNT) -> Path:
-    return cache_dir() / f"synth-v{VERSION}-seed{seed}-n{count}"
+def default_root(seed: int = 0, count: int = DEFAULT_COUNT, shake: float = 1.0) -> Path:
+    return cache_dir() / (f"synth-v{VERSION}-seed{seed}-n{count}" + ("" if shake == 1.0 else f"-shake{shake:g}"))
 
 
-def ensure_synthetic(seed: int = 0, count: int = DEFAULT_COUNT, progress: bool = True) -> Path:
-    """The default synthetic set, generated into the cache on first use (safe if several processes race)."""
-    root = default_root(seed, count)
+def ensure_synthetic(seed: int = 0, count: int = DEFAULT_COUNT, progress: bool = True, shake: float = 1.0) -> Path:
+    """The default synthetic set, generated into the cache on first use (safe if several processes race).
+
+    Args:
+        seed / count: as :func:`synthesize`.
+        progress: show a progress bar on stderr.
+        shake: as :func:`synthesize` (a set of its own in the cache).
+    """
+    root = default_root(seed, count, shake)
     if (root / "synth.json").exists():
         return root
     try:
-        synthesize(root, seed=seed, count=count, progress=progress)
+        synthesize(root, seed=seed, count=count, progress=progress, shake=shake)
     except (UserError, OSError):
         if (root / "synth.json").exists():  # another process finished first
             return root
