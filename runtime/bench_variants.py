@@ -3,7 +3,8 @@
     python -m runtime.bench_variants seed-v3 seed-v3-fft --size 720x1280 --repeats 2 --fs
 
 For each preset: a model with randomised beta/gamma (a fresh one has them at 0, which skips every block),
-its deploy form (TLC for a 256 training size, folded) exported as a dynamic fp32 ONNX graph (timed), then
+its deploy form (TLC for a 256 training size, folded) exported as a dynamic fp32 ONNX graph, or with
+``--tile`` the fixed graph of exactly that size (timed; what ``export --tile`` writes), then
 PyTorch eager (the same deploy module) and onnxruntime CPU timed interleaved (A, B, A, B... medians: the
 machine is shared), and the largest |ONNX - PyTorch| on a photo. ``--fs`` adds the frequency-selection image
 alone: the matrix form against ``torch.fft`` in eager (interleaved) and their largest difference.
@@ -35,7 +36,7 @@ def nontrivial(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def bench_preset(preset: str, size: tuple[int, int], repeats: int, out_dir: Path) -> dict:
+def bench_preset(preset: str, size: tuple[int, int], repeats: int, out_dir: Path, tile: bool = False) -> dict:
     """One preset: parameters, GFLOP, export seconds, eager / onnxruntime seconds (per repeat) and max |diff|."""
     import onnxruntime as ort
 
@@ -52,7 +53,9 @@ def bench_preset(preset: str, size: tuple[int, int], repeats: int, out_dir: Path
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        path = save_onnx(to_onnx_proto(deploy, ShapeSpec.dynamic()), out_dir / f"{preset}.onnx")
+        spec = ShapeSpec.tile(*size) if tile else ShapeSpec.dynamic()
+        path = save_onnx(to_onnx_proto(deploy, spec), out_dir / f"{preset}.onnx")
+    row["graph"] = "tile" if tile else "dynamic"
     row["export_s"] = round(time.perf_counter() - start, 1)
     row["onnx_mb"] = round(path.stat().st_size / 2**20, 1)
     opts = ort.SessionOptions()
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("presets", nargs="+")
     parser.add_argument("--size", default="720x1280")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tile", action="store_true", help="export the fixed graph of --size, not the dynamic one")
     parser.add_argument("--fs", action="store_true", help="also time the frequency-selection image alone")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {"size": args.size, "threads": torch.get_num_threads(), "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
-            row = bench_preset(preset, size, args.repeats, Path(tmp))
+            row = bench_preset(preset, size, args.repeats, Path(tmp), tile=args.tile)
             print(json.dumps(row), flush=True)
             result["rows"].append(row)
     if args.fs:
