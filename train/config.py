@@ -226,7 +226,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-cg": {"model": "tiny-cg", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3, "val_every": 250,
                 "save_every": 250, "log_every": 10, "workers": 0},
     # `python cli.py demo`: the best recipe measured within the demo's CPU budget (BENCHMARKS.md, "Demo:
-    # searching for a training recipe that deblurs visibly" and "Demo: a recipe that reaches +1.5 dB");
+    # searching for a training recipe that deblurs visibly" and "Demo: a recipe for +1.5 dB (not reached)");
     # 2400 steps fill the time the dynamic export no longer takes (an idle-machine estimate: re-time it).
     # Kept apart from `tiny` so that tuning it leaves the tests alone.
     "demo": {"model": "tiny", "crop": 64, "batch": 8, "steps": 2400, "lr": 4e-3, "loss": "l1", "val_every": 400,
