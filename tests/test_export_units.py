@@ -48,13 +48,16 @@ def test_shape_spec_tags_and_profiles():
 
 
 def test_format_table_drives_names():
-    assert list(FORMATS) == ["onnx-fp32", "onnx-fp16", "trt-fp16"]
+    assert list(FORMATS) == ["onnx-fp32", "onnx-fp16", "trt-fp16", "openvino-fp32"]
     spec = ShapeSpec.tile(512, 512)
     assert FORMATS["onnx-fp16"].artifact_name(spec) == "onnx-fp16-512x512"
     assert FORMATS["trt-fp16"].file_name(spec) == "model-fp16-512x512.engine"
     assert FORMATS["trt-fp16"].built_from == "onnx-fp16"
     assert [f.name for f in formats_for(fp16=False, trt=False)] == ["onnx-fp32"]
     assert [f.name for f in formats_for(fp16=False, trt=True)] == ["onnx-fp32", "onnx-fp16", "trt-fp16"]
+    assert [f.name for f in formats_for(fp16=False, trt=False, openvino=True)] == ["onnx-fp32", "openvino-fp32"]
+    assert FORMATS["openvino-fp32"].file_name(spec) == "model-fp32-512x512.xml"
+    assert FORMATS["openvino-fp32"].built_from == "onnx-fp32"
 
 
 def test_tensorrt_plan(monkeypatch, tmp_path):
