@@ -19,12 +19,7 @@ from test_tlc import reference_local_mean
 from test_train import _short_cfg, cache_dir  # noqa: F401 - the synthetic set fixture, shared
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per module
 
 
 def cg_model(seed: int = 0, **overrides) -> nc.NAFNet:

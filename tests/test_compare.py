@@ -21,12 +21,7 @@ SHORT = {"steps": 3, "crop": 64, "batch": 2, "val_every": 3, "save_every": 3, "l
          "workers": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per module
 
 
 @pytest.fixture(scope="module")

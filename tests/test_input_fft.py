@@ -17,7 +17,7 @@ import nafnet_core as nc
 from conftest import make_nontrivial, photo
 from nafnet_core import dft
 from nafnet_core.config import ModelConfig, get_config
-from test_model import _ref_block
+from test_model import reference_nafnet
 
 
 def reference_fs(x: torch.Tensor) -> torch.Tensor:
@@ -29,23 +29,7 @@ def reference_fs(x: torch.Tensor) -> torch.Tensor:
 
 def reference_fs_nafnet(sd, cfg, x):
     """A functional NAFNet whose intro reads [x, fs(x)] of the zero-padded image; residual on the image."""
-    h, w = x.shape[-2:]
-    m = 2 ** len(cfg.enc_blk_nums)
-    x = F.pad(x, (0, -w % m, 0, -h % m))
-    t = F.conv2d(torch.cat([x, reference_fs(x).float()], 1), sd["intro.weight"], sd["intro.bias"], padding=1)
-    skips = []
-    for i, n in enumerate(cfg.enc_blk_nums):
-        for j in range(n):
-            t = _ref_block(sd, f"encoders.{i}.{j}.", t, cfg.gate)
-        skips.append(t)
-        t = F.conv2d(t, sd[f"downs.{i}.weight"], sd[f"downs.{i}.bias"], stride=2)
-    for j in range(cfg.middle_blk_num):
-        t = _ref_block(sd, f"middle_blks.{j}.", t, cfg.gate)
-    for i, n in enumerate(cfg.dec_blk_nums):
-        t = F.pixel_shuffle(F.conv2d(t, sd[f"ups.{i}.0.weight"]), 2) + skips[-1 - i]
-        for j in range(n):
-            t = _ref_block(sd, f"decoders.{i}.{j}.", t, cfg.gate)
-    return (F.conv2d(t, sd["ending.weight"], sd["ending.bias"], padding=1) + x)[..., :h, :w]
+    return reference_nafnet(sd, cfg, x, extra_input=lambda padded: reference_fs(padded).float())
 
 
 # --- parameter counts, from the architecture's formula -------------------------------------------------------

@@ -193,11 +193,13 @@ def _ref_block(sd, p, x, gate):
     return y + t * sd[p + "gamma"]
 
 
-def reference_nafnet(sd, cfg, x):
+def reference_nafnet(sd, cfg, x, extra_input=None):
+    """Functional NAFNet; ``extra_input(padded x)`` (if given) is concatenated to the intro's input."""
     h, w = x.shape[-2:]
     m = 2 ** len(cfg.enc_blk_nums)
     x = F.pad(x, (0, -w % m, 0, -h % m))
-    t = F.conv2d(x, sd["intro.weight"], sd["intro.bias"], padding=1)
+    t = F.conv2d(x if extra_input is None else torch.cat([x, extra_input(x)], 1), sd["intro.weight"],
+                 sd["intro.bias"], padding=1)
     skips = []
     for i, n in enumerate(cfg.enc_blk_nums):
         for j in range(n):

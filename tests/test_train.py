@@ -30,15 +30,7 @@ QUALITY_STEPS = 300
 QUALITY_SETS = {"steps": QUALITY_STEPS, "crop": 64, "val_every": QUALITY_STEPS, "save_every": QUALITY_STEPS}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and on a machine whose cores are
-    busy with other work two OpenMP threads waiting on each other made a 32-px step 200x slower
-    (9.2 s vs 0.044 s measured here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per module
 
 
 @pytest.fixture(scope="session")
