@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .model import BlockSite, Gate, GlobalAvgPool2d, LayerNorm2d, NAFBlock, to_branch, to_stream
+from .model import BlockSite, GlobalAvgPool2d, NAFBlock, add_ffn_and_residual_parts, residual_and_ffn, to_branch
 
 #: (kernel, stride) of the cascade steps; levels below :data:`THREE_STEP_LEVELS` use all three, the others
 #: the first two (official ``GCE_CONVS_nums = [3, 3, 2, 2]``).
@@ -151,22 +151,13 @@ class CascadedGazeBlock(nn.Module):
         super().__init__()
         dw = c * dw_expand
         cat = dw + steps * (dw // 2)  # x and every upsampled step
-        ffn = c * ffn_expand
         self.conv1 = nn.Conv2d(c, dw, 1)
         self.conv2 = nn.Conv2d(dw, dw, 3, padding=1, groups=dw)
         self.GCE = GlobalContextExtractor(dw // 2, steps)
         self.project_out = nn.Conv2d(cat, c, 1)
         # SCA over x and the context maps. TLC swaps sca[0] for a local mean.
         self.sca = nn.Sequential(GlobalAvgPool2d(), nn.Conv2d(cat, cat, 1))
-        self.sg = Gate(gate)
-        self.conv4 = nn.Conv2d(c, ffn, 1)
-        self.conv5 = nn.Conv2d(ffn // 2, c, 1)
-        self.norm1 = LayerNorm2d(c)
-        self.norm2 = LayerNorm2d(c)
-        self.dropout1 = nn.Dropout(drop_out_rate) if drop_out_rate > 0 else nn.Identity()
-        self.dropout2 = nn.Dropout(drop_out_rate) if drop_out_rate > 0 else nn.Identity()
-        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
-        self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+        add_ffn_and_residual_parts(self, c, ffn_expand, drop_out_rate, gate)
 
     #: Residual stream in FP32 inside a half model, as :attr:`NAFBlock.fp32_stream`.
     fp32_stream = False
@@ -179,12 +170,7 @@ class CascadedGazeBlock(nn.Module):
         a, b = x.chunk(2, dim=1)
         context = [upsample_nearest(g, size) for g in self.GCE(a + b)]  # each (N, d/2, H, W)
         x = torch.cat([x, *context], dim=1)
-        x = self.dropout1(self.project_out(x * self.sca(x)))
-        y = inp + to_stream(x if self.beta is None else x * self.beta, s)
-
-        x = self.sg(self.conv4(to_branch(self.norm2(y), self.conv4, s)))
-        x = self.dropout2(self.conv5(x))
-        return y + to_stream(x if self.gamma is None else x * self.gamma, s)
+        return residual_and_ffn(self, inp, self.project_out(x * self.sca(x)), s)
 
 
 def cascade_steps(level: int) -> int:

@@ -182,21 +182,12 @@ class NAFBlock(nn.Module):
     def __init__(self, c: int, dw_expand: int = 2, ffn_expand: int = 2, drop_out_rate: float = 0.0, gate: str = "simple"):
         super().__init__()
         dw = c * dw_expand
-        ffn = c * ffn_expand
         self.conv1 = nn.Conv2d(c, dw, 1)
         self.conv2 = nn.Conv2d(dw, dw, 3, padding=1, groups=dw)
         self.conv3 = nn.Conv2d(dw // 2, c, 1)
         # Simplified Channel Attention: x * conv1x1(avgpool(x)). TLC swaps sca[0] for a local mean.
         self.sca = nn.Sequential(GlobalAvgPool2d(), nn.Conv2d(dw // 2, dw // 2, 1))
-        self.sg = Gate(gate)
-        self.conv4 = nn.Conv2d(c, ffn, 1)
-        self.conv5 = nn.Conv2d(ffn // 2, c, 1)
-        self.norm1 = LayerNorm2d(c)
-        self.norm2 = LayerNorm2d(c)
-        self.dropout1 = nn.Dropout(drop_out_rate) if drop_out_rate > 0 else nn.Identity()
-        self.dropout2 = nn.Dropout(drop_out_rate) if drop_out_rate > 0 else nn.Identity()
-        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
-        self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+        add_ffn_and_residual_parts(self, c, ffn_expand, drop_out_rate, gate)
 
     #: Residual stream in FP32 inside a half model (see the module docstring); a class default, set per block.
     fp32_stream = False
@@ -207,12 +198,34 @@ class NAFBlock(nn.Module):
         x = self.conv2(self.conv1(to_branch(self.norm1(inp), self.conv1, s)))
         x = self.sg(x)
         x = x * self.sca(x)
-        x = self.dropout1(self.conv3(x))
-        y = inp + to_stream(x if self.beta is None else x * self.beta, s)  # beta is None once folded into conv3
+        return residual_and_ffn(self, inp, self.conv3(x), s)
 
-        x = self.sg(self.conv4(to_branch(self.norm2(y), self.conv4, s)))
-        x = self.dropout2(self.conv5(x))
-        return y + to_stream(x if self.gamma is None else x * self.gamma, s)
+
+def add_ffn_and_residual_parts(block: nn.Module, c: int, ffn_expand: int, drop_out_rate: float, gate: str) -> None:
+    """Adds to ``block`` the parts every NAFNet-family block shares after its first branch's own convs, in the
+    official creation order (so seeded initialisations match): the gate ``sg``, the FFN ``conv4``/``conv5``, both
+    LayerNorms, both dropouts and the residual scales ``beta``/``gamma`` (zero: a fresh block is the identity)."""
+    ffn = c * ffn_expand
+    block.sg = Gate(gate)
+    block.conv4 = nn.Conv2d(c, ffn, 1)
+    block.conv5 = nn.Conv2d(ffn // 2, c, 1)
+    block.norm1 = LayerNorm2d(c)
+    block.norm2 = LayerNorm2d(c)
+    block.dropout1 = nn.Dropout(drop_out_rate) if drop_out_rate > 0 else nn.Identity()
+    block.dropout2 = nn.Dropout(drop_out_rate) if drop_out_rate > 0 else nn.Identity()
+    block.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
+    block.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+
+def residual_and_ffn(block: nn.Module, inp: torch.Tensor, x: torch.Tensor, fp32_stream: bool) -> torch.Tensor:
+    """The second half of a NAFNet-family block (parts from :func:`add_ffn_and_residual_parts`): the first branch's
+    output ``x`` (its last conv's output) joins the stream, ``y = inp + beta * dropout1(x)``, then the gated FFN's
+    does, ``y + gamma * dropout2(conv5(sg(conv4(norm2(y)))))``. ``beta``/``gamma`` are None once folded."""
+    x = block.dropout1(x)
+    y = inp + to_stream(x if block.beta is None else x * block.beta, fp32_stream)
+    x = block.sg(block.conv4(to_branch(block.norm2(y), block.conv4, fp32_stream)))
+    x = block.dropout2(block.conv5(x))
+    return y + to_stream(x if block.gamma is None else x * block.gamma, fp32_stream)
 
 
 class BlockSite(NamedTuple):
