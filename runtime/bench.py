@@ -282,7 +282,10 @@ def bench_export(export_dir: str | Path, size: tuple[int, int] = (720, 1280), *,
     for r in rows:
         if ref_psnr is not None and r.psnr is not None and r.size == size_s:
             r.delta_psnr = round(r.psnr - ref_psnr, 4)
-    return {"export": str(export_dir), "size": size_s, "repeats": repeats, "warmup": warmup, "rounds": rounds,
+    from .models import machine_id
+
+    return {"export": str(export_dir), "machine": machine_id(), "size": size_s, "repeats": repeats, "warmup": warmup,
+            "rounds": rounds,
             "threads": threads or torch.get_num_threads(), "matmul_gflops": round(roof, 1),
             "model_gflop": round(gflop, 4),
             "rows": [{**asdict(r), "vs_torch": round(r.median_ms / torch_ms, 3) if torch_ms and r.median_ms else None}

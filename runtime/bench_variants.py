@@ -1,13 +1,17 @@
 """Variants side by side at one size: parameters, GFLOP, export time, PyTorch eager vs onnxruntime fp32.
 
     python -m runtime.bench_variants seed-v3 seed-v3-fft --size 720x1280 --repeats 2 --fs
+    python -m runtime.bench_variants fnafnet-gopro-width32 --size 720x1280 --repeats 2 --tile
 
 For each preset: a model with randomised beta/gamma (a fresh one has them at 0, which skips every block),
 its deploy form (TLC for a 256 training size, folded) exported as a dynamic fp32 ONNX graph, or with
 ``--tile`` the fixed graph of exactly that size (timed; what ``export --tile`` writes), then
 PyTorch eager (the same deploy module) and onnxruntime CPU timed interleaved (A, B, A, B... medians: the
-machine is shared), and the largest |ONNX - PyTorch| on a photo. ``--fs`` adds the frequency-selection image
-alone: the matrix form against ``torch.fft`` in eager (interleaved) and their largest difference.
+machine is shared), and the largest |ONNX - PyTorch| on a photo. For FNAFNet presets a third eager run swaps
+every FFT branch's DFT matrices for ``torch.fft`` on complex tensors (the official formulation; eager only, it
+cannot be exported for TensorRT): its time and its largest difference from the matrix form. ``--fs`` adds the
+frequency-selection image alone: the matrix form against ``torch.fft`` in eager (interleaved) and their largest
+difference.
 """
 
 from __future__ import annotations
@@ -20,10 +24,15 @@ import time
 import warnings
 from pathlib import Path
 
+import contextlib
+from typing import Iterator
+
 import torch
+import torch.nn.functional as F
 
 import nafnet_core as nc
 from nafnet_core import dft
+from nafnet_core.fnafnet import FFTBranch, window_merge, window_partition
 
 
 def nontrivial(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -34,6 +43,33 @@ def nontrivial(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if name.endswith(("beta", "gamma")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return model.eval()
+
+
+def torch_fft_forward(branch: FFTBranch, x: torch.Tensor) -> torch.Tensor:
+    """``branch``'s forward with ``torch.fft`` and complex tensors (the official formulation), for timing."""
+    n, _, h_full, w_full = x.shape
+    ws = branch.window
+    xw = window_partition(x, ws) if ws else x
+    h, w = xw.shape[-2:]
+    y = torch.fft.rfft2(xw.float()).permute(0, 2, 3, 1)
+    y = y @ torch.complex(branch.complex_weight1_real, branch.complex_weight1_imag) + \
+        torch.complex(branch.b1_real, branch.b1_imag)[0]
+    y = torch.complex(F.gelu(y.real), F.gelu(y.imag))
+    y = y @ torch.complex(branch.complex_weight2_real, branch.complex_weight2_imag) + \
+        torch.complex(branch.b2_real, branch.b2_imag)[0]
+    y = torch.fft.irfft2(y.permute(0, 3, 1, 2), s=(h, w))
+    return window_merge(y, n, (h_full, w_full), ws) if ws else y
+
+
+@contextlib.contextmanager
+def torch_fft_branches() -> Iterator[None]:
+    """Every :class:`FFTBranch` computes with ``torch.fft`` inside the block."""
+    matrices = FFTBranch.forward
+    FFTBranch.forward = torch_fft_forward
+    try:
+        yield
+    finally:
+        FFTBranch.forward = matrices
 
 
 def bench_preset(preset: str, size: tuple[int, int], repeats: int, out_dir: Path, tile: bool = False) -> dict:
@@ -66,7 +102,11 @@ def bench_preset(preset: str, size: tuple[int, int], repeats: int, out_dir: Path
         ref = deploy(x)  # warm-up of both, and the accuracy check
     out = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
     row["max_abs_diff"] = float(f"{(out - ref).abs().max().item():.3g}")
-    eager, onnxrt = [], []
+    fnaf = model.config.block == "fnaf"
+    if fnaf:
+        with torch.no_grad(), torch_fft_branches():
+            row["torch_fft_max_abs_diff"] = float(f"{(deploy(x) - ref).abs().max().item():.3g}")
+    eager, onnxrt, eager_fft = [], [], []
     for _ in range(repeats):  # interleaved
         t = time.perf_counter()
         with torch.no_grad():
@@ -75,9 +115,17 @@ def bench_preset(preset: str, size: tuple[int, int], repeats: int, out_dir: Path
         t = time.perf_counter()
         sess.run(None, {"input": x.numpy()})
         onnxrt.append(time.perf_counter() - t)
+        if fnaf:
+            t = time.perf_counter()
+            with torch.no_grad(), torch_fft_branches():
+                deploy(x)
+            eager_fft.append(time.perf_counter() - t)
     row["eager_s"] = [round(v, 2) for v in eager]
     row["onnxrt_s"] = [round(v, 2) for v in onnxrt]
     row["onnxrt_over_eager"] = round(statistics.median(onnxrt) / statistics.median(eager), 2)
+    if fnaf:
+        row["eager_torch_fft_s"] = [round(v, 2) for v in eager_fft]
+        row["matrices_over_torch_fft"] = round(statistics.median(eager) / statistics.median(eager_fft), 2)
     return row
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from nafnet_core.cli_common import preset_option, train_size_option
 from nafnet_core.errors import UserError
 from nafnet_core.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, MAX_PIXELS_ENV, VIDEO_FORMATS, max_pixels_limit
 
-from .models import BACKENDS
+from .models import BACKENDS, BENCH_RECORD, PARITY_RECORD
 from .video import VIDEO_CODECS
 
 
@@ -35,7 +36,7 @@ class TileParam(click.ParamType):
 
 
 backend_option = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-                              help="Runtime; auto = fastest that can run here (trt > onnxrt > torch).")
+                              help="Runtime; auto = the fastest this machine measured (`bench` on the export), else trt > onnxrt > torch.")
 precision_option = click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
                                 help="Arithmetic precision. Default: fp32 (fp16 for TensorRT).")
 verify_option = click.option(
@@ -121,7 +122,8 @@ def infer(input_path: Path, model: Path | None, server: str | None, model_name: 
                              threads=threads, verify=verify)
     out_dir = out_dir or default_output(input_path)
     with runner:
-        click.echo(f"{runner.name}: {model or server} -> {out_dir}", err=True)
+        chosen = f" (--backend auto {runner.auto_note})" if getattr(runner, "auto_note", "") else ""
+        click.echo(f"{runner.name}{chosen}: {model or server} -> {out_dir}", err=True)
         report = infer_path(runner, input_path, out_dir, tile=tile, overlap=overlap, overwrite=overwrite,
                             compare=compare, max_pixels=max_pixels, progress=not quiet, codec=codec, crf=crf,
                             batch=batch, workers=concurrency if server is not None else 1)
@@ -206,7 +208,22 @@ def parity(export_dir: Path, data_root: Path | None, split: str, limit: int | No
     if json_path is not None:
         report.write_json(json_path)
         click.echo(f"wrote {json_path}")
+    _record_in_export(export_dir, PARITY_RECORD, json.dumps(report.to_json(), indent=2) + "\n")
     sys.exit(0 if report.passed else 1)
+
+
+def _record_in_export(export_dir: Path, name: str, text: str) -> None:
+    """Writes ``text`` to ``export_dir/name`` (atomically), where ``--backend auto`` reads it; an export that
+    cannot be written to (read-only media) costs one warning line, not the command's result."""
+    from nafnet_core.fileio import atomic_write_text
+
+    try:
+        atomic_write_text(export_dir / name, text)
+    except OSError as e:
+        click.echo(f"warning: could not record {name} in {export_dir} ({e.strerror or e}); --backend auto "
+                   "will choose by name there", err=True)
+        return
+    click.echo(f"recorded {export_dir / name} (read by --backend auto)")
 
 
 @click.command()
@@ -241,7 +258,6 @@ def bench(export_dir: Path, size, repeats: int, warmup: int, threads: int | None
     With OpenVINO rows it ends with issue 12's rows: OpenVINO fp32 and the fastest BF16 path against
     onnxruntime fp32 (latency ratio, ΔPSNR vs PyTorch fp32 on the same photo, GFLOP/s, peak RSS).
     """
-    import json
 
     from nafnet_core.fileio import atomic_write_text
 
@@ -254,6 +270,7 @@ def bench(export_dir: Path, size, repeats: int, warmup: int, threads: int | None
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
         click.echo(f"wrote {json_path}")
+    _record_in_export(export_dir, BENCH_RECORD, json.dumps(result, indent=2) + "\n")
 
 
 @click.command()

@@ -14,9 +14,15 @@ from nafnet_core.errors import UserError
 
 from .runners import OnnxRuntimeRunner, OpenVINORunner, Runner, RunnerError, TensorRTRunner, TorchRunner
 
-#: ``--backend`` choices; ``auto`` picks the fastest one that can run here (trt > onnxrt > torch). OpenVINO
-#: runs only when named: on this project's 2-core AVX2 machine it was not faster than onnxruntime (BENCHMARKS.md).
+#: ``--backend`` choices. ``auto`` picks by measurement where the export holds one from this machine
+#: (:func:`auto_order`: ``bench`` records its rows, ``parity`` its verdicts), else by name (NAME_ORDER).
 BACKENDS = ("auto", "torch", "onnxrt", "openvino", "trt")
+#: ``auto`` without a measurement: TensorRT, then onnxruntime, then PyTorch. OpenVINO is not in it: on this
+#: project's 2-core AVX2 machine it was not faster than onnxruntime (BENCHMARKS.md); a bench record can pick it.
+NAME_ORDER = ("trt", "onnxrt", "torch")
+#: Files inside an export directory that ``bench`` and ``parity`` write for ``auto`` (and ``compare``).
+BENCH_RECORD = "bench.json"
+PARITY_RECORD = "parity.json"
 #: Precisions OpenVINO computes an FP32 graph in (bf16: a compile-time hint with FP32 islands, export/openvino_ir.py).
 OPENVINO_PRECISIONS = ("fp32", "bf16")
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
@@ -228,6 +234,70 @@ def _from_export_dir(path: Path, backend: str, precision: str | None, device: st
     return runner
 
 
+def machine_id() -> dict:
+    """What a speed measurement depends on: the CPU model, its core count and the CUDA GPU (if any)."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from .runners import cuda_device_count
+
+    gpu = None
+    if cuda_device_count():
+        import torch
+
+        gpu = torch.cuda.get_device_name(0)
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu}
+
+
+def auto_order(export_dir: str | Path, precision: str | None = None) -> tuple[list[tuple[str, str | None]], str]:
+    """The order ``--backend auto`` tries an export's backends in, and why: ([(backend, precision)], note).
+
+    By measurement where the export holds ``bench.json`` (written by ``bench``) from this machine
+    (:func:`machine_id`): its rows at the benchmark size, fastest median first, only those with status ok
+    and of ``precision`` when one is given; backend x precision pairs that ``parity.json`` (written by
+    ``parity``) records as failed are left out. Backends the record does not time follow in NAME_ORDER.
+    Without a usable record: NAME_ORDER, and the note says why.
+    """
+    by_name: list[tuple[str, str | None]] = [(b, precision) for b in NAME_ORDER]
+    directory = Path(export_dir)
+    try:
+        bench = json.loads((directory / BENCH_RECORD).read_text())
+    except FileNotFoundError:
+        return by_name, f"by name ({' > '.join(NAME_ORDER)}): no {BENCH_RECORD} in the export (`bench` writes it)"
+    except (OSError, ValueError) as e:
+        return by_name, f"by name: {directory / BENCH_RECORD} is unreadable ({type(e).__name__})"
+    if bench.get("machine") != machine_id():
+        return by_name, f"by name: {BENCH_RECORD} was measured on another machine ({bench.get('machine')})"
+    failed = set()
+    try:
+        parity = json.loads((directory / PARITY_RECORD).read_text())
+        failed = {(r["backend"], r["precision"]) for r in parity.get("rows", []) if r.get("pass") is False}
+    except (OSError, ValueError, KeyError, TypeError):
+        parity = None
+    rows = [r for r in bench.get("rows", []) if isinstance(r, dict) and r.get("median_ms")
+            and str(r.get("status", "")).startswith("ok") and r.get("size") == bench.get("size")
+            and r.get("backend") in BACKENDS and (precision is None or r.get("precision") == precision)]
+    order: list[tuple[str, str | None]] = []
+    for r in sorted(rows, key=lambda r: r["median_ms"]):
+        pair = (r["backend"], r["precision"])
+        if pair not in failed and pair not in order:
+            order.append(pair)
+    measured = {b for b, _ in order}
+    order += [(b, p) for b, p in by_name if b not in measured and (b, p or "fp32") not in failed]
+    note = (f"by measurement: {BENCH_RECORD} at {bench.get('size')} on this machine"
+            + (f", without the pairs {PARITY_RECORD} failed" if failed else "")
+            + ("" if parity is not None else f" (no {PARITY_RECORD}: parity not checked)"))
+    return order, note
+
+
 def _runner_of_export(info: ExportInfo, path: Path, backend: str, precision: str | None, device: str,
                       threads: int | None, tiled_graph: bool | None, verify: bool) -> Runner:
     def checked(art: Artifact) -> Path:
@@ -238,39 +308,49 @@ def _runner_of_export(info: ExportInfo, path: Path, backend: str, precision: str
             verify_artifact(manifest, art.key)
             verify_companions(manifest, art.key)
         return art.path
-    order = [backend] if backend != "auto" else ["trt", "onnxrt", "torch"]
+    order, note = ([(backend, precision)], "") if backend != "auto" else auto_order(path, precision)
     reasons = []
-    for name in order:
-        if name == "trt":
-            ready, why = tensorrt_ready()
-            art = _pick(info.artifacts, "trt", precision, None)
-            if art is not None and ready:
-                return TensorRTRunner(checked(art), art.precision, art.fixed_shape, name=f"trt-{art.precision}-{art.mode}",
-                                      built_for=art.built_for, verify=verify)
-            reasons.append(f"trt: {why if art is not None else 'no engine in the export'}")
-        elif name == "onnxrt":
-            art = _pick(info.artifacts, "onnxrt", precision, tiled_graph)
-            if art is not None:
-                return OnnxRuntimeRunner(checked(art), art.precision, device=device, threads=threads,
-                                         name=f"onnxrt-{art.precision}-{art.mode}")
-            reasons.append("onnxrt: no matching ONNX graph in the export")
-        elif name == "openvino":
-            from export.openvino_ir import openvino_available
-
-            ok, why = openvino_available()
-            art = openvino_artifact(info.artifacts, precision, tiled_graph)
-            if art is not None and ok:
-                return OpenVINORunner(checked(art), precision or "fp32", threads=threads,
-                                      name=f"openvino-{precision or 'fp32'}-{art.mode}")
-            if precision not in (None, *OPENVINO_PRECISIONS):
-                why = f"it runs {' or '.join(OPENVINO_PRECISIONS)}, not {precision}"
-            elif art is None:
-                why = "no fp32 ONNX graph or IR in the export"
-            reasons.append(f"openvino: {why}")
-        else:
-            if info.checkpoint is not None:
-                return torch_runner(info.checkpoint, precision or "fp32", preset=info.preset, tlc=info.tlc,
-                                    train_size=info.train_size, device=device)
-            reasons.append(f"torch: {info.checkpoint_note}")
+    for name, prec in order:
+        runner = _try_backend(info, path, name, prec, device, threads, tiled_graph, verify, checked, reasons)
+        if runner is not None:
+            runner.auto_note = note
+            return runner
     raise RunnerError(f"{path}: nothing in this export runs with --backend {backend}"
                       f"{'' if precision is None else ' --precision ' + precision}: " + "; ".join(reasons))
+
+
+def _try_backend(info: ExportInfo, path: Path, name: str, precision: str | None, device: str, threads: int | None,
+                 tiled_graph: bool | None, verify: bool, checked, reasons: list[str]) -> Runner | None:
+    """The runner of backend ``name`` for this export, or None with the reason appended to ``reasons``."""
+    if name == "trt":
+        ready, why = tensorrt_ready()
+        art = _pick(info.artifacts, "trt", precision, None)
+        if art is not None and ready:
+            return TensorRTRunner(checked(art), art.precision, art.fixed_shape, name=f"trt-{art.precision}-{art.mode}",
+                                  built_for=art.built_for, verify=verify)
+        reasons.append(f"trt: {why if art is not None else 'no engine in the export'}")
+    elif name == "onnxrt":
+        art = _pick(info.artifacts, "onnxrt", precision, tiled_graph)
+        if art is not None:
+            return OnnxRuntimeRunner(checked(art), art.precision, device=device, threads=threads,
+                                     name=f"onnxrt-{art.precision}-{art.mode}")
+        reasons.append("onnxrt: no matching ONNX graph in the export")
+    elif name == "openvino":
+        from export.openvino_ir import openvino_available
+
+        ok, why = openvino_available()
+        art = openvino_artifact(info.artifacts, precision, tiled_graph)
+        if art is not None and ok:
+            return OpenVINORunner(checked(art), precision or "fp32", threads=threads,
+                                  name=f"openvino-{precision or 'fp32'}-{art.mode}")
+        if precision not in (None, *OPENVINO_PRECISIONS):
+            why = f"it runs {' or '.join(OPENVINO_PRECISIONS)}, not {precision}"
+        elif art is None:
+            why = "no fp32 ONNX graph or IR in the export"
+        reasons.append(f"openvino: {why}")
+    else:
+        if info.checkpoint is not None:
+            return torch_runner(info.checkpoint, precision or "fp32", preset=info.preset, tlc=info.tlc,
+                                train_size=info.train_size, device=device)
+        reasons.append(f"torch: {info.checkpoint_note}")
+    return None

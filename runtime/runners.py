@@ -59,6 +59,7 @@ class Runner:
         self.fixed_shape: tuple[int, int] | None = None
         self.fixed_batch: int | None = None
         self.whole_image_input = False
+        self.auto_note = ""  # why ``--backend auto`` chose this runner (runtime.models.auto_order)
         self.is_active = False
         self.last_ms = 0.0
 
@@ -170,6 +171,14 @@ class TorchRunner(Runner):
 
 # --------------------------------------------------------------------------------------------- onnxruntime
 
+def default_threads() -> int:
+    """Threads of an onnxruntime or OpenVINO session when the caller gives none: ``OMP_NUM_THREADS`` where it is
+    set (the usual cap on a process's threads, which PyTorch honours too; the test suite's parallel workers set
+    it to their share of the cores), else every core."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else (os.cpu_count() or 1)
+
+
 def cuda_device_count() -> int:
     """Number of CUDA GPUs the driver reports (0 without a driver), asked without loading torch.cuda or ORT EPs."""
     try:
@@ -270,7 +279,7 @@ class OnnxRuntimeRunner(Runner):
                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
         opts = ort.SessionOptions()
         opts.graph_optimization_level = levels[self.opt_level]
-        opts.intra_op_num_threads = self.threads or (os.cpu_count() or 1)
+        opts.intra_op_num_threads = self.threads or default_threads()
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         opts.enable_cpu_mem_arena = self.arena
@@ -355,7 +364,7 @@ class OpenVINORunner(Runner):
             self.fixed_shape = (hw[0], hw[1]) if None not in hw else None
             self.fixed_batch = shape[0].get_length() if shape[0].is_static else None
         self._config = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
-                        "INFERENCE_NUM_THREADS": self.threads or (os.cpu_count() or 1),
+                        "INFERENCE_NUM_THREADS": self.threads or default_threads(),
                         "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
         if self.fixed_shape is not None:
             self._compile(None)

@@ -7,6 +7,8 @@ invisible; on uniform noise local and global means are nearly equal, so a broken
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -15,6 +17,21 @@ import pytest
 pytest_plugins = ["tests.test_runtime_fixtures"]
 import torch
 import torch.nn.functional as F
+
+
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (the README's test command runs ``-n auto``), each worker gets its share of the cores:
+    torch intra-op threads and OMP/MKL threads of the subprocesses it starts (CLI, DDP ranks). Two workers of two
+    OpenMP threads each on two cores wait on each other's threads (see ``one_thread``)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        share = str(max(1, (os.cpu_count() or 1) // workers))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = share
+        torch.set_num_threads(int(share))
+
+
+_share_the_cores_between_workers()
 
 
 def make_nontrivial(model: torch.nn.Module, seed: int = 0, sca_gain: float = 4.0) -> torch.nn.Module:

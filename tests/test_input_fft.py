@@ -202,6 +202,9 @@ def test_check_no_dft_names_the_node_and_complex_tensors(tmp_path):
 
 @pytest.fixture(scope="module")
 def fs_export(tmp_path_factory):
+    """``tiny-fft`` exported fp32 + FP16 for a 64x64 tile and as the dynamic fp32 graph. The dynamic FP16 graph is
+    left out to keep the suite's time (its FP16 placement is the tile's, checked here; its in-graph matrices are
+    the dynamic fp32 graph's)."""
     from export import export_model
 
     torch.manual_seed(5)
@@ -209,21 +212,24 @@ def fs_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("fs_export")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        manifest = export_model(model, out, tiles=[(64, 64)], dynamic=True, fp16=True, check=True)
-    return model, manifest
+        tile = export_model(model, out / "tile", tiles=[(64, 64)], dynamic=False, fp16=True, check=True)
+        dynamic = export_model(model, out / "dynamic", tiles=None, dynamic=True, fp16=False, check=True)
+    return model, (tile, dynamic)
 
 
 def test_export_fp32_fp16_dynamic_and_tile_lint_clean(fs_export):
     from export import graph
     from export.lint import check_no_dft, lint_path
 
-    model, manifest = fs_export
-    assert len(manifest.artifacts) == 4  # fp32 / fp16 x dynamic / 64x64
-    for name, rec in manifest.artifacts.items():
+    model, manifests = fs_export
+    records = [(m, rec) for m in manifests for rec in m.artifacts.values()]
+    assert sorted((r["precision"], r["shape"]["kind"]) for _, r in records) == [
+        ("fp16", "tile"), ("fp32", "dynamic"), ("fp32", "tile")], records
+    for manifest, rec in records:
         # onnxruntime vs PyTorch fp32 on a photo: fp32 exact to 1e-4, FP16 (computed in FP32 by ORT on CPU,
         # from FP16-rounded weights) within a few 1e-4
         limit = 1e-4 if rec["precision"] == "fp32" else 3e-3
-        assert rec["check"]["max_abs_diff"] <= limit, (name, rec["check"])
+        assert rec["check"]["max_abs_diff"] <= limit, rec["check"]
         proto = onnx.load(str(manifest.directory / rec["file"]))
         assert not check_no_dft(proto)
         counts = graph.op_counts(proto)
@@ -233,10 +239,10 @@ def test_export_fp32_fp16_dynamic_and_tile_lint_clean(fs_export):
         if rec["precision"] == "fp16":  # the transforms are FP32 islands (MatMul is an FP32 op of the lint)
             prec = graph.node_precisions(proto)
             assert prec["MatMul"].get("fp16", 0) == 0 and prec["Conv"]["fp16"] > 0
-    findings = lint_path(manifest.directory)
+    findings = [f for m in manifests for f in lint_path(m.directory)]
     bad = [f for f in findings if not f.ok]
     assert not bad, bad
-    assert sum(f.check == "no DFT op, no complex tensor" for f in findings) == 4
+    assert sum(f.check == "no DFT op, no complex tensor" for f in findings) == 3
 
 
 def test_dynamic_export_builds_the_matrices_for_any_size(fs_export):
@@ -244,8 +250,8 @@ def test_dynamic_export_builds_the_matrices_for_any_size(fs_export):
 
     from export.api import prepare_model
 
-    model, manifest = fs_export
-    rec = next(r for r in manifest.artifacts.values() if r["precision"] == "fp32" and r["shape"]["kind"] == "dynamic")
+    model, (_, manifest) = fs_export
+    rec = manifest.artifacts["onnx-fp32-dynamic"]
     sess = ort.InferenceSession(str(manifest.directory / rec["file"]), providers=["CPUExecutionProvider"])
     deploy = prepare_model(model, train_size=manifest.data["tlc"]["train_size"])
     for hw in ((37, 53), (80, 112)):
@@ -293,8 +299,45 @@ def test_tiler_runs_fs_models_whole_and_warns_about_tiles(tmp_path):
 def test_exported_fs_graphs_tell_the_runtime(fs_export):
     from runtime.models import open_runner
 
-    _, manifest = fs_export
-    assert open_runner(manifest.directory, backend="onnxrt").whole_image_input
-    assert open_runner(manifest.directory, backend="onnxrt", tiled_graph=True).whole_image_input
-    lone = next(r for r in manifest.artifacts.values() if r["shape"]["kind"] == "tile")
-    assert open_runner(manifest.directory / lone["file"]).whole_image_input
+    _, (tile, dynamic) = fs_export
+    assert open_runner(dynamic.directory, backend="onnxrt").whole_image_input
+    assert open_runner(tile.directory, backend="onnxrt", tiled_graph=True).whole_image_input
+    lone = tile.artifacts["onnx-fp32-64x64"]
+    assert open_runner(tile.directory / lone["file"]).whole_image_input
+
+
+def test_parity_of_the_fs_exports(fs_export, synth_root, tmp_path):
+    """`parity` on both fs exports: the dynamic graph's whole-image rows pass the limits; tiled rows (the
+    64x64 graph on 192x256 images) are checked against the tiled limit, and where they fall outside it they are
+    reported with no verdict and the reason (the input FFT spans the whole image), not as a pass."""
+    from runtime.parity import WHOLE_INPUT_TILED_NOTE, check_parity
+
+    model, (tile, dynamic) = fs_export
+    ckpt = nc.save_checkpoint(tmp_path / "fs.pt", model, train_size=dynamic.data["tlc"]["train_size"])
+    report = check_parity(dynamic.directory, synth_root, checkpoint=ckpt, torch_precisions=(), progress=False,
+                          limit=2)
+    whole = next(r for r in report.rows if r.backend == "onnxrt" and r.mode == "whole")
+    assert whole.passed and abs(whole.delta_psnr) <= 0.01, report.table()
+    assert report.passed, report.table()
+    report = check_parity(tile.directory, synth_root, checkpoint=ckpt, torch_precisions=(), progress=False, limit=2)
+    tiled = [r for r in report.rows if r.mode.startswith("tiled") and r.psnr is not None]
+    assert {r.backend for r in tiled} >= {"torch", "onnxrt"}
+    for r in tiled:
+        assert r.passed is True or (r.passed is None and r.status == WHOLE_INPUT_TILED_NOTE), r
+
+
+def test_tiled_rows_of_whole_input_models_get_no_verdict_outside_the_limit():
+    from runtime.parity import TILED_LIMIT, WHOLE_INPUT_TILED_NOTE, ParityRow, _Case, _finish
+
+    class Stub:
+        whole_image_input = True
+
+    ref = _Case(ParityRow("torch", "fp32", "whole"), None, None, psnrs=[30.0], ssims=[0.9], vs_ref=[float("inf")])
+    for whole_input, delta, expected in [(True, 0.01, True), (True, 0.5, None), (False, 0.5, False)]:
+        runner = Stub()
+        runner.whole_image_input = whole_input
+        case = _Case(ParityRow("onnxrt", "fp32", "tiled 64x64"), runner, (64, 64), psnrs=[30.0 + delta],
+                     ssims=[0.9], vs_ref=[50.0])
+        row = _finish(case, 1, ref)
+        assert row.passed is expected and (abs(row.delta_psnr) > TILED_LIMIT) == (delta > TILED_LIMIT)
+        assert (row.status == WHOLE_INPUT_TILED_NOTE) == (expected is None)

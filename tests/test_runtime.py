@@ -95,6 +95,44 @@ def test_open_runner_from_export_dir(tiny_export):
         open_runner(tiny_export, "trt")
 
 
+def test_auto_picks_the_fastest_measured_backend_that_passed_parity(tiny_export, tmp_path):
+    import json
+    import shutil
+
+    from runtime.models import BENCH_RECORD, PARITY_RECORD, auto_order, machine_id
+    from runtime.runners import OpenVINORunner
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    order, note = auto_order(export)
+    assert [b for b, _ in order] == ["trt", "onnxrt", "torch"] and "no bench.json" in note
+
+    def row(backend, precision, ms, status="ok", size="64x96"):
+        return {"backend": backend, "precision": precision, "mode": "whole", "size": size, "median_ms": ms,
+                "status": status}
+
+    rows = [row("torch", "fp32", 90.0), row("onnxrt", "fp32", 30.0), row("openvino", "fp32", 20.0),
+            row("openvino", "bf16", 5.0, status="skipped: no BF16 here"), row("onnxrt", "fp32", 1.0, size="8x8")]
+    bench = {"size": "64x96", "machine": machine_id(), "rows": rows}
+    (export / BENCH_RECORD).write_text(json.dumps(bench))
+    order, note = auto_order(export)
+    assert order[:3] == [("openvino", "fp32"), ("onnxrt", "fp32"), ("torch", "fp32")] and "by measurement" in note
+    assert order[3][0] == "trt"  # not timed in the record: after the measured ones
+    assert isinstance(open_runner(export), OpenVINORunner)  # what auto picks, and why it says so
+    assert "by measurement" in open_runner(export).auto_note
+    # a backend that failed parity is passed over
+    (export / PARITY_RECORD).write_text(json.dumps({"rows": [{"backend": "openvino", "precision": "fp32",
+                                                                "pass": False}]}))
+    runner = open_runner(export)
+    assert isinstance(runner, OnnxRuntimeRunner) and "parity.json failed" in runner.auto_note
+    assert [o for o, _ in auto_order(export, "fp32")[0]][:2] == ["onnxrt", "torch"]
+    # a record from another machine (or an unreadable one) is not a measurement of this one
+    (export / BENCH_RECORD).write_text(json.dumps({**bench, "machine": {**machine_id(), "cores": 999}}))
+    assert "another machine" in auto_order(export)[1]
+    (export / BENCH_RECORD).write_text("{not json")
+    assert "unreadable" in auto_order(export)[1] and isinstance(open_runner(export), OnnxRuntimeRunner)
+
+
 def test_open_runner_dispatch(tiny_checkpoint, tiny_onnx):
     assert isinstance(open_runner(tiny_checkpoint), TorchRunner)
     assert isinstance(open_runner(tiny_onnx["dynamic"]), OnnxRuntimeRunner)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from click.testing import CliRunner
 
@@ -24,11 +25,17 @@ def test_measure_counts_tiles_and_memory(tiny_onnx):
 
 
 def test_bench_command(tiny_export, tmp_path):
+    from runtime.models import BENCH_RECORD, machine_id, open_runner
+
+    export = tmp_path / "export"  # a copy: the bench record it gains changes what --backend auto picks there
+    shutil.copytree(tiny_export, export)
     out = tmp_path / "bench.json"
-    res = CliRunner().invoke(main, ["bench", str(tiny_export), "--size", "64x96", "--repeats", "1", "--warmup", "0",
+    res = CliRunner().invoke(main, ["bench", str(export), "--size", "64x96", "--repeats", "1", "--warmup", "0",
                                     "--json", str(out), "-q"])
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
+    assert json.loads((export / BENCH_RECORD).read_text()) == result and result["machine"] == machine_id()
+    assert "by measurement" in open_runner(export).auto_note
     assert result["matmul_gflops"] > 0 and result["model_gflop"] > 0
     rows = {(r["backend"], r["precision"], r["mode"]): r for r in result["rows"]}
     torch_row = rows[("torch", "fp32", "whole")]
