@@ -321,7 +321,7 @@ def test_eval_cli_reports_every_head_and_the_recorded_one(cache_dir, tmp_path):
 
 # --- export ---
 
-def test_tiny_cg_checkpoint_exports_fp32_fp16_dynamic_and_tile_with_tlc(tmp_path):
+def test_tiny_cg_checkpoint_exports_fp32_fp16_dynamic_and_tile_with_tlc(tmp_path, synth_root):
     """fp32 + FP16 for a 40x56 tile and the dynamic fp32 graph, with TLC and the recorded head. The dynamic FP16
     graph is left out: its export alone took 146 s here (the dynamo exporter's symbolic-shape tracing of four
     levels); the FP16 placement it would check is the tile's, and its shape logic the dynamic fp32 graph's."""
@@ -359,6 +359,12 @@ def test_tiny_cg_checkpoint_exports_fp32_fp16_dynamic_and_tile_with_tlc(tmp_path
     with torch.no_grad():
         half = run("onnx-fp16-40x56", photo(40, 56, index=4))
         assert (half - tlc(photo(40, 56, index=4))).abs().max().item() < 2e-2
+    # `parity` on the synthetic test split: every row that runs passes (the reference uses the recorded head)
+    from runtime.parity import check_parity
+
+    for manifest in (tile, dynamic):
+        report = check_parity(manifest.directory, synth_root, torch_precisions=("fp16",), progress=False, limit=2)
+        assert report.passed and sum(r.passed is not None for r in report.rows) >= 3, report.table()
 
 
 def test_lint_counts_shape_gathers_not_data_gathers():

@@ -304,6 +304,17 @@ def test_export_fp32_fp16_dynamic_tile_matches_and_lints(fnaf_export):
         assert not failed, failed
 
 
+def test_parity_passes_for_both_fnaf_exports(fnaf_export, synth_root):
+    """`parity` (the command's function) on the synthetic test split: every row that runs passes, whole and
+    tiled, fp32 and FP16, onnxruntime and OpenVINO, against PyTorch fp32 of the exported checkpoint."""
+    from runtime.parity import check_parity
+
+    for manifest in fnaf_export:
+        report = check_parity(manifest.directory, synth_root, torch_precisions=("fp16",), progress=False, limit=2)
+        ran = [r for r in report.rows if r.passed is not None]
+        assert report.passed and {r.backend for r in ran} >= {"torch", "onnxrt"}, report.table()
+
+
 def test_fp16_range_report_covers_fnaf_blocks():
     from export.lint import fp16_range_report
 
