@@ -61,7 +61,7 @@ def _profile(ctx, param, value):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output directory. Default: exported/<checkpoint name>.")
 @click.option("--tile", "tiles", type=SIZE, multiple=True,
-              help=f"Fixed tile HxW (repeatable); TLC windows become constants. Default without --dynamic: "
+              help=f"Fixed tile HxW, sides multiples of 16 (repeatable); TLC windows become constants. Default without --dynamic: "
                    f"{DEFAULT_TILE[0]}x{DEFAULT_TILE[1]} plus the dynamic graph.")
 @click.option("--dynamic", is_flag=True, help="Export the dynamic batch/height/width graph (default when no --tile).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch of the fixed-tile graphs.")

@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -217,7 +217,8 @@ def bench_export(export_dir: str | Path, size: tuple[int, int] = (720, 1280), *,
         repeats / warmup: timed and untimed runs per backend (the median is reported).
         include_torch: also PyTorch eager fp32 from the source checkpoint (the baseline).
         include_fp16: also the FP16 ONNX graphs (on CPU onnxruntime computes them in FP32).
-        big: also run the tiled ONNX fp32 path on one (H, W) image (e.g. 2160x3840) for its peak memory.
+        big: also run one (H, W) image (e.g. 2160x3840) tiled, for its time and peak memory, on the fastest
+            fp32 onnxruntime/OpenVINO row of the run (its graph; a dynamic graph takes 512x512 tiles).
         rounds: interleaved rounds (each backend once per round, fresh process; medians over all rounds).
         include_openvino: OpenVINO fp32 and bf16 on the export's IR or fp32 ONNX (rows say why when they
             cannot run: no openvino package, no BF16 in this CPU).
@@ -255,18 +256,17 @@ def bench_export(export_dir: str | Path, size: tuple[int, int] = (720, 1280), *,
         specs.append((BenchRow(art.backend, art.precision, "whole" if art.fixed_shape is None else art.mode, size_s),
                       BenchSpec(art.backend, str(art.path), art.precision, "none" if art.fixed_shape is None else "auto",
                                 **common)))
-    if big is not None:
-        tiles = [a for a in info.artifacts if a.backend == "onnxrt" and a.precision == "fp32" and a.fixed_shape]
-        tile_art = min(tiles, key=lambda a: a.fixed_shape[0] * a.fixed_shape[1], default=None)  # smallest tile
-        dyn_art = next((a for a in info.artifacts if a.backend == "onnxrt" and a.precision == "fp32"
-                        and a.fixed_shape is None), None)
-        art = tile_art or dyn_art
-        if art is not None:
-            big_spec = BenchSpec("onnxrt", str(art.path), "fp32", "auto", height=big[0], width=big[1], repeats=1,
-                                 warmup=0, threads=threads)
-            specs.append((BenchRow("onnxrt", "fp32", "tiled", f"{big[0]}x{big[1]}"), big_spec))
     runnable = [(r, s) for r, s in specs if s is not None]
     rows = bench_rows(runnable, gflop, roof, progress, rounds)
+    if big is not None:  # one large image, tiled, on the fastest fp32 export backend of the rows above
+        measured = [(r, s) for r, s in runnable if r.median_ms and s.kind in ("onnxrt", "openvino")
+                    and s.precision == "fp32"]
+        if measured:
+            _, fastest = min(measured, key=lambda rs: rs[0].median_ms)
+            big_spec = replace(fastest, tile="auto", height=big[0], width=big[1], repeats=1, warmup=0)
+            big_row = BenchRow(fastest.kind, "fp32", "whole", f"{big[0]}x{big[1]}")  # "tiled HxW" once tiled
+            rows += bench_rows([(big_row, big_spec)], gflop, roof, progress, 1)
+            runnable.append((big_row, big_spec))
     # the big image's GFLOP differ from the benchmark size's
     for row, spec in runnable:
         if spec.height != h or spec.width != w:

@@ -235,7 +235,7 @@ def _record_in_export(export_dir: Path, name: str, text: str) -> None:
 @click.option("--fp16", "include_fp16", is_flag=True, help="Also time the FP16 ONNX graphs (fp32 math on CPU).")
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch eager baseline.")
 @click.option("--big", callback=_hw, default=None,
-              help="Also run one image of this size (e.g. 2160x3840) tiled, for its peak memory.")
+              help="Also run one image of this size (e.g. 2160x3840) tiled on the fastest fp32 onnxruntime/OpenVINO row, for its time and peak memory.")
 @click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
               help="Interleaved rounds: every backend once per round, medians over all (for a loaded machine).")
 @click.option("--no-openvino", is_flag=True, help="Skip the OpenVINO fp32/bf16 rows.")

@@ -14,7 +14,8 @@ ms/image. Pass limits:
 
 A row that cannot run here (no GPU, no TensorRT, no openvino package, no BF16 in this CPU, no source
 checkpoint) is reported with the reason and
-no verdict; the report passes when every row that ran passed. Images are processed one at a time with
+no verdict; a row that ran but failed on an image (an error, e.g. out of memory) fails with the image
+named; the report passes when every row that ran passed. Images are processed one at a time with
 every runner active, so memory does not grow with the data set.
 """
 
@@ -235,7 +236,9 @@ def run_parity(reference: Runner, cases: list[_Case], pairs: Iterable[tuple[str,
                         out = restore(case.runner, blur, case.tile, overlap).clamp(0, 1)
                     case.seconds += time.perf_counter() - t
                 except (RuntimeError, ValueError, UserError) as e:  # e.g. out of memory, engine profile too small
+                    # a backend that cannot process a test image fails the check (unlike one that cannot run here)
                     case.row.status = f"failed on {name}: {str(e).splitlines()[0][:200]}"
+                    case.row.passed = False
                     if case.runner is not reference:
                         case.runner.deactivate()
                     active.remove(case)

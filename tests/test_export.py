@@ -24,7 +24,7 @@ from nafnet_core.fileio import sha256_file
 from tests.conftest import make_nontrivial, photo, small_model
 
 TRAIN = 16
-TILE = (40, 56)
+TILE = (48, 64)
 
 
 @pytest.fixture(scope="session")
@@ -307,7 +307,7 @@ def test_interrupted_export_leaves_no_manifest(model, tmp_path, monkeypatch):
     real_save = api.save_onnx
     monkeypatch.setattr(api, "save_onnx", failing_save)
     with pytest.raises(KeyboardInterrupt):
-        export_model(model, tmp_path, tiles=[(16, 16), (20, 20)], dynamic=False, train_size=TRAIN, check=False)
+        export_model(model, tmp_path, tiles=[(16, 16), (32, 32)], dynamic=False, train_size=TRAIN, check=False)
     assert not (tmp_path / "manifest.json").exists()
     assert not list(tmp_path.glob("*.part"))
 

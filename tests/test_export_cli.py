@@ -72,5 +72,10 @@ def test_bad_input_is_one_line(checkpoints, tmp_path):
     assert res.exit_code == 1 and "pass --preset" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, ["export", str(checkpoints / "small.pt"), "--tile", "0x4"])
     assert res.exit_code == 2 and "HEIGHTxWIDTH" in res.output
+    # a tile the runtime could never feed (it pads every image to 16) is refused before anything is written
+    out = tmp_path / "odd"
+    res = CliRunner().invoke(main, ["export", str(checkpoints / "small.pt"), "--tile", "40x56", "--out", str(out)])
+    assert res.exit_code == 1 and "--tile 40x56" in res.output and "--tile 48x64" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not out.exists()
     res = CliRunner().invoke(main, ["export", "lint", str(tmp_path)])
     assert res.exit_code == 1 and "manifest" in res.output

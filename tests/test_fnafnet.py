@@ -271,7 +271,7 @@ def test_fold_leaves_fnaf_blocks_as_written():
 @pytest.fixture(scope="module")
 def fnaf_export(tmp_path_factory):
     """A one-level tiny-fnaf checkpoint (a windowed and a whole-map FFT branch) exported with TLC (train size 4:
-    TLC kernels 6 and 3, smaller than the windows 12 and 6, so TLC acts): fp32 + FP16 for a 40x56 tile, and the
+    TLC kernels 6 and 3, smaller than the windows 12 and 6, so TLC acts): fp32 + FP16 for a 48x64 tile, and the
     dynamic fp32 graph. The dynamic FP16 graph is left out: its export alone took 146 s on this machine (the
     dynamo exporter's symbolic-shape tracing), and the FP16 placement it would check is the tile's, checked here,
     while the dynamic graph's shape logic is the fp32 one's."""
@@ -280,7 +280,7 @@ def fnaf_export(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fnaf_export")
     model = fnaf_model(4, enc_blk_nums=(1,), dec_blk_nums=(1,), sca_windows=(12, 6), fft_windows=(12, 0))
     ckpt = save_checkpoint(tmp / "fnaf.pt", model, train_size=4)
-    tile = export_model(ckpt, tmp / "tile", tiles=[(40, 56)], dynamic=False, fp16=True, tlc=True, check=True)
+    tile = export_model(ckpt, tmp / "tile", tiles=[(48, 64)], dynamic=False, fp16=True, tlc=True, check=True)
     dynamic = export_model(ckpt, tmp / "dynamic", tiles=None, dynamic=True, fp16=False, tlc=True, check=True)
     return tile, dynamic
 
@@ -291,7 +291,7 @@ def test_export_fp32_fp16_dynamic_tile_matches_and_lints(fnaf_export):
     from export.lint import check_no_dft, lint_path
 
     arts = {name: (manifest, rec) for manifest in fnaf_export for name, rec in manifest.artifacts.items()}
-    assert sorted(arts) == ["onnx-fp16-40x56", "onnx-fp32-40x56", "onnx-fp32-dynamic"]
+    assert sorted(arts) == ["onnx-fp16-48x64", "onnx-fp32-48x64", "onnx-fp32-dynamic"]
     for name, (manifest, rec) in arts.items():
         if rec["precision"] == "fp32":
             assert rec["check"]["max_abs_diff"] <= 1e-4, (name, rec["check"])

@@ -31,11 +31,17 @@ def test_bench_command(tiny_export, tmp_path):
     shutil.copytree(tiny_export, export)
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(main, ["bench", str(export), "--size", "64x96", "--repeats", "1", "--warmup", "0",
-                                    "--json", str(out), "-q"])
+                                    "--big", "96x160", "--json", str(out), "-q"])
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
     assert json.loads((export / BENCH_RECORD).read_text()) == result and result["machine"] == machine_id()
     assert "by measurement" in open_runner(export).auto_note
+    # the large image runs tiled on the fastest fp32 onnxruntime/OpenVINO row of the same run
+    small = [r for r in result["rows"] if r["size"] == "64x96" and r["backend"] in ("onnxrt", "openvino")
+             and r["precision"] == "fp32" and r["median_ms"]]
+    big = [r for r in result["rows"] if r["size"] == "96x160"]
+    assert len(big) == 1 and big[0]["backend"] == min(small, key=lambda r: r["median_ms"])["backend"]
+    assert big[0]["median_ms"] > 0 and big[0]["peak_rss_mb"] > 0, big
     assert result["matmul_gflops"] > 0 and result["model_gflop"] > 0
     rows = {(r["backend"], r["precision"], r["mode"]): r for r in result["rows"]}
     torch_row = rows[("torch", "fp32", "whole")]

@@ -69,3 +69,17 @@ def test_parity_reports_rows_that_cannot_run(tiny_export, synth_root):
     if trt[0].passed is None:
         assert "cannot run here" in trt[0].status and ("TensorRT" in trt[0].status or "engine" in trt[0].status)
         assert report.passed  # a row that cannot run does not fail the report
+
+
+def test_a_row_that_fails_on_an_image_fails_the_report(tiny_export, synth_root, monkeypatch):
+    """A backend that raises on a test image (here: every onnxruntime run) is a failed row, not a skipped one."""
+    from runtime.runners import OnnxRuntimeRunner
+
+    def broken(self, x):
+        raise RuntimeError("simulated failure inside the backend")
+
+    monkeypatch.setattr(OnnxRuntimeRunner, "_infer", broken)
+    report = check_parity(tiny_export, synth_root, torch_precisions=(), progress=False, limit=1)
+    ort_rows = [r for r in report.rows if r.backend == "onnxrt"]
+    assert ort_rows and all(r.passed is False and r.status.startswith("failed on ") for r in ort_rows)
+    assert not report.passed and "FAIL" in report.table()
