@@ -44,14 +44,13 @@ def _shape_specs(tiles: Iterable[tuple[int, int]] | tuple[int, int] | None, dyna
     tiles = [] if tiles is None else list(tiles)
     if len(tiles) == 2 and all(isinstance(v, int) for v in tiles):  # one (h, w) pair
         tiles = [tuple(tiles)]
-    from runtime.tiling import PAD_MULTIPLE  # the runtime pads every image to it before a backend sees it
+    from runtime.tiling import PAD_MULTIPLE, padded_size  # the runtime pads every image before a backend sees it
 
     for h, w in tiles:
         if h % PAD_MULTIPLE or w % PAD_MULTIPLE:
-            up = [-(-v // PAD_MULTIPLE) * PAD_MULTIPLE for v in (h, w)]
             raise UserError(f"--tile {h}x{w}: tile sides must be multiples of {PAD_MULTIPLE}: every image is padded "
                             f"to {PAD_MULTIPLE} before a graph sees it, so a {h}x{w} graph could run no image and no "
-                            f"tile; use e.g. --tile {up[0]}x{up[1]}")
+                            f"tile; use e.g. --tile {padded_size(h)}x{padded_size(w)}")
     specs = ([ShapeSpec.dynamic()] if dynamic else []) + [ShapeSpec.tile(h, w, batch) for h, w in tiles]
     if not specs:
         raise UserError("nothing to export: ask for --dynamic and/or at least one --tile")

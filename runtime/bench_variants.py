@@ -17,14 +17,13 @@ difference.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
 import time
 import warnings
 from pathlib import Path
-
-import contextlib
 from typing import Iterator
 
 import torch

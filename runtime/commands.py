@@ -208,7 +208,7 @@ def parity(export_dir: Path, data_root: Path | None, split: str, limit: int | No
     if json_path is not None:
         report.write_json(json_path)
         click.echo(f"wrote {json_path}")
-    _record_in_export(export_dir, PARITY_RECORD, json.dumps(report.to_json(), indent=2) + "\n")
+    _record_in_export(export_dir, PARITY_RECORD, report.json_text())
     sys.exit(0 if report.passed else 1)
 
 
@@ -258,7 +258,6 @@ def bench(export_dir: Path, size, repeats: int, warmup: int, threads: int | None
     With OpenVINO rows it ends with issue 12's rows: OpenVINO fp32 and the fastest BF16 path against
     onnxruntime fp32 (latency ratio, ΔPSNR vs PyTorch fp32 on the same photo, GFLOP/s, peak RSS).
     """
-
     from nafnet_core.fileio import atomic_write_text
 
     from .bench import bench_export, bench_table
@@ -267,10 +266,11 @@ def bench(export_dir: Path, size, repeats: int, warmup: int, threads: int | None
                           include_torch=not no_torch, include_fp16=include_fp16, big=big, progress=not quiet,
                           rounds=rounds, include_openvino=not no_openvino, include_bf16=not no_bf16)
     click.echo(bench_table(result))
+    text = json.dumps(result, indent=2) + "\n"
     if json_path is not None:
-        atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(json_path, text)
         click.echo(f"wrote {json_path}")
-    _record_in_export(export_dir, BENCH_RECORD, json.dumps(result, indent=2) + "\n")
+    _record_in_export(export_dir, BENCH_RECORD, text)
 
 
 @click.command()

@@ -12,7 +12,7 @@ from pathlib import Path
 from nafnet_core import convert_to_tlc, load_checkpoint
 from nafnet_core.errors import UserError
 
-from .runners import OnnxRuntimeRunner, OpenVINORunner, Runner, RunnerError, TensorRTRunner, TorchRunner
+from .runners import PRECISIONS, OnnxRuntimeRunner, OpenVINORunner, Runner, RunnerError, TensorRTRunner, TorchRunner
 
 #: ``--backend`` choices. ``auto`` picks by measurement where the export holds one from this machine
 #: (:func:`auto_order`: ``bench`` records its rows, ``parity`` its verdicts), else by name (NAME_ORDER).
@@ -291,7 +291,7 @@ def auto_order(export_dir: str | Path, precision: str | None = None) -> tuple[li
         if pair not in failed and pair not in order:
             order.append(pair)
     measured = {b for b, _ in order}
-    order += [(b, p) for b, p in by_name if b not in measured and (b, p or "fp32") not in failed]
+    order += [(b, p) for b, p in by_name if b not in measured and (b, p or PRECISIONS[b][0]) not in failed]
     note = (f"by measurement: {BENCH_RECORD} at {bench.get('size')} on this machine"
             + (f", without the pairs {PARITY_RECORD} failed" if failed else "")
             + ("" if parity is not None else f" (no {PARITY_RECORD}: parity not checked)"))

@@ -92,8 +92,11 @@ class ParityReport:
                                      for k, v in LIMITS.items()}, "tiled": {"max_abs_delta_psnr": TILED_LIMIT}},
                 "rows": [r.to_json() for r in self.rows], "failed": self.failed}
 
+    def json_text(self) -> str:
+        return json.dumps(self.to_json(), indent=2) + "\n"
+
     def write_json(self, path: str | Path) -> Path:
-        return atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+        return atomic_write_text(path, self.json_text())
 
     def table(self) -> str:
         head = ["backend", "precision", "mode", "PSNR", "SSIM", "ΔPSNR", "vs ref dB", "max|Δ|", "ms/img", "pass", "status"]
