@@ -170,7 +170,7 @@ class CascadedGazeBlock(nn.Module):
         a, b = x.chunk(2, dim=1)
         context = [upsample_nearest(g, size) for g in self.GCE(a + b)]  # each (N, d/2, H, W)
         x = torch.cat([x, *context], dim=1)
-        return residual_and_ffn(self, inp, self.project_out(x * self.sca(x)), s)
+        return residual_and_ffn(self, inp, x * self.sca(x), s, conv=self.project_out)
 
 
 def cascade_steps(level: int) -> int:

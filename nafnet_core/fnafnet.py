@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from . import dft
 from .config import ModelConfig
-from .model import BlockSite, NAFBlock, to_branch, to_stream
+from .model import BlockSite, NAFBlock, scaled_branch, to_branch, to_stream
 
 
 def _nonempty(n) -> bool:
@@ -225,13 +225,13 @@ class FNAFBlock(NAFBlock):
         x = self.conv3(self.attention(x))
         if self.fft_block1 is not None:
             x = x + torch.sin(self.fft_block1(t)).to(x.dtype)
-        y = inp + to_stream(self.dropout1(x) * self.beta, s)
+        y = inp + to_stream(scaled_branch(x, self.beta, self.dropout1), s)
 
         u = self.norm2(y)
         x = self.conv5(self.sg(self.conv4(to_branch(u, self.conv4, s))))
         if self.fft_block2 is not None:
             x = torch.sin(self.fft_block2(u)).to(x.dtype) + x
-        return y + to_stream(self.dropout2(x) * self.gamma, s)
+        return y + to_stream(scaled_branch(x, self.gamma, self.dropout2), s)
 
     def extra_repr(self) -> str:
         return f"sca_window={self.sca_window or 'whole map'}, fft_window={self.fft_window}"

@@ -38,6 +38,13 @@ from .config import ModelConfig
 from .dft import frequency_selection
 
 
+def eager_training() -> bool:
+    """True where the training fast paths apply: gradients on, in eager mode (not compiling, tracing or
+    exporting: the compiler and the exporters see the plain ops, which they fuse or fold themselves)."""
+    return torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                                            or torch.onnx.is_in_onnx_export())
+
+
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     """FP32 for half/bf16/FP32 tensors, FP64 for FP64 ones (gradient checks)."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -90,7 +97,7 @@ class _LayerNorm2dFunction(torch.autograd.Function):
 class LayerNorm2d(nn.Module):
     """LayerNorm over channels at every pixel (biased variance), per-channel affine; statistics in FP32.
 
-    Training (grad enabled) uses a hand-written backward (:class:`_LayerNorm2dFunction`); inference,
+    Training (:func:`eager_training`) uses a hand-written backward (:class:`_LayerNorm2dFunction`); inference,
     ``torch.compile``, export and tracing use the plain ops of :meth:`reference`, which the exporters and
     the compiler see through.
 
@@ -107,8 +114,7 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
-        if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                                            or torch.onnx.is_in_onnx_export()):
+        if eager_training():
             return _LayerNorm2dFunction.apply(x, self.weight, self.bias, self.eps)
         return self.reference(x)
 
@@ -198,7 +204,7 @@ class NAFBlock(nn.Module):
         x = self.conv2(self.conv1(to_branch(self.norm1(inp), self.conv1, s)))
         x = self.sg(x)
         x = x * self.sca(x)
-        return residual_and_ffn(self, inp, self.conv3(x), s)
+        return residual_and_ffn(self, inp, x, s, conv=self.conv3)
 
 
 def add_ffn_and_residual_parts(block: nn.Module, c: int, ffn_expand: int, drop_out_rate: float, gate: str) -> None:
@@ -217,15 +223,36 @@ def add_ffn_and_residual_parts(block: nn.Module, c: int, ffn_expand: int, drop_o
     block.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
 
 
-def residual_and_ffn(block: nn.Module, inp: torch.Tensor, x: torch.Tensor, fp32_stream: bool) -> torch.Tensor:
+def scaled_branch(x: torch.Tensor, scale: torch.Tensor | None, dropout: nn.Module,
+                  conv: nn.Conv2d | None = None) -> torch.Tensor:
+    """``dropout(conv(x)) * scale`` (``conv`` None: ``dropout(x) * scale``; ``scale`` None once folded for deploy).
+
+    In eager training (:func:`eager_training`) with a conv, the per-channel scale goes into the conv's weight
+    and bias instead, ``conv(x; W * scale, b * scale)``, as ``export.fold`` does for deployment (dropout
+    commutes with a per-channel scale). The product is the same up to FP32 rounding and so are the
+    gradients, but autograd no longer keeps the conv's full-size output for the scale's gradient and the
+    step runs one full-size multiply fewer: two maps of c channels per block (BENCHMARKS.md, "Training
+    step vs the official NAFNet step").
+    """
+    if isinstance(conv, nn.Conv2d) and scale is not None and eager_training():
+        s = scale.reshape(-1)
+        w = conv.weight * s.to(conv.weight.dtype).view(-1, *[1] * (conv.weight.dim() - 1))
+        b = None if conv.bias is None else conv.bias * s.to(conv.bias.dtype)
+        return dropout(F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups))
+    x = dropout(x if conv is None else conv(x))
+    return x if scale is None else x * scale
+
+
+def residual_and_ffn(block: nn.Module, inp: torch.Tensor, x: torch.Tensor, fp32_stream: bool,
+                     conv: nn.Conv2d | None = None) -> torch.Tensor:
     """The second half of a NAFNet-family block (parts from :func:`add_ffn_and_residual_parts`): the first branch's
-    output ``x`` (its last conv's output) joins the stream, ``y = inp + beta * dropout1(x)``, then the gated FFN's
-    does, ``y + gamma * dropout2(conv5(sg(conv4(norm2(y)))))``. ``beta``/``gamma`` are None once folded."""
-    x = block.dropout1(x)
-    y = inp + to_stream(x if block.beta is None else x * block.beta, fp32_stream)
+    output joins the stream, ``y = inp + beta * dropout1(conv(x))``, then the gated FFN's does,
+    ``y + gamma * dropout2(conv5(sg(conv4(norm2(y)))))``. ``conv`` is the first branch's last conv (``x`` its
+    input; None when ``x`` is already the branch's output); ``beta``/``gamma`` are None once folded. Both scales
+    go through :func:`scaled_branch`."""
+    y = inp + to_stream(scaled_branch(x, block.beta, block.dropout1, conv), fp32_stream)
     x = block.sg(block.conv4(to_branch(block.norm2(y), block.conv4, fp32_stream)))
-    x = block.dropout2(block.conv5(x))
-    return y + to_stream(x if block.gamma is None else x * block.gamma, fp32_stream)
+    return y + to_stream(scaled_branch(x, block.gamma, block.dropout2, block.conv5), fp32_stream)
 
 
 class BlockSite(NamedTuple):

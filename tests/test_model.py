@@ -231,6 +231,52 @@ def test_forward_matches_functional_reference(gate, hw):
     assert (out - x).abs().max() > 1e-2
 
 
+
+def test_training_forward_and_gradients_match_the_functional_reference():
+    """In training, beta/gamma are folded into conv3/conv5 (``scaled_branch``) and the LayerNorm has its own
+    backward: the output and every parameter's gradient equal autograd of the plain functional reference."""
+    torch.manual_seed(3)
+    model = make_nontrivial(nc.create_model("tiny", enc_blk_nums=[1, 1], dec_blk_nums=[1, 1])).train()
+    x = photo(32, 48)
+    out = model(x)
+    out.square().mean().backward()
+    sd = {k: v.detach().clone().requires_grad_(True) for k, v in model.state_dict().items()}
+    ref = reference_nafnet(sd, model.config, x)
+    ref.square().mean().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, sd[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+    assert model.encoders[0][0].beta.grad.abs().max() > 1e-4  # the scales do get gradients
+
+
+def test_training_keeps_two_maps_fewer_per_block_than_the_plain_form():
+    """What the fold buys: autograd no longer keeps conv3's and conv5's outputs for beta's and gamma's gradients."""
+    from nafnet_core.model import NAFBlock
+
+    torch.manual_seed(0)
+    block = make_nontrivial(NAFBlock(8)).train()
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    folded = _saved_bytes(block, x)
+    with torch.no_grad():
+        plain = NAFBlock(8)
+        plain.load_state_dict(block.state_dict())
+    plain.conv3, plain.conv5 = _Unfoldable(plain.conv3), _Unfoldable(plain.conv5)
+    unfolded = _saved_bytes(plain.train(), x)
+    one_map = x.numel() * 4
+    assert unfolded - folded >= 2 * one_map - 1024, (unfolded, folded, one_map)
+    torch.testing.assert_close(block(x), plain(x), atol=1e-6, rtol=1e-5)
+
+
+class _Unfoldable(torch.nn.Module):
+    """A conv that ``scaled_branch`` does not recognise as one (it calls it, then multiplies)."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.inner = conv
+
+    def forward(self, x):
+        return self.inner(x)
+
 def test_gates_differ():
     torch.manual_seed(0)
     x = photo(32, 32)
