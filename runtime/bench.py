@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import nafnet_core as nc
 from nafnet_core.cli_common import fmt, text_table
+from nafnet_core.process import peak_rss_mb
 
 from .tiling import TileSpec, restore_tensor
 
@@ -133,20 +134,6 @@ def measure(spec: BenchSpec) -> dict:
     return {"times": times, "peak_rss_mb": peak_rss_mb(), "psnr": psnr,
             "tiles": None if tiling is None else count_tiles(spec.height, spec.width, tiling),
             "tile": None if tiling is None else list(tiling.tile)}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (MB): VmHWM from /proc (ru_maxrss can carry the parent's peak
-    across exec), else ru_maxrss."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_in_subprocess(spec: BenchSpec, timeout: float = 3600) -> dict:

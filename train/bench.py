@@ -1,37 +1,43 @@
 """Training throughput: images/s of one optimizer step (forward, loss, backward, clip, step), per speed option.
 
     python cli.py train --preset gopro --set batch=4 --bench          # the config and every option
-    python -m train.bench --preset tiny --crop 64 --batch 4 --json
+    python -m train.bench --preset tiny --crop 64 --batch 4 --options compile --json
 
 Measures the model's compute only (random inputs already in memory; data loading excluded). Every side
-(the config as resolved for the device, and each option of :data:`OPTIONS` on fp32 eager) is built in one
-process and timed interleaved (A, B, C, A, B, C, ...) after warm-up steps, so a load change on a shared
-machine hits all sides alike; the figures are medians. The compile time is the first step's time minus a
-steady step's, reported apart and excluded from the throughput. Peak memory: ``max_memory_allocated`` on
-CUDA; on CPU the peak RSS of a separate process per side running the same steps (RSS is process-wide).
+(the config as resolved for the device, and each option of :data:`OPTIONS`) runs in a worker process of
+its own, so that process-wide settings (``reuse_memory``) and peak memory belong to that side alone; the
+workers are built first, then asked for one step each in turns (A, B, C, A, B, C, ...) after warm-up
+steps, so a load change on a shared machine hits all sides alike; the figures are medians. The compile
+time is the first step's time minus a steady step's, reported apart and excluded from the throughput.
+Peak memory: ``max_memory_allocated`` on CUDA; on CPU the peak RSS of the side's process (idle workers
+hand their free heap back to the kernel between steps, so only the running side holds its activations).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from nafnet_core.errors import UserError
+
 from .config import TrainConfig, build_config
 from .objectives import LOSS_FUNCTIONS, best_output
 
-#: The rows of ``train --bench`` besides the config itself: each option alone on fp32 eager, and both
-#: layout/compile options together.
+#: The rows of ``train --bench`` besides the config itself: each option alone on fp32 eager, both
+#: layout/compile options together, and fp32 eager without ``reuse_memory`` (what the heap reuse buys).
+#: Keys not named keep the config's value.
 OPTIONS: dict[str, dict[str, str]] = {
     "fp32 eager": {"amp": "off", "channels_last": "off", "compile": "off"},
+    "reuse_memory=off": {"amp": "off", "channels_last": "off", "compile": "off", "reuse_memory": "off"},
     "channels_last": {"amp": "off", "channels_last": "on", "compile": "off"},
     "amp=bf16": {"amp": "bf16", "channels_last": "off", "compile": "off"},
     "compile": {"amp": "off", "channels_last": "off", "compile": "on"},
@@ -50,10 +56,12 @@ def bench_inputs(batch: int, crop: int, device: str, seed: int = 0) -> tuple[tor
 def project_step(cfg: TrainConfig, device: str) -> Callable[[], None]:
     """One training step of this project as the loop runs it (options of ``cfg`` resolved for ``device``)."""
     from .loop import build_model
-    from .speed import autocast, clip_gradients, compile_model, make_optimizer, prepare_model, resolve, to_input
+    from .speed import apply_process_settings, autocast, clip_gradients, compile_model, make_optimizer, \
+        prepare_model, resolve, to_input
 
     dev = torch.device(device)
     plan = resolve(cfg, dev)
+    apply_process_settings(plan)  # process-wide: each side runs in a process of its own (time_interleaved)
     torch.manual_seed(cfg.seed)
     model = prepare_model(build_model(cfg).to(dev).train(), plan)
     net = compile_model(model, plan)
@@ -75,11 +83,14 @@ def project_step(cfg: TrainConfig, device: str) -> Callable[[], None]:
 
 @dataclass
 class Side:
-    """One thing to time: a name, a zero-argument builder of its step, and the figures measured."""
+    """One thing to time: a name, the ``python -m`` arguments of its worker process, and the figures measured.
+
+    The worker (:func:`serve_worker`) builds the side's step in a process of its own, so process-wide settings
+    (``reuse_memory``, the official code's defaults) apply to that side alone and its peak memory is its own.
+    """
 
     name: str
-    build: Callable[[], Callable[[], None]]
-    worker_args: list[str] = field(default_factory=list)  # ``python -m ...`` arguments of its memory process
+    worker_args: list[str]
     compiles: bool = False  # the first step includes torch.compile (reported as compile time)
     times: list[float] = field(default_factory=list)
     first: float = 0.0
@@ -92,80 +103,132 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(sides: list[Side], *, steps: int, warmup: int, device: str, progress: bool = True) -> None:
-    """Builds every side, runs ``warmup`` steps each, then ``steps`` rounds of one step per side."""
-    runs = {}
-    for side in sides:
-        try:
-            runs[side.name] = side.build()
-            for i in range(warmup):
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def serve_worker(build: Callable[[], Callable[[], None]], device: str) -> None:
+    """The body of a side's process: builds the step, then answers each line of stdin with one JSON line.
+
+    ``step`` -> ``{"seconds": t}`` (one timed step; afterwards, untimed, the heap's free pages go back to the
+    kernel so that idle workers stay small: :func:`nafnet_core.process.release_free_memory`); ``peak`` ->
+    ``{"peak_mb": m}`` (``max_memory_allocated`` on CUDA, else the process's peak RSS). The first line is
+    ``{"ready": true}`` or ``{"error": ...}``; an error ends the worker.
+    """
+    from nafnet_core.process import peak_rss_mb, release_free_memory
+
+    out, sys.stdout = sys.stdout, sys.stderr  # the protocol owns stdout; stray prints go to stderr
+
+    def reply(obj: dict) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    try:
+        step = build()
+    except Exception as e:  # a side that cannot run here (e.g. no C++ compiler for torch.compile) is a row
+        reply({"error": _first_line(e)})
+        return
+    reply({"ready": True})
+    for line in sys.stdin:
+        if line.strip() == "step":
+            try:
                 _sync(device)
                 t0 = time.perf_counter()
-                runs[side.name]()
+                step()
                 _sync(device)
-                if i == 0:
-                    side.first = time.perf_counter() - t0
-        except Exception as e:  # a side that cannot run here (e.g. no C++ compiler for torch.compile) is a row
-            side.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            runs.pop(side.name, None)
-        if progress:
-            print(f"[bench] built {side.name}: first step {side.first:.1f} s", file=sys.stderr, flush=True)
-    for r in range(steps):
-        for side in sides:
-            if side.name not in runs:
-                continue
-            _sync(device)
-            t0 = time.perf_counter()
-            runs[side.name]()
-            _sync(device)
-            side.times.append(time.perf_counter() - t0)
-        if progress:
-            print(f"[bench] round {r + 1}/{steps}: " + ", ".join(f"{s.name} {s.times[-1]:.2f} s" for s in sides
-                                                                if s.times), file=sys.stderr, flush=True)
-    runs.clear()
+            except Exception as e:
+                reply({"error": _first_line(e)})
+                return
+            seconds = time.perf_counter() - t0
+            release_free_memory()
+            reply({"seconds": seconds})
+        elif line.strip() == "peak":
+            reply({"peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
+                   else peak_rss_mb()})
 
 
-def measure_cuda_peak(side: Side, warmup: int) -> None:
-    torch.cuda.reset_peak_memory_stats()
-    step = side.build()
-    for _ in range(warmup + 1):
-        step()
-    torch.cuda.synchronize()
-    side.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+class _Worker:
+    """A side's running worker process (:func:`serve_worker`), asked one line at a time."""
+
+    def __init__(self, side: Side):
+        self.side = side
+        self.log = tempfile.TemporaryFile("w+")  # the worker's stderr, read back when it fails
+        self.proc = subprocess.Popen([sys.executable, "-m", *side.worker_args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.answer()  # {"ready": true}
+
+    def ask(self, command: str) -> dict:
+        if self.side.error:
+            return {}
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # the worker is gone; answer() says why
+        return self.answer()
+
+    def answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        reply = json.loads(line) if line.startswith("{") else {"error": f"worker exited: {self._stderr_tail()}"}
+        if "error" in reply:
+            self.side.error = self.side.error or reply["error"]
+        return reply
+
+    def _stderr_tail(self) -> str:
+        self.proc.wait()
+        self.log.seek(0)
+        lines = [ln for ln in self.log.read().splitlines() if ln.strip()]
+        return lines[-1][:200] if lines else f"exit status {self.proc.returncode}"
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
 
 
-def measure_rss_in_subprocess(side: Side) -> None:
-    """Peak RSS of a fresh process that builds ``side`` and runs its steps (``side.worker_args``)."""
-    if not side.worker_args:
-        return
-    proc = subprocess.run([sys.executable, "-m", *side.worker_args], capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        side.error = side.error or f"memory process failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}"
-        return
-    side.peak_mb = json.loads(lines[-1])["peak_rss_mb"]
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size: VmHWM of /proc/self/status.
-
-    Not ``ru_maxrss``: Linux carries the parent's peak over fork + exec into it, so every memory process
-    started by a benchmark holding several models reported the parent's 7.5 GB.
-    """
+def time_interleaved(sides: list[Side], *, steps: int, warmup: int, device: str, progress: bool = True) -> None:
+    """Starts a worker per side (building it and running ``warmup`` untimed steps), then times ``steps`` rounds
+    of one step per side, in turns; finally reads each side's peak memory."""
+    workers = []
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # other systems (KiB on Linux, bytes on macOS)
+        for side in sides:
+            w = _Worker(side)
+            workers.append(w)
+            for i in range(warmup):
+                reply = w.ask("step")
+                if i == 0 and "seconds" in reply:
+                    side.first = reply["seconds"]
+            if progress:
+                state = f"error: {side.error}" if side.error else f"first step {side.first:.1f} s"
+                print(f"[bench] built {side.name}: {state}", file=sys.stderr, flush=True)
+        for r in range(steps):
+            for w in workers:
+                reply = w.ask("step")
+                if "seconds" in reply:
+                    w.side.times.append(reply["seconds"])
+            if progress:
+                print(f"[bench] round {r + 1}/{steps}: " + ", ".join(f"{s.name} {s.times[-1]:.2f} s" for s in sides
+                                                                    if s.times), file=sys.stderr, flush=True)
+        for w in workers:
+            w.side.peak_mb = w.ask("peak").get("peak_mb")
+    finally:
+        for w in workers:
+            w.close()
 
 
-def run_worker(step: Callable[[], None], steps: int) -> None:
-    """Body of a memory process: run the steps, print the peak RSS as JSON."""
-    for _ in range(steps):
-        step()
-    print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1)}), flush=True)
+def parse_options(text: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]``, each checked against :data:`OPTIONS`."""
+    options = [o.strip() for o in text.split(",") if o.strip()]
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown:
+        raise UserError(f"--options: unknown {', '.join(unknown)}; choose from {', '.join(OPTIONS)}")
+    return options
 
 
 def summarise(sides: list[Side], batch: int, baseline: str) -> list[dict]:
@@ -211,54 +274,33 @@ def option_configs(cfg: TrainConfig) -> dict[str, TrainConfig]:
     return out
 
 
-def bench_options(cfg: TrainConfig, *, steps: int = 3, warmup: int = 2, device: str = "cpu", memory: bool = True,
-                  options: list[str] | None = None, progress: bool = True) -> dict:
-    """Times ``cfg`` and each option (interleaved, medians) and measures their peak memory.
+def bench_options(cfg: TrainConfig, *, steps: int = 3, warmup: int = 2, device: str = "cpu",
+                  options: list[str] | None = None, threads: int | None = None, progress: bool = True) -> dict:
+    """Times ``cfg`` and each option (interleaved, medians) and reads their peak memory, each in its own process.
 
     Args:
         cfg: the training config (model, batch, crop, loss, optimizer, clipping, speed keys).
         steps: timed rounds. warmup: untimed steps per side first (the first includes compilation).
         device: cpu or cuda[:i].
-        memory: also measure peak memory (on CPU: one extra process per side).
         options: names of :data:`OPTIONS` to include (default: all).
+        threads: torch threads of every side (default: this process's).
         progress: per-round lines on stderr.
     """
     from .speed import resolve
 
+    threads = threads or torch.get_num_threads()
     configs = option_configs(cfg)
     names = ["config"] + (options if options is not None else list(OPTIONS))
-    sides = []
-    for name in names:
-        c = configs[name]
-        worker = ["train.bench", "--worker", json.dumps(c.to_dict()), "--device", device, "--steps", str(warmup + 1)]
-        sides.append(Side(name, (lambda c=c: project_step(c, device)), worker_args=worker,
-                          compiles=resolve(c, torch.device(device)).compile))
+    sides = [Side(name, ["train.bench", "--worker", json.dumps(configs[name].to_dict()), "--device", device,
+                         "--threads", str(threads)], compiles=resolve(configs[name], torch.device(device)).compile)
+             for name in names]
     time_interleaved(sides, steps=steps, warmup=warmup, device=device, progress=progress)
-    if memory:
-        for side in sides:
-            if device.startswith("cuda"):
-                measure_cuda_peak(side, warmup)
-            else:
-                measure_rss_in_subprocess(side)
     rows = summarise(sides, cfg.batch, "fp32 eager" if "fp32 eager" in names else "config")
-    return {"model": cfg.model, "crop": cfg.crop, "batch": cfg.batch, "device": device,
-            "threads": torch.get_num_threads(), "warmup_steps": warmup, "timed_steps": steps,
+    return {"model": cfg.model, "crop": cfg.crop, "batch": cfg.batch, "device": device, "threads": threads,
+            "warmup_steps": warmup, "timed_steps": steps,
             "config_resolves_to": resolve(cfg, torch.device(device)).describe(),
-            "memory": "max_memory_allocated" if device.startswith("cuda") else "peak RSS of a process per side",
+            "memory": "max_memory_allocated" if device.startswith("cuda") else "peak RSS of each side's process",
             "rows": rows}
-
-
-def train_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 2, device: str = "cpu") -> dict:
-    """Median seconds per step and images/s for ``cfg`` alone (no option rows, no memory process)."""
-    side = Side("config", lambda: project_step(cfg, device))
-    time_interleaved([side], steps=steps, warmup=warmup, device=device, progress=False)
-    if side.error:
-        raise RuntimeError(side.error)
-    sec = statistics.median(side.times)
-    return {"model": cfg.model, "crop": cfg.crop, "batch": cfg.batch, "device": device,
-            "threads": torch.get_num_threads(), "warmup_steps": warmup, "timed_steps": steps,
-            "seconds_per_step_median": round(sec, 4), "seconds_per_step_min": round(min(side.times), 4),
-            "images_per_s": round(cfg.batch / sec, 3)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -271,13 +313,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # memory process: a TrainConfig as JSON
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of every side (default: torch's)")
+    ap.add_argument("--options", default=None, help=f"comma-separated options (default: all of {', '.join(OPTIONS)})")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a side's process: a TrainConfig as JSON
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.worker:
-        run_worker(project_step(TrainConfig.from_dict(json.loads(a.worker)), a.device), a.steps)
+        serve_worker(lambda: project_step(TrainConfig.from_dict(json.loads(a.worker)), a.device), a.device)
         return
+    options = None if a.options is None else parse_options(a.options)
     sets = {"crop": a.crop, "batch": a.batch, **({"model": a.model} if a.model else {})}
-    result = bench_options(build_config(a.preset, sets=sets), steps=a.steps, warmup=a.warmup, device=a.device)
+    result = bench_options(build_config(a.preset, sets=sets), steps=a.steps, warmup=a.warmup, device=a.device,
+                           options=options, threads=a.threads)
     print(json.dumps(result) if a.json else rows_table(result["rows"], "fp32 eager"))
 
 

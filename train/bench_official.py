@@ -1,15 +1,17 @@
-"""This project's training step against the official NAFNet step, in one process, interleaved.
+"""This project's training step against the official NAFNet step, each side in a process of its own, interleaved.
 
     python -m train.bench_official --official /path/to/NAFNet            # a checkout of megvii-research/NAFNet
-    python -m train.bench_official --official /path/to/NAFNet --json --steps 5 --options channels_last,compile
+    python -m train.bench_official --official /path/to/NAFNet --json --steps 5 --options reuse_memory=off,compile
 
 The official side is the public code's ``ImageRestorationModel.optimize_parameters`` on its own
 ``NAFNet`` and ``PSNRLoss`` (read from the checkout, not copied here): zero_grad, forward, the PSNR loss
 plus its ``0 * sum(p.sum())`` term, backward, ``clip_grad_norm_(params, 0.01)``, ``AdamW.step`` (torch's
 default kernel, as the official recipe builds it: lr 1e-3, weight decay 1e-3, betas (0.9, 0.9)). Both
 sides get the same weights (the project's initialisation, loaded into the official model by name), the
-same inputs and the same threads; they are timed in turns (official, project, option, ...) and compared
-by the median of per-round ratios. Peak RSS is measured per side in a separate process each.
+same inputs and the same threads. Each side runs in a process of its own (so the official side keeps glibc's
+default allocator behaviour whatever the project's ``reuse_memory`` does); they are timed in turns
+(official, project, option, ...) and compared by the median of per-round ratios; peak RSS is each side's
+process's.
 
 Only ``basicsr/models/archs/{NAFNet_arch,arch_util,local_arch}.py`` and ``basicsr/models/losses`` are
 imported from the checkout, without running ``basicsr/__init__.py`` (which needs cv2, lmdb, ...).
@@ -29,8 +31,8 @@ import torch
 
 from nafnet_core.errors import UserError
 
-from .bench import OPTIONS, Side, bench_inputs, measure_rss_in_subprocess, project_step, rows_table, run_worker, \
-    summarise, time_interleaved
+from .bench import OPTIONS, Side, bench_inputs, parse_options, project_step, rows_table, serve_worker, summarise, \
+    time_interleaved
 from .config import TrainConfig, build_config
 from .speed import resolve
 
@@ -97,38 +99,30 @@ def official_step(path: str, cfg: TrainConfig, device: str) -> Callable[[], None
 
 
 def compare(official: str, cfg: TrainConfig, *, options: list[str], steps: int, warmup: int, threads: int,
-            device: str = "cpu", memory: bool = True, progress: bool = True) -> dict:
-    """Times the official step, the project's ``cfg`` and each of ``options`` interleaved; peak RSS per side.
+            device: str = "cpu", progress: bool = True) -> dict:
+    """Times the official step, the project's ``cfg`` and each of ``options`` interleaved, each side in a process of
+    its own (:func:`train.bench.time_interleaved`); peak memory per side.
 
     Args:
         official: root of a checkout of megvii-research/NAFNet.
         cfg: the project's training config (model, batch, crop, loss, optimizer, clipping).
         options: names from :data:`train.bench.OPTIONS` to time besides the config as given.
         steps: timed rounds. warmup: untimed steps per side (the first includes any compilation).
-        threads: torch threads in this process and in every memory process.
+        threads: torch threads of every side.
         device: cpu or cuda[:i].
-        memory: measure peak RSS per side in separate processes.
         progress: per-round lines on stderr.
     """
     load_official(official)  # fail fast on a bad path
-    torch.set_num_threads(threads)
-    common = ["--official", official, "--threads", str(threads), "--device", device, "--steps", str(warmup + 1),
+    common = ["--official", official, "--threads", str(threads), "--device", device,
               "--batch", str(cfg.batch), "--crop", str(cfg.crop), "--model", cfg.model]
-    sides = [Side("official", lambda: official_step(official, cfg, device),
-                  worker_args=["train.bench_official", *common, "--worker", "official"])]
+    sides = [Side("official", ["train.bench_official", *common, "--worker", "official"])]
     for name in ["config", *options]:
         c = cfg if name == "config" else TrainConfig.from_dict(cfg.to_dict() | OPTIONS[name])
-        sides.append(Side(name, (lambda c=c: project_step(c, device)),
-                          worker_args=["train.bench_official", *common, "--worker", json.dumps(c.to_dict())],
+        sides.append(Side(name, ["train.bench_official", *common, "--worker", json.dumps(c.to_dict())],
                           compiles=resolve(c, torch.device(device)).compile))
     time_interleaved(sides, steps=steps, warmup=warmup, device=device, progress=progress)
-    if memory:
-        for side in sides:
-            if progress:
-                print(f"[bench] peak RSS of {side.name} in its own process", file=sys.stderr, flush=True)
-            measure_rss_in_subprocess(side)
     return {"model": cfg.model, "crop": cfg.crop, "batch": cfg.batch, "device": device, "threads": threads,
-            "warmup_steps": warmup, "timed_steps": steps, "memory": "peak RSS of a process per side",
+            "warmup_steps": warmup, "timed_steps": steps, "memory": "peak RSS of each side's process",
             "rows": summarise(sides, cfg.batch, "official")}
 
 
@@ -142,29 +136,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--options", default="channels_last",
+    ap.add_argument("--options", default="reuse_memory=off",
                     help=f"comma-separated options to time besides the config (from: {', '.join(OPTIONS)})")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a training config key of the project side")
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # memory process: official | config JSON
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a side's process: official | config JSON
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from .config import parse_sets
 
     cfg = build_config("gopro", sets={"model": a.model, "batch": a.batch, "crop": a.crop, **parse_sets(a.sets)})
     if a.worker:
-        step = official_step(a.official, cfg, a.device) if a.worker == "official" else \
-            project_step(TrainConfig.from_dict(json.loads(a.worker)), a.device)
-        run_worker(step, a.steps)
+        serve_worker(lambda: official_step(a.official, cfg, a.device) if a.worker == "official" else
+                     project_step(TrainConfig.from_dict(json.loads(a.worker)), a.device), a.device)
         return
-    options = [o for o in a.options.split(",") if o]
-    unknown = [o for o in options if o not in OPTIONS]
-    if unknown:
-        raise SystemExit(f"--options: unknown {unknown}; choose from {', '.join(OPTIONS)}")
-    result = compare(a.official, cfg, options=options, steps=a.steps, warmup=a.warmup, threads=a.threads,
-                     device=a.device, memory=not a.no_memory)
+    result = compare(a.official, cfg, options=parse_options(a.options), steps=a.steps, warmup=a.warmup,
+                     threads=a.threads, device=a.device)
     print(json.dumps(result) if a.json else rows_table(result["rows"], "official"))
 
 

@@ -67,6 +67,8 @@ class TrainConfig:
             measured default (``train.speed.AUTO``: bf16 on CUDA when supported, else fp16; off on CPU).
         channels_last: auto | on | off: NHWC weights and inputs (auto = the device's measured default).
         compile: auto | on | off: ``torch.compile`` the model (auto = the device's measured default).
+        reuse_memory: auto | on | off: keep freed CPU memory in the process instead of fresh zeroed pages for
+            every large tensor (``train.speed.keep_freed_memory``; auto: on on CPU, off on CUDA).
         ema: decay of an exponential moving average of the weights (0 = off); validation and best.pt use it.
         val_every: validate every N steps (and at the end).
         val_tlc: validate whole images with TLC (train size = crop).
@@ -110,6 +112,7 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: str = "auto"
     compile: str = "auto"
+    reuse_memory: str = "auto"
     ema: float = 0.0
     val_every: int = 20_000
     val_tlc: bool = True
@@ -123,7 +126,7 @@ class TrainConfig:
     tensorboard: str = "auto"
 
     def __post_init__(self) -> None:
-        for key in ("channels_last", "compile"):  # --set compile=true means "on"
+        for key in ("channels_last", "compile", "reuse_memory"):  # --set compile=true means "on"
             if isinstance(getattr(self, key), bool):
                 setattr(self, key, "on" if getattr(self, key) else "off")
         self.validate()
@@ -133,7 +136,8 @@ class TrainConfig:
         choices = {"crop_mode": CROP_MODES, "loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
                    "amp": AMP_MODES, "model": tuple(MODEL_PRESETS), "blur_dir": ("blur", "blur_gamma"),
                    "cache": ("auto", "on", "off"), "tensorboard": TENSORBOARD_MODES,
-                   "channels_last": ("auto", "on", "off"), "compile": ("auto", "on", "off")}
+                   "channels_last": ("auto", "on", "off"), "compile": ("auto", "on", "off"),
+                   "reuse_memory": ("auto", "on", "off")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")

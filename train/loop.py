@@ -298,7 +298,8 @@ class Trainer:
         """Model (seeded), optimizer, mixed precision, EMA copy, loss and the metrics log."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.plan = speed.resolve(cfg, self.dev)  # channels_last / compile / amp for this device
+        self.plan = speed.resolve(cfg, self.dev)  # channels_last / compile / amp / reuse_memory for this device
+        speed.apply_process_settings(self.plan)
         self.model = speed.prepare_model(build_model(cfg).to(self.dev), self.plan)
         self.opt = speed.make_optimizer(cfg, self.model)
         self.amp_dtype = self.plan.amp_dtype

@@ -1,10 +1,16 @@
 """Training speed options, resolved per device: memory format, torch.compile, mixed precision, optimizer kernels.
 
-Three config keys choose them (``auto`` takes the measured default of the device type, :data:`AUTO`):
+Four config keys choose them (``auto`` takes the measured default of the device type, :data:`AUTO`):
 
 - ``channels_last``: on | off | auto. Model weights and inputs in NHWC memory order.
 - ``compile``: on | off | auto. ``torch.compile`` of the model (the optimizer stays eager); the first steps
   pay the compilation, which ``train --bench`` reports apart from the throughput.
+- ``reuse_memory``: on | off | auto. Keep freed CPU memory in the process for the next tensors
+  (:func:`nafnet_core.process.keep_freed_memory`): glibc otherwise gives every tensor above 32 MB fresh pages from the kernel,
+  which fault in, zeroed, on first touch, in every op of every step. At width32's full-resolution level
+  (batch 4 of 256², 34-67 MB maps) that made memory-bound ops 3-4x slower (a multiply of two 4x64x256x256
+  maps: 51.7 ms, 14.8 ms with the heap) and the training step about 1.5x slower (BENCHMARKS.md, "Training
+  step vs the official NAFNet step"). Process-wide; CUDA tensors have their own caching allocator.
 - ``amp``: bf16 | fp16 | off | auto. Autocast of the forward; the loss, the LayerNorm statistics and the
   pooling means stay FP32. On CPU only bf16 (fp16 autocast needs a grad scaler that is CUDA-only here).
 
@@ -24,14 +30,16 @@ import torch
 import torch.nn as nn
 
 from nafnet_core.errors import UserError
+from nafnet_core.process import keep_freed_memory
 
 #: What ``auto`` means per device type; measured with ``python cli.py train --bench`` (BENCHMARKS.md,
 #: "Training step throughput"). CUDA could not be measured here: it keeps the previous behaviour (bf16
 #: autocast where supported, else fp16) and leaves the other options off.
 AUTO: dict[str, dict[str, str]] = {
-    "cpu": {"channels_last": "off", "compile": "off", "amp": "off"},
-    "cuda": {"channels_last": "off", "compile": "off", "amp": "auto"},
+    "cpu": {"channels_last": "off", "compile": "off", "amp": "off", "reuse_memory": "on"},
+    "cuda": {"channels_last": "off", "compile": "off", "amp": "auto", "reuse_memory": "off"},
 }
+SPEED_KEYS = ("channels_last", "compile", "amp", "reuse_memory")
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class SpeedPlan:
     channels_last: bool
     compile: bool
     amp_dtype: torch.dtype | None
+    reuse_memory: bool = False
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -48,8 +57,9 @@ class SpeedPlan:
 
     def describe(self) -> str:
         amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-        return "+".join([amp, "channels_last" if self.channels_last else "", "compile" if self.compile else ""]
-                        ).strip("+").replace("++", "+")
+        parts = [amp] + [name for name, on in (("channels_last", self.channels_last), ("compile", self.compile),
+                                               ("reuse_memory", self.reuse_memory)) if on]
+        return "+".join(parts)
 
 
 def resolve(cfg, device: torch.device) -> SpeedPlan:
@@ -60,9 +70,16 @@ def resolve(cfg, device: torch.device) -> SpeedPlan:
         device: where the model trains.
     """
     auto = AUTO.get(device.type, AUTO["cpu"])
-    pick = {k: (auto[k] if getattr(cfg, k) == "auto" else getattr(cfg, k)) for k in ("channels_last", "compile", "amp")}
+    pick = {k: (auto[k] if getattr(cfg, k) == "auto" else getattr(cfg, k)) for k in SPEED_KEYS}
     return SpeedPlan(channels_last=pick["channels_last"] == "on", compile=pick["compile"] == "on",
-                     amp_dtype=_amp_dtype(pick["amp"], device))
+                     amp_dtype=_amp_dtype(pick["amp"], device), reuse_memory=pick["reuse_memory"] == "on")
+
+
+def apply_process_settings(plan: SpeedPlan) -> None:
+    """What the plan sets for the whole process (before the model is built): ``reuse_memory`` ->
+    :func:`nafnet_core.process.keep_freed_memory`."""
+    if plan.reuse_memory:
+        keep_freed_memory()
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
