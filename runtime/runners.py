@@ -249,15 +249,19 @@ class OnnxRuntimeRunner(Runner):
             threads steal cores (measured: 8.3 s vs 11.3 s per 368x640 frame under load, BENCHMARKS.md).
         arena: onnxruntime's CPU memory arena. Off by default: it keeps freed blocks, and a width32
             512x512 tile peaked at 1555 MB with it vs 871 MB without, at no measurable speed cost.
+        conv_matmul: on the CPU provider, run the wide 1x1 convs as MatMul (:mod:`runtime.ort_rewrite`, in
+            memory; the file is untouched). Default: on when the session is CPU-only.
     """
 
     backend = "onnxrt"
 
     def __init__(self, path: str | Path, precision: str = "fp32", device: str = "auto", threads: int | None = None,
                  opt_level: str = "all", profile: bool = False, spin: bool = False, arena: bool = False,
-                 name: str | None = None):
+                 conv_matmul: bool | None = None, name: str | None = None):
         super().__init__(precision, name)
         self.path = Path(path)
+        self.conv_matmul = conv_matmul
+        self.rewritten_convs = 0
         self.device = device
         self.threads = threads
         self.opt_level = opt_level
@@ -269,6 +273,21 @@ class OnnxRuntimeRunner(Runner):
         if not self.path.is_file():
             raise RunnerError(f"{self.path}: no such ONNX file")
         self.fixed_shape, self._input_type, self.fixed_batch = onnx_input_info(self.path)
+
+    def _graph_for(self, providers: list) -> str | bytes:
+        """The file's path, or the bytes of its in-memory rewrite for the CPU provider (``conv_matmul``)."""
+        cpu_only = all(p == "CPUExecutionProvider" for p in providers)
+        if not (cpu_only if self.conv_matmul is None else self.conv_matmul):
+            return str(self.path)
+        import onnx
+
+        from .ort_rewrite import conv1x1_as_matmul
+
+        try:
+            model, self.rewritten_convs = conv1x1_as_matmul(onnx.load(str(self.path)))
+        except Exception:  # an unreadable graph: onnxruntime's own load gives the clearer message
+            return str(self.path)
+        return model.SerializeToString() if self.rewritten_convs else str(self.path)
 
     def _activate(self) -> None:
         import onnxruntime as ort
@@ -290,8 +309,9 @@ class OnnxRuntimeRunner(Runner):
 
         # onnxruntime's Fail / InvalidGraph / InvalidProtobuf / NoSuchFile... derive from Exception directly.
         load_errors = tuple(v for v in vars(ort_errors).values() if isinstance(v, type) and issubclass(v, Exception))
+        providers = ort_providers(self.device)
         try:
-            self._session = ort.InferenceSession(str(self.path), opts, providers=ort_providers(self.device))
+            self._session = ort.InferenceSession(self._graph_for(providers), opts, providers=providers)
         except (RuntimeError, ValueError, *load_errors) as e:
             raise RunnerError(f"{self.path}: onnxruntime cannot load this graph: {str(e).splitlines()[0][:300]}") from None
         self._in = self._session.get_inputs()[0].name

@@ -46,6 +46,38 @@ def test_onnxruntime_dynamic_matches_torch(tiny_tlc, tiny_onnx):
                 torch.testing.assert_close(r.infer(x), model(x), atol=2e-5, rtol=0)
 
 
+
+def test_wide_1x1_convs_run_as_matmul_on_the_cpu_provider(tiny_onnx, monkeypatch):
+    """``runtime.ort_rewrite``: every plain 1x1 conv at or above the channel threshold becomes a MatMul (depthwise,
+    3x3, strided convs stay), the graph stays valid, and the outputs equal the conv graph's, fixed and dynamic."""
+    import onnx
+
+    import runtime.ort_rewrite as rw
+
+    for kind in ("tile", "dynamic"):
+        model = onnx.load(str(tiny_onnx[kind]))
+        convs = [n for n in model.graph.node if n.op_type == "Conv"]
+        weights = {t.name: t.dims for t in model.graph.initializer}
+        pointwise = [n for n in convs if list(weights[n.input[1]][2:]) == [1, 1]
+                     and all(a.i == 1 for a in n.attribute if a.name == "group")]
+        out, n = rw.conv1x1_as_matmul(model, min_channels=1, min_output=1)
+        assert n == len(pointwise) > 0 and sum(x.op_type == "Conv" for x in out.graph.node) == len(convs) - n
+        onnx.checker.check_model(out)
+        assert rw.conv1x1_as_matmul(model)[1] == 0  # tiny's convs are far below MIN_CHANNELS
+        # A fixed tile's maps have known sizes: none of this one's reaches a threshold above the tile's pixels
+        # times the widest conv's channels; a dynamic graph's sizes are open and count as large.
+        expected = 0 if kind == "tile" else n
+        assert rw.conv1x1_as_matmul(model, min_channels=1, min_output=TILE * TILE * 256 + 1)[1] == expected
+    monkeypatch.setattr(rw, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(rw, "MIN_OUTPUT", 1)
+    for kind, sizes in (("tile", [(TILE, TILE)]), ("dynamic", [(64, 64), (48, 80)])):
+        with OnnxRuntimeRunner(tiny_onnx[kind], device="cpu") as mm, \
+                OnnxRuntimeRunner(tiny_onnx[kind], device="cpu", conv_matmul=False) as conv:
+            assert mm.rewritten_convs > 0 and conv.rewritten_convs == 0  # on by default on the CPU provider
+            for h, w in sizes:
+                x = torch.cat([photo(h, w), photo(h, w).flip(-1)])  # batch 2: the MatMul broadcasts over it
+                torch.testing.assert_close(mm.infer(x), conv.infer(x), atol=1e-5, rtol=0)
+
 def test_onnxruntime_fixed_tile_graph_is_always_tiled(tiny_tlc, tiny_onnx):
     _, model = tiny_tlc
     x = photo(100, 150)
