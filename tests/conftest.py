@@ -8,6 +8,7 @@ invisible; on uniform noise local and global means are nearly equal, so a broken
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,3 +87,28 @@ def tiny_model():
 
     torch.manual_seed(0)
     return make_nontrivial(create_model("tiny"))
+
+
+def mmapped_bytes_of_a_64mb_tensor(setup: str) -> int:
+    """Bytes glibc holds in mmapped blocks (``mallinfo2().hblkhd``) after allocating a 64 MB tensor, in a fresh
+    process that first runs ``setup`` (Python code). Skips where the C library is not glibc."""
+    import json
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("reuse_memory acts on glibc's allocator only; this C library is not glibc")
+    script = f"""
+import ctypes, json, torch
+{setup}
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+x = torch.empty(64 * 2**20 // 4)
+print(json.dumps(libc.mallinfo2().hblkhd))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    return json.loads(proc.stdout.splitlines()[-1])

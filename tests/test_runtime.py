@@ -36,6 +36,17 @@ def test_torch_runner_lifecycle_and_precisions(tiny_tlc):
     assert next(model.parameters()).dtype == torch.float32  # the runner worked on a copy
 
 
+
+def test_torch_runner_on_cpu_keeps_freed_memory_for_the_next_tensors():
+    """TorchRunner(reuse_memory=True), the default: eager inference on CPU reuses heap memory instead of fresh
+    zeroed mappings for every large activation (2x faster at 720p); reuse_memory=False leaves glibc as it is."""
+    from conftest import mmapped_bytes_of_a_64mb_tensor
+
+    setup = "import nafnet_core as nc; from runtime.runners import TorchRunner; " \
+            "TorchRunner(nc.create_model('tiny'), device='cpu', reuse_memory={}).activate()"
+    assert mmapped_bytes_of_a_64mb_tensor(setup.format(True)) < 64 * 2**20
+    assert mmapped_bytes_of_a_64mb_tensor(setup.format(False)) >= 64 * 2**20
+
 def test_onnxruntime_dynamic_matches_torch(tiny_tlc, tiny_onnx):
     _, model = tiny_tlc
     with OnnxRuntimeRunner(tiny_onnx["dynamic"], device="cpu") as r:

@@ -520,29 +520,10 @@ def test_bench_rows_come_from_a_process_per_side_with_its_own_peak_memory(tmp_pa
 
 
 def test_reuse_memory_keeps_large_tensors_in_the_heap():
-    """``reuse_memory``: a freed 64 MB tensor's memory serves the next one from the heap instead of a fresh
-    mapping (glibc's ``mallinfo2().hblkhd`` counts the bytes held in mmapped blocks)."""
-    import platform
-    import subprocess
-    import sys
+    """``reuse_memory``: a 64 MB tensor comes from the heap instead of a fresh mapping of its own."""
+    from conftest import mmapped_bytes_of_a_64mb_tensor
 
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("reuse_memory acts on glibc's allocator only; this C library is not glibc")
-    script = """
-import ctypes, json, sys, torch
-from nafnet_core.process import keep_freed_memory
-class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = Info
-applied = keep_freed_memory() if sys.argv[1] == "on" else None
-x = torch.empty(64 * 2**20 // 4)
-print(json.dumps({"applied": applied, "mmapped": libc.mallinfo2().hblkhd}))
-"""
-    out = {}
-    for mode in ("on", "off"):
-        proc = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
-        out[mode] = json.loads(proc.stdout.splitlines()[-1])
-    assert out["on"]["applied"] is True
-    assert out["off"]["mmapped"] >= 64 * 2**20  # glibc's default: a mapping of its own
-    assert out["on"]["mmapped"] < 64 * 2**20, out  # with reuse_memory: from the heap
+    assert mmapped_bytes_of_a_64mb_tensor("") >= 64 * 2**20  # glibc's default: a mapping of its own
+    setup = "from train.speed import apply_process_settings, resolve; from train.config import build_config; " \
+            "import torch; apply_process_settings(resolve(build_config('tiny'), torch.device('cpu')))"
+    assert mmapped_bytes_of_a_64mb_tensor(setup) < 64 * 2**20  # reuse_memory=auto: on on CPU
