@@ -169,7 +169,9 @@ class _Worker:
 
     def answer(self) -> dict:
         line = self.proc.stdout.readline()
-        reply = json.loads(line) if line.startswith("{") else {"error": f"worker exited: {self._stderr_tail()}"}
+        while line and not line.startswith("{"):  # a library's print before the worker took over stdout
+            line = self.proc.stdout.readline()
+        reply = json.loads(line) if line else {"error": f"worker exited: {self._stderr_tail()}"}
         if "error" in reply:
             self.side.error = self.side.error or reply["error"]
         return reply
