@@ -234,7 +234,7 @@ def scaled_branch(x: torch.Tensor, scale: torch.Tensor | None, dropout: nn.Modul
     step runs one full-size multiply fewer: two maps of c channels per block (BENCHMARKS.md, "Training
     step vs the official NAFNet step").
     """
-    if isinstance(conv, nn.Conv2d) and scale is not None and eager_training():
+    if isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and scale is not None and eager_training():
         s = scale.reshape(-1)
         w = conv.weight * s.to(conv.weight.dtype).view(-1, *[1] * (conv.weight.dim() - 1))
         b = None if conv.bias is None else conv.bias * s.to(conv.bias.dtype)

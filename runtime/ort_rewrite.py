@@ -39,9 +39,9 @@ def _attributes(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _is_plain_1x1(node: onnx.NodeProto, weight: np.ndarray) -> bool:
+def _is_plain_1x1(node: onnx.NodeProto, weight_dims: list[int]) -> bool:
     a = _attributes(node)
-    return (weight.ndim == 4 and weight.shape[2:] == (1, 1) and a.get("group", 1) == 1
+    return (len(weight_dims) == 4 and list(weight_dims[2:]) == [1, 1] and a.get("group", 1) == 1
             and all(s == 1 for s in a.get("strides", [1, 1])) and all(d == 1 for d in a.get("dilations", [1, 1]))
             and not any(a.get("pads", [0, 0, 0, 0])) and a.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"))
 
@@ -99,11 +99,12 @@ def conv1x1_as_matmul(model: onnx.ModelProto, min_channels: int | None = None,
         if w_init is None or w_init.data_type != TensorProto.FLOAT:
             nodes.append(node)
             continue
-        w = numpy_helper.to_array(w_init)
-        small = w.shape[0] * pixels.get(node.output[0], min_output) < min_output
-        if not _is_plain_1x1(node, w) or w.shape[1] < min_channels or small:
+        dims = list(w_init.dims)
+        small = dims[0] * pixels.get(node.output[0], min_output) < min_output
+        if not _is_plain_1x1(node, dims) or dims[1] < min_channels or small:
             nodes.append(node)
             continue
+        w = numpy_helper.to_array(w_init)  # only the weights that move
         o, c = w.shape[:2]
         x, y = node.input[0], node.output[0]
         stem = f"{node.name or y}_mm"
@@ -126,8 +127,8 @@ def conv1x1_as_matmul(model: onnx.ModelProto, min_channels: int | None = None,
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(extra)
-    used = {n for node in graph.node for n in node.input}
-    keep = [t for t in graph.initializer if t.name in used or t.name in {i.name for i in graph.output}]
+    used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return out, rewritten

@@ -134,7 +134,7 @@ class TorchRunner(Runner):
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available).
         reuse_memory: on CPU, keep freed memory in the process for the next tensors
             (:func:`nafnet_core.process.keep_freed_memory`, process-wide): a width32 720x1280 frame took
-            10.2-12.9 s with it vs 21.9-22.6 s without, at 2.5-2.9 GB vs 1.9 GB peak (BENCHMARKS.md, "Runtime").
+            10.2-14.7 s with it vs 21.9-22.6 s without, at 2.5-2.9 GB vs 1.9 GB peak (BENCHMARKS.md, "Runtime").
     """
 
     backend = "torch"

@@ -68,7 +68,7 @@ class TrainConfig:
         channels_last: auto | on | off: NHWC weights and inputs (auto = the device's measured default).
         compile: auto | on | off: ``torch.compile`` the model (auto = the device's measured default).
         reuse_memory: auto | on | off: keep freed CPU memory in the process instead of fresh zeroed pages for
-            every large tensor (``train.speed.keep_freed_memory``; auto: on on CPU, off on CUDA).
+            every large tensor (``nafnet_core.process.keep_freed_memory``; auto: on on CPU, off on CUDA).
         ema: decay of an exponential moving average of the weights (0 = off); validation and best.pt use it.
         val_every: validate every N steps (and at the end).
         val_tlc: validate whole images with TLC (train size = crop).

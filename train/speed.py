@@ -9,8 +9,8 @@ Four config keys choose them (``auto`` takes the measured default of the device 
   (:func:`nafnet_core.process.keep_freed_memory`): glibc otherwise gives every tensor above 32 MB fresh
   pages from the kernel, which fault in, zeroed, on first touch, in every op of every step. At width32's
   full-resolution level (batch 4 of 256², 34-67 MB maps) that made memory-bound ops 3-4x slower (a
-  multiply of two 4x64x256x256 maps: 51.7 ms, 14.8 ms with the heap) and the whole step 1.21x slower, for
-  9 % less peak RSS (BENCHMARKS.md, "Training step vs the official NAFNet step", session 6).
+  multiply of two 4x64x256x256 maps: 51.7 ms, 14.8 ms with the heap) and the whole step 1.21x slower; the
+  heap costs 9 % more peak RSS (BENCHMARKS.md, "Training step vs the official NAFNet step", session 6).
   Process-wide; CUDA tensors have their own caching allocator.
 - ``amp``: bf16 | fp16 | off | auto. Autocast of the forward; the loss, the LayerNorm statistics and the
   pooling means stay FP32. On CPU only bf16 (fp16 autocast needs a grad scaler that is CUDA-only here).
