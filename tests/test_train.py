@@ -112,6 +112,12 @@ def test_config_defaults_presets_and_overrides(tmp_path):
         build_config("tiny", sets={"loss": "mse"})
     with pytest.raises(ConfigError, match="hflip is a probability"):
         build_config("tiny", sets={"hflip": 2})
+    # model options are checked with the config, before any work, in one line
+    assert build_config("tiny", sets=parse_sets(["model_args={width: 12}"])).model_args == {"width": 12}
+    with pytest.raises(ConfigError, match=r"unknown model option.*space after each colon"):
+        build_config("tiny", sets=parse_sets(["model_args={width:12}"]))  # YAML reads {'width:12': None}
+    with pytest.raises(ConfigError, match="model config 'width' must be an integer"):
+        build_config("tiny", sets={"model_args": {"width": 2.5}})
 
 
 # ---------------------------------------------------------------------------------------------------

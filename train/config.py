@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from nafnet_core.config import PRESETS as MODEL_PRESETS
+from nafnet_core.config import get_config as get_model_config
 from nafnet_core.errors import UserError
 
 from .dashboard import MODES as TENSORBOARD_MODES
@@ -165,6 +166,12 @@ class TrainConfig:
         if any(v < 0 for v in (self.warmup, self.grad_clip, self.weight_decay, self.early_stop, self.val_max,
                                self.workers)):
             raise ConfigError("warmup, grad_clip, weight_decay, early_stop, val_max and workers must be >= 0")
+        try:  # the model options: a bad key or value stops here, before any work, in one line
+            get_model_config(self.model, **self.model_args)
+        except (KeyError, TypeError, ValueError) as e:
+            hint = " (YAML needs a space after each colon: --set 'model_args={width: 16}')" \
+                if any(":" in str(k) for k in self.model_args) else ""
+            raise ConfigError(f"model_args {self.model_args}: {e.args[0] if e.args else e}{hint}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
