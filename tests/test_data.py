@@ -236,22 +236,49 @@ def test_synth_is_deterministic_and_gopro_like(tmp_path):
     assert not list(tmp_path.glob(".*.part"))  # no temporary trees left behind
 
 
-def test_synth_sharp_is_the_middle_subframe_and_blur_varies_across_the_frame():
+def test_synth_blur_is_centred_on_the_sharp_frame():
+    """Bright dots on black: each blurs into a streak whose centre of mass (linear light) is the dot's sharp
+    position, for a curved path whose middle sub-frame is ~1 px away from its mean position (version 1 put the
+    sharp frame there); a path of no motion renders the sharp window exactly."""
     from dataclasses import replace
 
-    from train.synth import MARGIN, draw_params, load_photo, render_pair
+    import torch
+
+    from train.synth import MARGIN, BlurParams, _subframes_needed, load_photo, render_pair, srgb_to_linear
+
+    h, w = 64, 96
+    photo = np.zeros((h + 2 * MARGIN + 8, w + 2 * MARGIN + 8, 3), np.uint8)
+    dots = [(20, 30), (40, 70)]  # (y, x) in the output frame
+    for y, x in dots:
+        photo[MARGIN + y, MARGIN + x] = 255
+    curved = [[3.0, 1.0], [3.0, -1.5], [0.5, 0.3]]  # a2 / 3 = (1, -0.5) px from the middle sub-frame
+    p = BlurParams(photo="dots", scale=1.0, top=0, left=0, mirror=False, translation=curved, rotation=[0.0, 0.0],
+                   zoom=0.0, center=[48.0, 32.0], subframes=0)
+    p = replace(p, subframes=_subframes_needed(p, (h, w)))
+    blur, sharp = render_pair(photo, p, (h, w))
+    lin = srgb_to_linear(torch.from_numpy(blur).double() / 255).mean(-1).numpy()
+    yy, xx = np.mgrid[-12:13, -12:13]
+    for y, x in dots:
+        assert sharp[y, x].tolist() == [255, 255, 255]
+        streak = lin[y - 12:y + 13, x - 12:x + 13]
+        assert (streak > 0.01).sum() >= 8  # a streak, not a dot
+        centre = ((streak * xx).sum() / streak.sum(), (streak * yy).sum() / streak.sum())
+        assert abs(centre[0]) < 0.05 and abs(centre[1]) < 0.05, centre
+
+    still = replace(p, translation=[[0.0, 0.0]] * 3, subframes=5)
+    blur, sharp = render_pair(load_photo("astronaut.png"), still, (h, w))
+    np.testing.assert_array_equal(blur, sharp)
+
+
+def test_synth_blur_varies_across_the_frame():
+    """Rotation + zoom: the displacement between the first and last sub-frame differs across the frame."""
+    import torch
+
+    from train.synth import _source_points, draw_params, load_photo
 
     photo = load_photo("astronaut.png")
     p = draw_params(np.random.default_rng(0), photo, "astronaut.png", (64, 96))
-    blur, sharp = render_pair(photo, p, (64, 96))
-    single, sharp1 = render_pair(photo, replace(p, subframes=1), (64, 96))
-    np.testing.assert_array_equal(single, sharp)  # one sub-frame = the middle one = sharp, pixel for pixel
-    np.testing.assert_array_equal(sharp1, sharp)
-    assert MARGIN > 0 and p.subframes >= 9 and p.subframes % 2 == 1
-    # Rotation + zoom: the displacement between first and last sub-frame differs across the frame.
-    import torch
-    from train.synth import _source_points
-
+    assert p.subframes >= 9 and p.subframes % 2 == 1
     corners = torch.tensor([[0.0, 0.0], [96.0, 64.0]], dtype=torch.float64)
     ends = _source_points(p, torch.tensor([-1.0, 1.0], dtype=torch.float64), corners)
     extent = (ends[1] - ends[0]).norm(dim=-1)

@@ -60,7 +60,7 @@ def data_synth(out: Path, seed: int, count: int, size: str) -> None:
     """Write a GoPro-style synthetic set made from scikit-image's bundled photos (no downloads).
 
     Blur = average, in linear light, of sub-frames along a random smooth camera path (translation, small
-    rotation and zoom); sharp = the middle sub-frame.
+    rotation and zoom); sharp = the view at the path's mean position, so the blur is centred on it.
 
     \b
     Example:
