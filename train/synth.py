@@ -2,7 +2,8 @@
 
 The photos are the samples scikit-image ships inside its package (``skimage/data/*.png|jpg``), read with
 the project's one decoder. GoPro made its blurry frames by averaging 7-13 consecutive frames of a 240 fps
-video and kept the middle one as the sharp frame; this module does the same with a virtual camera:
+video and kept the middle one as the sharp frame; this module averages a virtual camera's sub-frames the
+same way, with the sharp frame at the path's mean position instead (why: below):
 
 1. pick a photo, scale it down by a random factor (sharper than the original) and take a random window
    with a margin around the output area;
@@ -145,7 +146,8 @@ def draw_params(rng: np.random.Generator, photo: np.ndarray, name: str, size: tu
 def _trajectory(p: BlurParams, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Translation (S, 2), rotation (S,), zoom (S,) at exposure times ``s``, centred on the sharp frame:
     over the rendered sub-frames (``p.subframes`` times evenly spaced in [-1, 1]; 201 while they are being
-    counted) translation and rotation average to 0 and zoom to 1, so the blur's mean position is the window's."""
+    counted) translation and rotation average to 0 and zoom to 1, so the blur's mean position is the
+    window's."""
     def raw(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = torch.tensor(p.translation, dtype=torch.float64)  # (3, 2)
         powers = torch.stack([s, s ** 2, s ** 3], 1)  # (S, 3)
