@@ -36,7 +36,6 @@ def test_torch_runner_lifecycle_and_precisions(tiny_tlc):
     assert next(model.parameters()).dtype == torch.float32  # the runner worked on a copy
 
 
-
 def test_torch_runner_on_cpu_keeps_freed_memory_for_the_next_tensors():
     """TorchRunner(reuse_memory=True), the default: eager inference on CPU reuses heap memory instead of fresh
     zeroed mappings for every large activation (2x faster at 720p); reuse_memory=False leaves glibc as it is."""
@@ -47,6 +46,7 @@ def test_torch_runner_on_cpu_keeps_freed_memory_for_the_next_tensors():
     assert mmapped_bytes_of_a_64mb_tensor(setup.format(True)) < 64 * 2**20
     assert mmapped_bytes_of_a_64mb_tensor(setup.format(False)) >= 64 * 2**20
 
+
 def test_onnxruntime_dynamic_matches_torch(tiny_tlc, tiny_onnx):
     _, model = tiny_tlc
     with OnnxRuntimeRunner(tiny_onnx["dynamic"], device="cpu") as r:
@@ -55,7 +55,6 @@ def test_onnxruntime_dynamic_matches_torch(tiny_tlc, tiny_onnx):
             x = photo(h, w)
             with torch.inference_mode():
                 torch.testing.assert_close(r.infer(x), model(x), atol=2e-5, rtol=0)
-
 
 
 def test_wide_1x1_convs_run_as_matmul_on_the_cpu_provider(tiny_onnx, monkeypatch):
@@ -88,6 +87,7 @@ def test_wide_1x1_convs_run_as_matmul_on_the_cpu_provider(tiny_onnx, monkeypatch
             for h, w in sizes:
                 x = torch.cat([photo(h, w), photo(h, w).flip(-1)])  # batch 2: the MatMul broadcasts over it
                 torch.testing.assert_close(mm.infer(x), conv.infer(x), atol=1e-5, rtol=0)
+
 
 def test_onnxruntime_fixed_tile_graph_is_always_tiled(tiny_tlc, tiny_onnx):
     _, model = tiny_tlc

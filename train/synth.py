@@ -59,6 +59,8 @@ DEFAULT_SIZE = (192, 256)  # (height, width)
 #: (20-60 px at GoPro's 1280 width); ``shake`` scales the whole trajectory (translation, rotation, zoom).
 BLUR_LENGTH = (4.0, 12.0)
 MARGIN = 32  # pixels of scene around the output window, so warps never sample outside the photo
+#: Exposure times sampling a path before its sub-frames are counted (its length, and its mean meanwhile).
+PATH_SAMPLES = 201
 
 
 @dataclass(frozen=True)
@@ -145,16 +147,16 @@ def draw_params(rng: np.random.Generator, photo: np.ndarray, name: str, size: tu
 
 def _trajectory(p: BlurParams, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Translation (S, 2), rotation (S,), zoom (S,) at exposure times ``s``, centred on the sharp frame:
-    over the rendered sub-frames (``p.subframes`` times evenly spaced in [-1, 1]; 201 while they are being
-    counted) translation and rotation average to 0 and zoom to 1, so the blur's mean position is the
-    window's."""
+    over the rendered sub-frames (``p.subframes`` times evenly spaced in [-1, 1]; :data:`PATH_SAMPLES`
+    while they are being counted) translation and rotation average to 0 and zoom to 1, so the blur's mean
+    position is the window's."""
     def raw(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = torch.tensor(p.translation, dtype=torch.float64)  # (3, 2)
         powers = torch.stack([s, s ** 2, s ** 3], 1)  # (S, 3)
         return powers @ a, p.rotation[0] * s + p.rotation[1] * s ** 2, torch.exp(p.zoom * s)
 
     t, theta, zoom = raw(s)
-    t_all, theta_all, zoom_all = raw(torch.linspace(-1, 1, p.subframes or 201, dtype=torch.float64))
+    t_all, theta_all, zoom_all = raw(torch.linspace(-1, 1, p.subframes or PATH_SAMPLES, dtype=torch.float64))
     return t - t_all.mean(0), theta - theta_all.mean(), zoom / zoom_all.mean()
 
 
@@ -172,8 +174,8 @@ def _source_points(p: BlurParams, s: torch.Tensor, xy: torch.Tensor) -> torch.Te
 def _subframes_needed(p: BlurParams, size: tuple[int, int]) -> int:
     h, w = size
     corners = torch.tensor([[0, 0], [w, 0], [0, h], [w, h], [w / 2, h / 2]], dtype=torch.float64)
-    s = torch.linspace(-1, 1, 201, dtype=torch.float64)
-    path = _source_points(p, s, corners)  # (201, 5, 2)
+    s = torch.linspace(-1, 1, PATH_SAMPLES, dtype=torch.float64)
+    path = _source_points(p, s, corners)  # (PATH_SAMPLES, 5, 2)
     length = (path[1:] - path[:-1]).norm(dim=-1).sum(0).max().item()
     n = int(math.ceil(length / 0.5)) + 1
     return n + (n % 2 == 0)  # odd: a grid symmetric about s = 0
