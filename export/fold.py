@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nafnet_core.model import Gate, GlobalAvgPool2d, LayerNorm2d, NAFBlock, NAFNet, global_mean, to_branch, to_stream
+from nafnet_core.layers import Gate, GlobalAvgPool2d, LayerNorm2d, NAFBlock, global_mean, to_branch, to_stream
+from nafnet_core.model import NAFNet
 from nafnet_core.tlc import LocalAvgPool2d, band_means, covers_map, window_means_t
 
 
@@ -111,7 +112,7 @@ class GatedConv(nn.Module):
 
     Args:
         convs: the convs that produce the 2C gate input, applied in order (1x1, then optionally depthwise).
-        gate: the block's :class:`~nafnet_core.model.Gate`.
+        gate: the block's :class:`~nafnet_core.layers.Gate`.
     """
 
     def __init__(self, convs: list[nn.Conv2d], gate: Gate):

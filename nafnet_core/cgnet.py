@@ -2,7 +2,7 @@
 Restoration", TMLR 2024): the block kind ``block="cg"`` of the NAFNet family.
 
 Only the *first* block of every encoder level is a :class:`CascadedGazeBlock`; every other block (the
-rest of the encoder level, the middle and all decoders) is a :class:`~nafnet_core.model.NAFBlock`, as in
+rest of the encoder level, the middle and all decoders) is a :class:`~nafnet_core.layers.NAFBlock`, as in
 the official ``GCENetMH``. Module and parameter names are the official ones (``GCE.depthwise_separable_convs.
 0.depthwise``, ``project_out``, ``sca.1``...), so official ``{'params': ...}`` files load strictly.
 
@@ -36,7 +36,7 @@ Sizes (where this departs from the official code):
   same index (ONNX ``Resize`` implementations round their own way). For a fixed shape the indices are
   constants; for symbolic shapes they are computed in the graph (FP32 Range/Div/Mul/Floor).
 
-TLC: the SCA pooling is a :class:`~nafnet_core.model.GlobalAvgPool2d`, which ``convert_to_tlc`` swaps in
+TLC: the SCA pooling is a :class:`~nafnet_core.layers.GlobalAvgPool2d`, which ``convert_to_tlc`` swaps in
 both block kinds, as the official ``GCENetMHLocal``.
 """
 
@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .model import BlockSite, GlobalAvgPool2d, NAFBlock, add_ffn_and_residual_parts, residual_and_ffn, to_branch
+from .layers import BlockSite, GlobalAvgPool2d, NAFBlock, add_ffn_and_residual_parts, residual_and_ffn, to_branch
 
 #: (kernel, stride) of the cascade steps; levels below :data:`THREE_STEP_LEVELS` use all three, the others
 #: the first two (official ``GCE_CONVS_nums = [3, 3, 2, 2]``).
@@ -140,7 +140,7 @@ class CascadedGazeBlock(nn.Module):
         dw_expand: expansion of the depthwise branch.
         ffn_expand: expansion of the feed-forward branch.
         drop_out_rate: dropout after the projection and after conv5.
-        gate: gate kind of the FFN (see :class:`~nafnet_core.model.Gate`).
+        gate: gate kind of the FFN (see :class:`~nafnet_core.layers.Gate`).
     """
 
     #: The conv that reads the attention product ``x * sca(x)`` (NAFBlock: ``conv3``); read by ``export.lint``.

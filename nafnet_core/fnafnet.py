@@ -33,7 +33,7 @@ downscale) as well as to a multiple of 16, and crops the output back. For inputs
 least ``min_side`` (>= 128 px for the GoPro presets) the output equals the official one; smaller inputs give
 the official network's output on the zero-padded image, cropped.
 
-TLC: the SCA pooling is a :class:`~nafnet_core.model.GlobalAvgPool2d` in ``sca[0]``, applied to each window,
+TLC: the SCA pooling is a :class:`~nafnet_core.layers.GlobalAvgPool2d` in ``sca[0]``, applied to each window,
 so :func:`~nafnet_core.tlc.convert_to_tlc` swaps it like NAFNet's (the official ``FNAFNetLocal`` also swaps
 only that pooling). A TLC kernel at least as large as the window pools the whole window, exactly the
 global mean: with the GoPro windows (64 at level 0 ... 8 in the middle) and TLC kernels from 256-px training
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from . import dft
 from .config import ModelConfig
-from .model import BlockSite, NAFBlock, scaled_branch, to_branch, to_stream
+from .layers import BlockSite, NAFBlock, scaled_branch, to_branch, to_stream
 
 
 def _nonempty(n) -> bool:
@@ -195,7 +195,7 @@ class FNAFBlock(NAFBlock):
         dw_expand: expansion of the depthwise branch (also the FFT branches' hidden expansion).
         ffn_expand: expansion of the feed-forward branch.
         drop_out_rate: dropout after conv3 (+ FFT) and conv5 (+ FFT).
-        gate: gate kind (see :class:`~nafnet_core.model.Gate`; official: ``simple``).
+        gate: gate kind (see :class:`~nafnet_core.layers.Gate`; official: ``simple``).
     """
 
     def __init__(self, c: int, sca_window: int = 0, fft_window: int = -1, dw_expand: int = 2, ffn_expand: int = 2,

@@ -13,7 +13,7 @@ import nafnet_core as nc
 from conftest import make_nontrivial, photo
 from nafnet_core.checkpoint import CheckpointError
 from nafnet_core.cgnet import CascadedGazeBlock
-from nafnet_core.model import GlobalAvgPool2d, NAFBlock
+from nafnet_core.layers import GlobalAvgPool2d, NAFBlock
 from nafnet_core.tlc import LocalAvgPool2d
 from test_tlc import reference_local_mean
 from test_train import _short_cfg, cache_dir  # noqa: F401 - the synthetic set fixture, shared
@@ -269,7 +269,7 @@ def test_best_output_loss_is_the_official_multi_head_psnr_loss():
 
 
 def test_tiny_cg_trains_resumes_exactly_and_records_the_head(cache_dir, tmp_path):
-    from train.data import load_pairs
+    from nafnet_core.data import load_pairs
     from train.evaluate import evaluate
     from train.loop import train
 

@@ -18,7 +18,8 @@ from test_train import cache_dir  # noqa: F401  (the synthetic set fixture)
 from nafnet_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_official
 from nafnet_core.config import PRESET_PARAMS, get_config
 from nafnet_core.fnafnet import FNAFBlock, window_merge, window_partition
-from nafnet_core.model import GlobalAvgPool2d, NAFNet, count_parameters
+from nafnet_core.layers import GlobalAvgPool2d
+from nafnet_core.model import NAFNet, count_parameters
 from nafnet_core.tlc import LocalAvgPool2d, convert_to_tlc
 
 
@@ -316,7 +317,7 @@ def test_parity_passes_for_both_fnaf_exports(fnaf_export, synth_root):
 
 
 def test_fp16_range_report_covers_fnaf_blocks():
-    from export.lint import fp16_range_report
+    from export.ranges import fp16_range_report
 
     report = fp16_range_report(fnaf_model(), [photo(48, 64)], half_size=(32, 32))
     assert len(report.blocks) == 9 and not report.overflows

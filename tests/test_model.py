@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import nafnet_core as nc
 from conftest import make_nontrivial, photo
 from nafnet_core.config import ModelConfig, get_config
-from nafnet_core.model import LayerNorm2d, NAFNet
+from nafnet_core.layers import LayerNorm2d
+from nafnet_core.model import NAFNet
 
 
 @pytest.mark.parametrize("preset", sorted(nc.PRESET_PARAMS))
@@ -251,7 +252,7 @@ def test_training_forward_and_gradients_match_the_functional_reference():
 
 def test_training_keeps_two_maps_fewer_per_block_than_the_plain_form():
     """What the fold buys: autograd no longer keeps conv3's and conv5's outputs for beta's and gamma's gradients."""
-    from nafnet_core.model import NAFBlock
+    from nafnet_core.layers import NAFBlock
 
     torch.manual_seed(0)
     block = make_nontrivial(NAFBlock(8)).train()
