@@ -452,3 +452,8 @@ def write_rgb8(path: str | Path, rgb: np.ndarray) -> Path:
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"write_rgb8 expects uint8 HxWx3, got {rgb.dtype} {rgb.shape}")
     return write_image(path, Decoded(rgb))
+
+
+def resize_bicubic(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bicubic resize of uint8 HWC (Pillow's, antialiased when shrinking, as torchvision's Resize on images)."""
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BICUBIC))

@@ -193,7 +193,7 @@ def parity(export_dir: Path, data_root: Path | None, split: str, limit: int | No
     from .parity import check_parity
 
     if data_root is None:
-        from train.synth import ensure_synthetic
+        from nafnet_core.synth import ensure_synthetic
 
         data_root = ensure_synthetic(progress=not quiet)
     precisions = tuple(p.strip() for p in torch_precisions.split(",") if p.strip())
@@ -271,43 +271,6 @@ def bench(export_dir: Path, size, repeats: int, warmup: int, threads: int | None
         atomic_write_text(json_path, text)
         click.echo(f"wrote {json_path}")
     _record_in_export(export_dir, BENCH_RECORD, text)
-
-
-@click.command()
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
-              show_default=True,
-              help="Where everything goes (train/, export/, parity.json, deblurred/, comparison.png).")
-@click.option("--steps", type=click.IntRange(1), default=None,
-              help="Training steps (default: the demo training preset's).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Synthetic data and training seed.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override one key of the demo training preset (repeatable), as train --set, "
-                   "e.g. --set synth_count=6.")
-@click.option("--overwrite", is_flag=True, help="Redo a previous demo in --out.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def demo(out_dir: Path, steps: int | None, seed: int, sets: tuple[str, ...], overwrite: bool, quiet: bool) -> None:
-    """The whole job on a CPU in a few minutes: synthetic data -> train -> export -> parity -> infer.
-
-    Renders the embedded synthetic camera-shake set, trains the demo training preset (the tiny model),
-    exports ONNX fp32 + FP16 (a fixed 128x128 tile; a TensorRT engine where TensorRT exists), checks parity
-    of every backend against PyTorch and deblurs the test folder. It ends with the test gain (mean PSNR
-    of the deblurred test images minus that of their blurry inputs) and the path of a labelled
-    blurry | deblurred | sharp image to open. Exit 0 if parity and inference passed.
-
-    \b
-    Examples:
-      python cli.py demo
-      python cli.py demo --out /tmp/demo --steps 200 --overwrite
-      python cli.py demo --out /tmp/demo-small --set synth_count=6 --steps 5   # the chain in seconds
-    """
-    from train.config import parse_sets
-
-    from .demo import run_demo
-
-    result = run_demo(out_dir, steps=steps, seed=seed, sets=parse_sets(sets), overwrite=overwrite, progress=not quiet,
-                      echo=lambda m: click.echo(m, err=True))
-    click.echo(result.table())
-    sys.exit(0 if result.ok else 1)
 
 
 @click.command()

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from nafnet_core.images import read_rgb8, write_rgb8
-from train.data import (DataError, PairDataset, PairTransform, SampleStream, check_dataset, detect_layout, scan,
-                        split_val_test)
+from nafnet_core.data import DataError, check_dataset, detect_layout, scan, split_val_test
+from train.data import PairDataset, PairTransform, SampleStream
 
 
 def _img(h: int, w: int, seed: int) -> np.ndarray:
@@ -62,7 +62,7 @@ def test_gopro_large_layout_blur_and_blur_gamma(tmp_path):
 
 
 def test_split_is_deterministic_and_disjoint():
-    from train.data import Pair
+    from nafnet_core.data import Pair
 
     pairs = [Pair(Path(f"b{i}"), Path(f"s{i}"), f"{i}.png") for i in (5, 1, 10, 2, 3)]
     val, test = split_val_test(pairs)
@@ -217,7 +217,7 @@ def _tree_hash(root: Path) -> str:
 
 def test_synth_is_deterministic_and_gopro_like(tmp_path):
     from nafnet_core.metrics import psnr
-    from train.synth import synthesize
+    from nafnet_core.synth import synthesize
     import torch
 
     a = synthesize(tmp_path / "a", seed=5, count=3, size=(64, 96), progress=False)
@@ -244,7 +244,7 @@ def test_synth_blur_is_centred_on_the_sharp_frame():
 
     import torch
 
-    from train.synth import MARGIN, BlurParams, _subframes_needed, load_photo, render_pair, srgb_to_linear
+    from nafnet_core.synth import MARGIN, BlurParams, _subframes_needed, load_photo, render_pair, srgb_to_linear
 
     h, w = 64, 96
     photo = np.zeros((h + 2 * MARGIN + 8, w + 2 * MARGIN + 8, 3), np.uint8)
@@ -274,7 +274,7 @@ def test_synth_blur_varies_across_the_frame():
     """Rotation + zoom: the displacement between the first and last sub-frame differs across the frame."""
     import torch
 
-    from train.synth import _source_points, draw_params, load_photo
+    from nafnet_core.synth import _source_points, draw_params, load_photo
 
     photo = load_photo("astronaut.png")
     p = draw_params(np.random.default_rng(0), photo, "astronaut.png", (64, 96))
@@ -292,7 +292,7 @@ def test_synth_shake_scales_the_camera_path_from_the_same_draws():
 
     from nafnet_core.metrics import psnr
     from train.config import ConfigError, build_config
-    from train.synth import default_root, draw_params, load_photo, render_pair
+    from nafnet_core.synth import default_root, draw_params, load_photo, render_pair
 
     photo = load_photo("rocket.jpg")
     params = {b: draw_params(np.random.default_rng([7, 0, 1]), photo, "rocket.jpg", (64, 96), b) for b in (0.5, 1.0, 2.0)}

@@ -41,14 +41,14 @@ def _psnr(a, b):
 @pytest.fixture(scope="module")
 def small_synth(tmp_path_factory):
     """12 train + 4 test pairs of 48x64: the test split (second half of the test folder) has 2 pairs."""
-    from train.synth import synthesize
+    from nafnet_core.synth import synthesize
 
     return synthesize(tmp_path_factory.mktemp("synth") / "data", seed=3, count=12, size=(48, 64), progress=False)
 
 
 def test_test_gain_and_comparison_image_from_the_deblurred_files(small_synth, tmp_path):
     from nafnet_core.images import read_rgb8
-    from runtime.demo import DemoResult, score_test_split, write_comparison
+    from cli import DemoResult, score_test_split, write_comparison
 
     blur_dir = _stand_in_outputs(small_synth, tmp_path / "deblurred")
     test = score_test_split(small_synth, blur_dir, tmp_path / "deblurred")
@@ -85,7 +85,7 @@ def test_test_gain_and_comparison_image_from_the_deblurred_files(small_synth, tm
 
 def test_missing_deblurred_file_is_named(small_synth, tmp_path):
     from nafnet_core.errors import UserError
-    from runtime.demo import score_test_split
+    from cli import score_test_split
 
     blur_dir = _stand_in_outputs(small_synth, tmp_path / "deblurred")
     (tmp_path / "deblurred" / "0003.png").unlink()
@@ -99,7 +99,7 @@ def test_demo_end_to_end_small(tmp_path, monkeypatch):
     import json
 
     from nafnet_core.images import read_rgb8
-    from runtime.demo import score_test_split
+    from cli import score_test_split
 
     monkeypatch.setenv("NAFNET_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "demo"

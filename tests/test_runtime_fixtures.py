@@ -60,6 +60,6 @@ def tiny_onnx(tiny_export):
 @pytest.fixture(scope="session")
 def synth_root():
     """The embedded synthetic data set (train package; generated once into its cache)."""
-    from train.synth import ensure_synthetic
+    from nafnet_core.synth import ensure_synthetic
 
     return ensure_synthetic(progress=False)

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thr
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """The default synthetic set, generated once into a temporary cache for every test here."""
-    from train.synth import ensure_synthetic
+    from nafnet_core.synth import ensure_synthetic
 
     path = tmp_path_factory.mktemp("cache")
     old = os.environ.get("NAFNET_CACHE_DIR")
@@ -301,7 +301,7 @@ def test_sigterm_then_sigkill_then_resume_finishes_all_steps(cache_dir, tmp_path
 
 def test_bad_data_fails_before_any_step(cache_dir, tmp_path):
     from nafnet_core.images import write_rgb8
-    from train.data import DataError
+    from nafnet_core.data import DataError
     from train.loop import train
     import numpy as np
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from nafnet_core.errors import UserError
+from nafnet_core.errors import UserError, first_line
 
 from .config import TrainConfig, build_config
 from .objectives import LOSS_FUNCTIONS, best_output
@@ -104,7 +104,7 @@ def _sync(device: str) -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return f"{type(e).__name__}: {first_line(str(e))}"
 
 
 def serve_worker(build: Callable[[], Callable[[], None]], device: str) -> None:

@@ -42,7 +42,7 @@ def data_check(root: Path, full: bool, crop: int, blur_dir: str) -> None:
     Example:
       python cli.py data check ~/datasets/GOPRO_Large --full
     """
-    from .data import check_dataset
+    from nafnet_core.data import check_dataset
 
     report = check_dataset(root, full=full, min_size=crop, blur_dir=blur_dir, progress=True)
     click.echo(report.summary(max_problems=200))
@@ -68,7 +68,7 @@ def data_synth(out: Path, seed: int, count: int, size: str) -> None:
     """
     from nafnet_core.errors import UserError
 
-    from .synth import synthesize
+    from nafnet_core.synth import synthesize
 
     try:
         h, w = (int(v) for v in size.lower().split("x"))

@@ -27,7 +27,8 @@ from nafnet_core.metrics import SSIM_WINDOW, psnr, quantize, ssim
 from nafnet_core.model import NAFNet
 from nafnet_core.tlc import convert_to_tlc, is_tlc
 
-from .data import Pair, to_chw
+from nafnet_core.data import Pair
+from .data import to_chw
 from .report import csv_text
 
 COLUMNS = ("name", "height", "width", "psnr", "ssim", "input_psnr", "input_ssim", "seconds")
@@ -204,8 +205,8 @@ def evaluate_checkpoint(path: str | Path, *, preset: str | None = None, train_si
     """
     from nafnet_core.checkpoint import load_checkpoint
 
-    from .data import load_pairs
-    from .synth import ensure_synthetic
+    from nafnet_core.data import load_pairs
+    from nafnet_core.synth import ensure_synthetic
 
     ckpt = load_checkpoint(path, preset=preset)
     tcfg = ckpt.extra.get("train_config") or {}

@@ -42,11 +42,12 @@ from . import distributed as ddp
 from . import speed
 from .config import TrainConfig
 from .dashboard import Dashboard, summary_writer_class
-from .data import PairDataset, PairTransform, SampleStream, check_dataset, train_loader, write_split_lists
+from nafnet_core.data import check_dataset, write_split_lists
+from .data import PairDataset, PairTransform, SampleStream, train_loader
 from .evaluate import evaluate
 from .objectives import LOSS_FUNCTIONS, best_output, lr_at
 from .report import MetricsLog, plot_curves, write_sample_grid
-from .synth import ensure_synthetic
+from nafnet_core.synth import ensure_synthetic
 
 CACHE_LIMIT_BYTES = 2 << 30
 
