@@ -12,14 +12,14 @@ import torch
 
 from nafnet_core import __version__
 from nafnet_core.checkpoint import load_checkpoint
-from nafnet_core.config import DEFAULT_BASE_RATIO, DEFAULT_TRAIN_SIZE, find_preset
+from nafnet_core.config import DEFAULT_BASE_RATIO, DEFAULT_TRAIN_SIZE, find_preset, padded_size
 from nafnet_core.errors import UserError
 from nafnet_core.fileio import atomic_write_text, make_dirs, sha256_file
 from nafnet_core.metrics import psnr
 from nafnet_core.model import NAFNet, count_parameters
 from nafnet_core.tlc import convert_to_tlc, is_tlc, tlc_kernels
 
-from . import fp16_stream
+from . import ranges
 from .fold import fold_for_deploy
 from .formats import FORMATS, Format, formats_for
 from .manifest import FORMAT as MANIFEST_FORMAT
@@ -40,17 +40,16 @@ def prepare_model(model: NAFNet, *, tlc: bool = True, fold: bool = True, train_s
     return out.eval()
 
 
-def _shape_specs(tiles: Iterable[tuple[int, int]] | tuple[int, int] | None, dynamic: bool, batch: int) -> list[ShapeSpec]:
+def _shape_specs(tiles: Iterable[tuple[int, int]] | tuple[int, int] | None, dynamic: bool, batch: int,
+                 multiple: int) -> list[ShapeSpec]:
     tiles = [] if tiles is None else list(tiles)
     if len(tiles) == 2 and all(isinstance(v, int) for v in tiles):  # one (h, w) pair
         tiles = [tuple(tiles)]
-    from runtime.tiling import PAD_MULTIPLE, padded_size  # the runtime pads every image before a backend sees it
-
-    for h, w in tiles:
-        if h % PAD_MULTIPLE or w % PAD_MULTIPLE:
-            raise UserError(f"--tile {h}x{w}: tile sides must be multiples of {PAD_MULTIPLE}: every image is padded "
-                            f"to {PAD_MULTIPLE} before a graph sees it, so a {h}x{w} graph could run no image and no "
-                            f"tile; use e.g. --tile {padded_size(h)}x{padded_size(w)}")
+    for h, w in tiles:  # the runtime pads every image to the model's multiple before a graph sees it
+        if h % multiple or w % multiple:
+            raise UserError(f"--tile {h}x{w}: tile sides must be multiples of {multiple}: every image is padded "
+                            f"to {multiple} before a graph sees it, so a {h}x{w} graph could run no image and no "
+                            f"tile; use e.g. --tile {padded_size(h, multiple)}x{padded_size(w, multiple)}")
     specs = ([ShapeSpec.dynamic()] if dynamic else []) + [ShapeSpec.tile(h, w, batch) for h, w in tiles]
     if not specs:
         raise UserError("nothing to export: ask for --dynamic and/or at least one --tile")
@@ -121,7 +120,7 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
 
     trt_options = trt_options or TrtOptions()
     model, source_rec, preset_name, train_size = _resolve_source(source, preset, train_size)
-    specs = _shape_specs(tiles, dynamic, batch)
+    specs = _shape_specs(tiles, dynamic, batch, model.config.pad_multiple)
     formats = formats_for(fp16, trt, openvino)
     if openvino:
         from .openvino_ir import import_openvino
@@ -149,7 +148,7 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
     }
     onnx_formats = [f for f in formats if f.suffix == ".onnx"]
     if any(f.precision == "fp16" for f in onnx_formats):
-        data["fp16"] = fp16_stream.plan(deploy)  # a stream that would overflow FP16 stays FP32 there
+        data["fp16"] = ranges.plan(deploy)  # a stream that would overflow FP16 stays FP32 there
     fp32_stream = data.get("fp16", {}).get("fp32_stream")
     steps = len(onnx_formats) * len(specs) * (2 if check else 1)
     with tqdm(total=steps, desc="export", unit="step", file=sys.stderr, disable=not progress) as bar:

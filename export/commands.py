@@ -124,7 +124,7 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
                             fp16=fp16, trt=trt, tlc=tlc, fold=fold, opset=opset, train_size=train_size,
                             trt_options=options, check=check, progress=True, openvino=openvino)
     _print_artifacts(manifest)
-    from .fp16_stream import summary
+    from .ranges import summary
 
     line = summary(manifest.data.get("fp16"))
     if line:
@@ -248,7 +248,7 @@ def _range_report(checkpoint: Path, preset, target: Path, images, size, half_siz
 
     from .api import prepare_model
     from .fp16_stream import STREAM_MARGIN, stage_of
-    from .lint import FP16_MAX, FP16_MIN_NORMAL, fp16_range_report
+    from .ranges import FP16_MAX, FP16_MIN_NORMAL, fp16_range_report
     from .manifest import ManifestError, load_manifest
     from .samples import load_images, sample_photo
 

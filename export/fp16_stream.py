@@ -2,7 +2,7 @@
 
 In the FP16 graph the residual stream of every block (its input, ``inp + conv3(...)`` and
 ``y + conv5(...)``) is an FP16 tensor. If a checkpoint drives it past 65504 the graph computes inf and
-then NaN. Export measures the stream on sample photos (FP32 hooks, :func:`export.lint.fp16_range_report`)
+then NaN. Export measures the stream on sample photos (FP32 hooks, :func:`export.ranges.fp16_range_report`)
 and keeps the stream of the affected *stages* in FP32:
 
 * every block of the stage (``fp32_stream = True``, see ``nafnet_core/model.py``): input cast to FP32,
@@ -128,41 +128,3 @@ def to_half(model: NAFNet, stages: list[str] | None = None) -> NAFNet:
             parent, _, leaf = name.rpartition(".")
             setattr(half.get_submodule(parent) if parent else half, leaf, Fp32Conv(conv, out_dtype))
     return half
-
-
-
-def plan(deploy: NAFNet, images: list[torch.Tensor] | None = None, margin: float = STREAM_MARGIN) -> dict:
-    """The manifest's ``fp16`` record: the stream measured on sample photos and the stages kept in FP32.
-
-    Args:
-        deploy: the FP32 deploy model about to be exported.
-        images: (1, 3, H, W) photos in [0, 1] (default: two bundled photos at :data:`SAMPLE_HW`).
-        margin: safety factor below FP16's maximum.
-    """
-    from .lint import fp16_range_report
-    from .samples import sample_photo
-
-    images = images if images is not None else [sample_photo(*SAMPLE_HW, index=i) for i in range(2)]
-    report = fp16_range_report(deploy, images, half_size=None)
-    levels = len(deploy.encoders)
-    stages = fp32_stream_stages({b.block: b.max_stream for b in report.blocks}, levels, margin)
-    return {"fp32_stream": stages, "fp32_convs": fp32_convs(stages, levels), "margin": margin,
-            "max_stream": float(f"{max((b.max_stream for b in report.blocks), default=0):.4g}"),
-            "max_gate": float(f"{max((b.max_gate for b in report.blocks), default=0):.4g}"),
-            "gate_overflow": [b.block for b in report.blocks if b.max_gate > FP16_MAX / margin],
-            "measured_on": f"{len(images)} photos, {'x'.join(map(str, images[0].shape[-2:]))}" if images else ""}
-
-
-def summary(record: dict) -> str | None:
-    """One line for the user about an export's ``fp16`` record, or None when the FP16 graph is plain."""
-    if not record or not (record["fp32_stream"] or record["gate_overflow"]):
-        return None
-    parts = []
-    if record["fp32_stream"]:
-        parts.append(f"FP16 graph keeps the residual stream of {', '.join(record['fp32_stream'])} in FP32 (and "
-                     f"{', '.join(record['fp32_convs'])} in FP32): the stream reaches {record['max_stream']:.4g} on "
-                     f"{record['measured_on']}, above {FP16_MAX:.0f}/{record['margin']:g}")
-    if record["gate_overflow"]:
-        parts.append(f"gate products of {', '.join(record['gate_overflow'])} reach {record['max_gate']:.4g}, near or "
-                     "above FP16's range: use the FP32 graph or check `export lint --checkpoint`")
-    return "; ".join(parts)

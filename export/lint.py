@@ -1,4 +1,4 @@
-"""TensorRT readiness without a GPU, and an FP16 range report.
+"""TensorRT readiness of an export without a GPU.
 
 Readiness (per ONNX file): ``onnx.checker``; every op in onnx-tensorrt's supported list; no ``DFT`` op and
 no complex tensor anywhere (:func:`check_no_dft`: TensorRT has neither); axes of
@@ -8,36 +8,24 @@ beyond INT32 except clamped Slice bounds; a fixed-tile graph has no shape arithm
 loads it and runs it at concrete shapes with finite outputs of the input's shape. For a directory
 the manifest's sha256 of every artifact is checked first.
 
-FP16 range (needs the PyTorch model): FP32 forward hooks on sample photos record, per residual block
-(every block kind: NAFBlock, its deploy form, CascadedGaze's block...),
-the largest |value| of the residual stream, of the gate products and of any layer output against
-the FP16 maximum 65504, and the fraction of values below FP16's smallest normal (6.1e-5); then a
-PyTorch half run (the same FP32 islands as the FP16 graph, and the same FP32 stream stages) is
-compared with FP32 by PSNR. ORT on CPU cannot reveal FP16 overflow (it computes FP16 nodes in
-FP32), PyTorch half can. (The LayerNorm sums are no column: they are computed in FP32.)
+The FP16 range report that ``export lint --checkpoint`` adds is :mod:`export.ranges`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 
-from nafnet_core.metrics import psnr
-from nafnet_core.model import Gate, NAFBlock, NAFNet
+from nafnet_core.errors import first_line
 
 from . import graph
-from .fold import DeployBlock, GatedConv
 from .manifest import MANIFEST_NAME, ManifestError, verify
 from .shapes import ShapeSpec
 
-FP16_MAX = 65504.0
-#: Smallest normal FP16 value (2**-14); smaller magnitudes lose precision (subnormal) or flush to zero.
-FP16_MIN_NORMAL = 2.0**-14
 #: Fourier-transform ops: ONNX's (DFT, STFT) and onnxruntime's contrib ones (com.microsoft Rfft/Irfft). TensorRT's
 #: ONNX parser has none of them.
 FOURIER_OPS = frozenset({"DFT", "STFT", "Rfft", "Irfft"})
@@ -123,7 +111,7 @@ def lint_onnx(path: str | Path, run: bool = True) -> list[Finding]:
         onnx.checker.check_model(model, full_check=True)
         add("onnx.checker", [])
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        add("onnx.checker", [str(e).splitlines()[0]])
+        add("onnx.checker", [first_line(e, 10_000)])
     counts = graph.op_counts(model)
     add("TensorRT ops", graph.unsupported_ops(model), f"{len(counts)} op types, all supported")
     add("no DFT op, no complex tensor", check_no_dft(model),
@@ -169,7 +157,7 @@ def lint_onnx(path: str | Path, run: bool = True) -> list[Finding]:
                     problems.append(f"{list(shape)}: non-finite output")
                 ran.append("x".join(map(str, shape)))
         except Exception as e:  # noqa: BLE001 - any onnxruntime failure is a lint finding, reported with its text
-            problems.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            problems.append(f"{type(e).__name__}: {first_line(e)}")
         add("onnxruntime run", problems, ", ".join(ran))
     return out
 
@@ -187,7 +175,7 @@ def lint_openvino(path: str | Path) -> list[Finding]:
     try:
         model = ov.Core().read_model(str(path))
     except RuntimeError as e:
-        return [Finding(path.name, "OpenVINO reads the IR", False, str(e).strip().splitlines()[0][:200])]
+        return [Finding(path.name, "OpenVINO reads the IR", False, first_line(e))]
     report = island_report(model)
     kept = sum(v["fp32"] for v in report.values())
     bf16 = sum(v["bf16"] for v in report.values())
@@ -217,135 +205,3 @@ def lint_path(path: str | Path, run: bool = True) -> list[Finding]:
     if path.suffix.lower() == ".xml":
         return lint_openvino(path)
     return lint_onnx(path, run=run)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# FP16 range report
-
-
-@dataclass
-class BlockRange:
-    """FP32 activation ranges of one block, as the FP16 graph would hold them.
-
-    Args:
-        block: module name (``encoders.0.0``).
-        max_stream: largest |value| of the residual stream: the block's input, the sum after the first add
-            and its output (FP16 tensors in the FP16 graph unless the stage is kept in FP32).
-        max_gate: largest |value| of the gate products ``act(a) * b`` and the attention product ``x * sca(x)``.
-        max_abs: largest |output| of any layer in the block (convs included).
-        subnormal: fraction of the non-zero layer outputs below FP16's smallest normal (6.1e-5), which FP16
-            stores with fewer bits or flushes to zero.
-    """
-
-    block: str
-    max_stream: float = 0.0
-    max_gate: float = 0.0
-    max_abs: float = 0.0
-    subnormal: float = 0.0
-    _tiny: int = 0
-    _nonzero: int = 0
-
-    @property
-    def headroom(self) -> float:
-        """FP16 max / the largest of the three maxima (< 1 means FP16 would overflow there)."""
-        worst = max(self.max_stream, self.max_gate, self.max_abs)
-        return FP16_MAX / worst if worst else float("inf")
-
-
-@dataclass
-class RangeReport:
-    blocks: list[BlockRange] = field(default_factory=list)
-    half_psnr_db: float | None = None
-    half_size: tuple[int, int] | None = None
-    images: int = 0
-    fp32_stream: list[str] = field(default_factory=list)
-
-    @property
-    def overflows(self) -> list[str]:
-        return [b.block for b in self.blocks if b.headroom < 1]
-
-
-def fp16_range_report(model: NAFNet, images: list[torch.Tensor], half_size: tuple[int, int] | None = (128, 128),
-                      fp32_stream: list[str] | None = None) -> RangeReport:
-    """FP32 activation ranges per block over ``images``, and PSNR of PyTorch half vs FP32 at ``half_size``.
-
-    Args:
-        model: the FP32 model as deployed (TLC and folding applied or not, as exported).
-        images: (1, 3, H, W) float32 tensors in [0, 1].
-        half_size: (h, w) centre crop for the half-vs-fp32 run (half precision is slow on CPU); None skips it.
-        fp32_stream: stages whose residual stream the half model keeps in FP32 (as the export does; see
-            :mod:`export.fp16_stream`).
-    """
-    from .fp16_stream import to_half
-
-    model = model.eval()
-    report = RangeReport(images=len(images), fp32_stream=list(fp32_stream or []))
-    handles = []
-
-    def hook(module, fn, pre=False):
-        handles.append(module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn))
-
-    for name, block in model.named_modules():
-        if not _is_block(block):
-            continue
-        row = BlockRange(name)
-        report.blocks.append(row)
-
-        def track(_m, _inp, out, row=row):
-            if isinstance(out, torch.Tensor):
-                a = out.detach().abs()
-                row.max_abs = max(row.max_abs, a.max().item())
-                nonzero = a > 0
-                row._tiny += int((nonzero & (a < FP16_MIN_NORMAL)).sum())
-                row._nonzero += int(nonzero.sum())
-
-        def stream(_m, inp, out=None, row=row):
-            for t in (inp[0], out):
-                if isinstance(t, torch.Tensor):
-                    row.max_stream = max(row.max_stream, t.detach().abs().max().item())
-
-        def gate(_m, inp, out=None, row=row):
-            t = inp[0] if out is None else out
-            row.max_gate = max(row.max_gate, t.detach().abs().max().item())
-
-        hook(block, stream, pre=True)
-        hook(block, stream)
-        hook(block.norm2, stream, pre=True)  # norm2 reads the stream after the first add
-        hook(block.get_submodule(getattr(block, "sca_reader", "conv3")), gate, pre=True)  # it reads x * sca(x)
-        for sub in block.modules():
-            # leaves, and the deploy form's gate products (act(a) * b is no leaf's output there)
-            # FP32 islands (FNAFNet's FFT branches) never hold their outputs in FP16: not counted
-            if sub is not block and not getattr(sub, "fp32_island", False) and \
-                    (not list(sub.children()) or isinstance(sub, GatedConv)):
-                hook(sub, track)
-            if isinstance(sub, (Gate, GatedConv)):
-                hook(sub, gate)
-    try:
-        with torch.no_grad():
-            for x in images:
-                model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    for row in report.blocks:
-        row.subnormal = row._tiny / row._nonzero if row._nonzero else 0.0
-    if half_size is not None and images:
-        x = _center_crop(images[0], *half_size)
-        half = to_half(model, report.fp32_stream)
-        with torch.no_grad():
-            ref, out = model(x), half(x).float()
-        report.half_psnr_db = round(float(psnr(out.clamp(0, 1), ref.clamp(0, 1), data_range=1.0).min()), 2)
-        report.half_size = tuple(x.shape[-2:])
-    return report
-
-
-def _is_block(module: torch.nn.Module) -> bool:
-    """A residual block of the network (any kind, as trained or folded): what has an FP32-stream form."""
-    return isinstance(module, (NAFBlock, DeployBlock)) or hasattr(type(module), "fp32_stream")
-
-
-def _center_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    H, W = x.shape[-2:]
-    h, w = min(h, H), min(w, W)
-    top, left = (H - h) // 2, (W - w) // 2
-    return x[..., top:top + h, left:left + w]

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .config import DEFAULT_TRAIN_SIZE, PRESETS, ModelConfig, find_preset, get_config
-from .errors import UserError
+from .errors import UserError, first_line
 from .fileio import atomic_path
 from .model import NAFNet
 
@@ -114,7 +114,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(str(e), 10_000)
         # Every weights-only failure mentions `weights_only`; only a pickled global (a class or function
         # reference, what a code-running pickle needs) is a refusal; anything else is a broken file.
         if "GLOBAL" in str(e) or "Unsupported global" in str(e):
@@ -129,7 +129,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                               f"{detail[:200]}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError,
             AttributeError, UnicodeDecodeError, MemoryError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, 10_000)
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt, truncated or another format): "
                               f"{first[:200]}") from None
     if not isinstance(obj, dict):

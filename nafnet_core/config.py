@@ -19,6 +19,10 @@ BLOCKS = ("naf", "fnaf", "cg")
 #: What is concatenated to the input image before ``intro``: nothing, or the frequency-selection image.
 INPUT_FFTS = ("none", "fs")
 
+#: Input sides are padded to a multiple of 2 ** (encoder levels); every preset has four levels. The one
+#: model's own multiple is :attr:`ModelConfig.pad_multiple` (a runner reads it from the model, the ONNX
+#: metadata or the export manifest); this is only the default where no model says otherwise.
+DEFAULT_PAD_MULTIPLE = 16
 #: Training crop size the official GoPro models (and TLC) assume.
 DEFAULT_TRAIN_SIZE = 256
 #: TLC window = feature size at training time x BASE_RATIO (official: 1.5).
@@ -246,3 +250,17 @@ __all__ = [
     "get_config",
     "find_preset",
 ]
+
+
+def padded_size(size: int, multiple: int = DEFAULT_PAD_MULTIPLE) -> int:
+    """``size`` rounded up to a multiple of ``multiple`` (the model's input padding)."""
+    return -(-size // multiple) * multiple
+
+
+def pad_multiple_of(config: dict | None) -> int:
+    """The padding multiple of a model config given as a dict (a manifest's or an ONNX graph's metadata);
+    the default for ``None`` or a dict without encoder levels."""
+    if not isinstance(config, dict) or not config.get("enc_blk_nums"):
+        return DEFAULT_PAD_MULTIPLE
+    return 2 ** len(config["enc_blk_nums"])
+

@@ -31,8 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import DEFAULT_BASE_RATIO, DEFAULT_TRAIN_SIZE, ModelConfig
-from .model import GlobalAvgPool2d, NAFNet, global_mean
+from .config import DEFAULT_BASE_RATIO, DEFAULT_TRAIN_SIZE, ModelConfig, padded_size
+from .layers import GlobalAvgPool2d, global_mean
+from .model import NAFNet
 
 
 def _sym_min(a, b):
@@ -118,10 +119,6 @@ class LocalAvgPool2d(nn.Module):
         return f"kernel={self.kernel}"
 
 
-def _padded(size: int, multiple: int) -> int:
-    return -(-size // multiple) * multiple
-
-
 def tlc_kernels(
     config: ModelConfig, train_size: int | tuple[int, int] = DEFAULT_TRAIN_SIZE, base_ratio: float = DEFAULT_BASE_RATIO
 ) -> list[tuple[int, int]]:
@@ -137,7 +134,7 @@ def tlc_kernels(
     if base_ratio <= 0:
         raise ValueError(f"base_ratio must be positive, got {base_ratio}")
     bh, bw = int(th * base_ratio), int(tw * base_ratio)
-    fh, fw = _padded(th, config.pad_multiple), _padded(tw, config.pad_multiple)
+    fh, fw = padded_size(th, config.pad_multiple), padded_size(tw, config.pad_multiple)
     kernels = []
     for level in range(len(config.enc_blk_nums) + 1):
         h, w = fh >> level, fw >> level

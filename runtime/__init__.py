@@ -11,7 +11,8 @@
 TensorRT is imported only when an engine runs (runtime/trt.py).
 """
 
-from .infer import InferReport, choose_tiling, infer_path, restore, restore_image
+from .infer import InferReport, infer_path
+from .restore import choose_tiling, restore, restore_image
 from .models import BACKENDS, open_runner, read_export
 from .parity import ParityReport, ParityRow, check_parity, run_parity
 from .runners import OnnxRuntimeRunner, Runner, RunnerError, TensorRTRunner, TorchRunner

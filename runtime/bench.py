@@ -103,7 +103,7 @@ class BenchSpec:
 def measure(spec: BenchSpec) -> dict:
     """Runs one BenchSpec in this process: times (s) of each repeat, this process's peak RSS (MB) and the PSNR of
     the output against the sharp photo."""
-    from .infer import choose_tiling, restore
+    from .restore import choose_tiling, restore
     from export.samples import sample_photo
 
     from .models import torch_runner

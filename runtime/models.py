@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nafnet_core import convert_to_tlc, load_checkpoint
+from nafnet_core.config import pad_multiple_of
 from nafnet_core.errors import UserError
 
 from .runners import PRECISIONS, OnnxRuntimeRunner, OpenVINORunner, Runner, RunnerError, TensorRTRunner, TorchRunner
@@ -187,7 +188,7 @@ def open_runner(model: str | Path, backend: str = "auto", precision: str | None 
         if suffix == ".onnx":
             from export.onnx_export import read_metadata
 
-            runner.whole_image_input = whole_image_input(read_metadata(path).get("nafnet.config"))
+            describe_model(runner, read_metadata(path).get("nafnet.config"))
         return runner
     if suffix in ENGINE_SUFFIXES:
         _require(backend, ("auto", "trt"), path)
@@ -208,14 +209,29 @@ def torch_runner(checkpoint: str | Path, precision: str = "fp32", *, preset: str
     return TorchRunner(model, precision, device=device, name=label)
 
 
-def whole_image_input(config: dict | str | None) -> bool:
-    """True for a model config (dict or its JSON) whose input FFT spans the whole input (``input_fft='fs'``)."""
+def _config_dict(config: dict | str | None) -> dict | None:
     if isinstance(config, str):
         try:
             config = json.loads(config)
         except ValueError:
-            return False
-    return isinstance(config, dict) and config.get("input_fft") == "fs"
+            return None
+    return config if isinstance(config, dict) else None
+
+
+def whole_image_input(config: dict | str | None) -> bool:
+    """True for a model config (dict or its JSON) whose input FFT spans the whole input (``input_fft='fs'``)."""
+    config = _config_dict(config)
+    return config is not None and config.get("input_fft") == "fs"
+
+
+def describe_model(runner: Runner, config: dict | str | None) -> Runner:
+    """Tells ``runner`` what the exported model's config (manifest or ONNX metadata; dict or JSON) says about
+    its input: whether it spans the whole input, and the padding multiple every image is padded to."""
+    config = _config_dict(config)
+    runner.whole_image_input = runner.whole_image_input or whole_image_input(config)
+    if config is not None:
+        runner.pad_multiple = pad_multiple_of(config)
+    return runner
 
 
 def _require(backend: str, allowed: tuple[str, ...], path: Path) -> None:
@@ -230,8 +246,7 @@ def _from_export_dir(path: Path, backend: str, precision: str | None, device: st
                      tiled_graph: bool | None, tlc: bool, train_size: int | None, verify: bool = True) -> Runner:
     info = read_export(path)
     runner = _runner_of_export(info, path, backend, precision, device, threads, tiled_graph, verify)
-    runner.whole_image_input = runner.whole_image_input or whole_image_input(info.config)
-    return runner
+    return describe_model(runner, info.config)
 
 
 def machine_id() -> dict:

@@ -33,12 +33,12 @@ import torch
 
 import nafnet_core as nc
 from nafnet_core.cli_common import fmt, text_table
-from nafnet_core.errors import UserError
+from nafnet_core.errors import UserError, first_line
 from nafnet_core.fileio import atomic_write_text
 from nafnet_core.images import read_image, to_tensor
 
-from .infer import TilingWarning, restore
-from .models import OPENVINO_PRECISIONS, ExportInfo, openvino_artifact, read_export, torch_runner, whole_image_input
+from .restore import TilingWarning, restore
+from .models import OPENVINO_PRECISIONS, ExportInfo, openvino_artifact, describe_model, read_export, torch_runner
 from .runners import OnnxRuntimeRunner, OpenVINORunner, Runner, RunnerError, TensorRTRunner
 from .tiling import DEFAULT_TILE
 
@@ -162,7 +162,7 @@ def parity_cases(info: ExportInfo, *, torch_precisions: Sequence[str] = ("fp16",
     cases += _openvino_cases(info, threads)
     for case in cases:  # the export's config says whether tiles change the model's output
         if case.runner is not None:
-            case.runner.whole_image_input = case.runner.whole_image_input or whole_image_input(info.config)
+            describe_model(case.runner, info.config)
     if not any(a.backend == "trt" for a in info.artifacts):
         from .trt import tensorrt_available
 
@@ -240,7 +240,7 @@ def run_parity(reference: Runner, cases: list[_Case], pairs: Iterable[tuple[str,
                     case.seconds += time.perf_counter() - t
                 except (RuntimeError, ValueError, UserError) as e:  # e.g. out of memory, engine profile too small
                     # a backend that cannot process a test image fails the check (unlike one that cannot run here)
-                    case.row.status = f"failed on {name}: {str(e).splitlines()[0][:200]}"
+                    case.row.status = f"failed on {name}: {first_line(e)}"
                     case.row.passed = False
                     if case.runner is not reference:
                         case.runner.deactivate()
@@ -297,7 +297,7 @@ def load_split(root: str | Path, split: str = "test", limit: int | None = None,
     A pair that cannot be read, whose sizes differ or that is below the 11x11 SSIM window is skipped and
     recorded in ``failed`` (blur file -> one-line reason), so one bad file does not stop the comparison.
     """
-    from train.data import load_pairs
+    from nafnet_core.data import load_pairs
 
     splits = load_pairs(root)
     if split not in splits:

@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
+from nafnet_core.errors import first_line
+
 from .runners import Runner, RunnerError
 
 SCHEMES = ("http", "grpc")
@@ -66,7 +68,7 @@ def _client_modules(scheme: str):
 
 
 def _first_line(text: str, limit: int = 300) -> str:
-    return (text.strip().splitlines() or [""])[0][:limit]
+    return first_line(text, limit)
 
 
 class RemoteRunner(Runner):

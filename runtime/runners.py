@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from nafnet_core.config import DEFAULT_PAD_MULTIPLE
+from nafnet_core.errors import first_line
 from nafnet_core.model import NAFNet
 
 from .errors import RunnerError  # re-exported: ``from runtime.runners import RunnerError`` keeps working
@@ -39,12 +41,13 @@ class Runner:
     Attributes:
         backend: ``torch``, ``onnxrt``, ``openvino`` or ``trt``.
         precision: ``fp32``, ``fp16`` or ``bf16`` (what the arithmetic runs in).
-        fixed_shape: (H, W) the model requires, or None for any multiple of 16.
+        fixed_shape: (H, W) the model requires, or None for any multiple of ``pad_multiple``.
+        pad_multiple: the model's padding multiple (2 ** encoder levels): the runtime pads every image to it.
         fixed_batch: the batch a fixed-batch graph/engine requires, or None for any batch. ``infer``
             takes any batch either way: it runs a fixed-batch model in chunks, the last one padded.
         name: a readable label for tables and logs.
         whole_image_input: the model transforms its whole input (``input_fft='fs'``: the spectrum of what it
-            is given), so a tile's output is not the whole image's; ``runtime.infer.choose_tiling`` runs such
+            is given), so a tile's output is not the whole image's; ``runtime.restore.choose_tiling`` runs such
             models whole where it can and warns where it cannot.
     """
 
@@ -59,6 +62,7 @@ class Runner:
         self.fixed_shape: tuple[int, int] | None = None
         self.fixed_batch: int | None = None
         self.whole_image_input = False
+        self.pad_multiple = DEFAULT_PAD_MULTIPLE
         self.auto_note = ""  # why ``--backend auto`` chose this runner (runtime.models.auto_order)
         self.is_active = False
         self.last_ms = 0.0
@@ -145,7 +149,9 @@ class TorchRunner(Runner):
         self.model = model
         self.device = device
         self.reuse_memory = reuse_memory
-        self.whole_image_input = getattr(getattr(model, "config", None), "input_fft", "none") == "fs"
+        config = getattr(model, "config", None)
+        self.whole_image_input = getattr(config, "input_fft", "none") == "fs"
+        self.pad_multiple = getattr(config, "pad_multiple", DEFAULT_PAD_MULTIPLE)
         self._module: nn.Module | None = None
 
     def _activate(self) -> None:
@@ -161,7 +167,8 @@ class TorchRunner(Runner):
         if self.precision == "fp16" and isinstance(self.model, NAFNet):
             # As the FP16 export: stages whose residual stream would overflow FP16 on sample photos keep it
             # in FP32 (a plain .half() of such a checkpoint gives inf/NaN).
-            from export.fp16_stream import plan, to_half
+            from export.fp16_stream import to_half
+            from export.ranges import plan
 
             self._module = to_half(self.model, plan(self.model)["fp32_stream"]).to(self._device)
         else:
@@ -231,7 +238,7 @@ def onnx_input_info(path: str | Path) -> tuple[tuple[int, int] | None, str, int 
         model = onnx.load(str(path), load_external_data=False)
     except (OSError, ValueError, DecodeError) as e:
         raise RunnerError(f"{path}: not a readable ONNX file (corrupt, truncated or another format): "
-                          f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+                          f"{first_line(e)}") from None
     if not model.graph.input or not model.graph.node:
         raise RunnerError(f"{path}: not an ONNX graph (no input or no nodes: empty file or another format)")
     inp = model.graph.input[0]
@@ -322,7 +329,7 @@ class OnnxRuntimeRunner(Runner):
         try:
             self._session = ort.InferenceSession(self._graph_for(providers), opts, providers=providers)
         except (RuntimeError, ValueError, *load_errors) as e:
-            raise RunnerError(f"{self.path}: onnxruntime cannot load this graph: {str(e).splitlines()[0][:300]}") from None
+            raise RunnerError(f"{self.path}: onnxruntime cannot load this graph: {first_line(e, 300)}") from None
         self._in = self._session.get_inputs()[0].name
         self._out = self._session.get_outputs()[0].name
         self._np_dtype = np.float16 if self._input_type == "FLOAT16" else np.float32
@@ -386,7 +393,7 @@ class OpenVINORunner(Runner):
                            else self._core.read_model(str(self.path)))
         except (RuntimeError, *ET_ERRORS) as e:
             raise RunnerError(f"{self.path}: OpenVINO cannot read this model (corrupt, truncated or another format): "
-                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}") from None
+                              f"{first_line(e)}") from None
         shape = self._model.inputs[0].get_partial_shape()
         if shape.rank.is_static and shape.rank.get_length() == 4:
             hw = [shape[i].get_length() if shape[i].is_static else None for i in (2, 3)]
@@ -410,7 +417,7 @@ class OpenVINORunner(Runner):
         try:
             compiled = self._core.compile_model(model, "CPU", self._config)
         except RuntimeError as e:
-            raise RunnerError(f"{self.path}: OpenVINO cannot compile this model: {str(e).strip().splitlines()[0][:300]}") \
+            raise RunnerError(f"{self.path}: OpenVINO cannot compile this model: {first_line(e, 300)}") \
                 from None
         got = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
         want = "bf16" if self.precision == "bf16" else "f32"

@@ -48,9 +48,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from nafnet_core.errors import UserError
+from nafnet_core.errors import UserError, first_line
 
-from .infer import choose_tiling
+from .restore import choose_tiling
 from .runners import Runner
 from .tiling import restore_tensor
 
@@ -161,7 +161,7 @@ class ImageModel:
                 ys = self._restore(xs, shape[-2], shape[-1])
             except Exception as e:  # noqa: BLE001 - the server boundary: answer, log the traceback, keep serving
                 LOGGER.exception("inference failed for %d request(s) of shape %s", len(members), shape)
-                reason = f"inference failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+                reason = f"inference failed: {type(e).__name__}: {first_line(str(e))}"
                 for i, x in zip(members, xs):
                     answers[i] = _failure(x.shape[0], reason)
                 continue
@@ -287,7 +287,7 @@ def start_server(runner: Runner, options: ServeOptions) -> Server:
     except Exception as e:  # noqa: BLE001 - PyTriton raises several types; the log has the detail
         with contextlib.suppress(Exception):
             triton.stop()
-        raise ServeError(f"the server did not start: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]} "
+        raise ServeError(f"the server did not start: {type(e).__name__}: {first_line(str(e))} "
                          f"(server log: {log_file})") from None
     host = f"[{options.host}]" if ":" in options.host else options.host
     urls = {"http": f"http://{host}:{options.http_port}", "grpc": f"grpc://{host}:{options.grpc_port}",

@@ -94,7 +94,7 @@ def _server_block(runner, x: torch.Tensor, clients: int, per_client: int) -> tup
 
 
 def _local_block(local, x: torch.Tensor, n: int) -> tuple[list[float], float]:
-    from .infer import restore
+    from .restore import restore
 
     latencies = []
     start = time.perf_counter()

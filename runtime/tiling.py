@@ -25,8 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-#: NAFNet with 4 encoder levels needs H and W divisible by 2**4.
-PAD_MULTIPLE = 16
+from nafnet_core.config import DEFAULT_PAD_MULTIPLE, padded_size
+
 #: Default tile edge and overlap (pixels), measured: see BENCHMARKS.md "Tiling vs whole-image TLC".
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 128
@@ -37,17 +37,20 @@ class TileSpec:
     """How to cut an image.
 
     Args:
-        tile: (height, width) of every tile (multiples of 16).
+        tile: (height, width) of every tile (multiples of ``multiple``).
         overlap: minimum overlap between neighbouring tiles, pixels (blend ramp length).
+        multiple: the model's padding multiple (``Runner.pad_multiple``): images are padded to it first.
     """
 
     tile: tuple[int, int] = (DEFAULT_TILE, DEFAULT_TILE)
     overlap: int = DEFAULT_OVERLAP
+    multiple: int = DEFAULT_PAD_MULTIPLE
 
     def __post_init__(self):
         th, tw = self.tile
-        if th <= 0 or tw <= 0 or th % PAD_MULTIPLE or tw % PAD_MULTIPLE:
-            raise ValueError(f"tile must be positive multiples of {PAD_MULTIPLE}, got {th}x{tw}")
+        m = self.multiple
+        if th <= 0 or tw <= 0 or th % m or tw % m:
+            raise ValueError(f"tile must be positive multiples of {m} (the model's padding multiple), got {th}x{tw}")
         if not 0 <= self.overlap < min(th, tw):
             raise ValueError(f"overlap must be in [0, {min(th, tw)}) for tile {th}x{tw}, got {self.overlap}")
 
@@ -57,29 +60,25 @@ def default_overlap(tile: tuple[int, int]) -> int:
     return min(DEFAULT_OVERLAP, min(tile) // 4)
 
 
-def padded_size(size: int, multiple: int = PAD_MULTIPLE) -> int:
-    return -(-size // multiple) * multiple
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
+def pad_to_multiple(x: torch.Tensor, multiple: int = DEFAULT_PAD_MULTIPLE) -> torch.Tensor:
     """Zero-pads (N, C, H, W) right and bottom to multiples of ``multiple`` (NAFNet's own padding)."""
     h, w = x.shape[-2:]
     return F.pad(x, (0, padded_size(w, multiple) - w, 0, padded_size(h, multiple) - h))
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+def tile_starts(length: int, tile: int, overlap: int, multiple: int = DEFAULT_PAD_MULTIPLE) -> list[int]:
     """Start offsets of tiles of ``tile`` px covering [0, length) with at least ``overlap`` px overlap.
 
     The fewest tiles that satisfy the overlap, spread evenly from 0 to ``length - tile`` and rounded
-    down to multiples of 16 where possible (so tile-local pixel grids align with the image's stride-16
-    structure). ``length <= tile`` gives one tile at 0 (the caller pads the image to the tile).
+    down to multiples of ``multiple`` where possible (so tile-local pixel grids align with the image's
+    stride structure: the model's padding multiple). ``length <= tile`` gives one tile at 0 (the caller pads the image to the tile).
     """
     if length <= tile:
         return [0]
     n = 1 + math.ceil((length - tile) / (tile - overlap))
     last = length - tile
     starts = [round(i * last / (n - 1)) for i in range(n)]
-    aligned = [s - s % PAD_MULTIPLE for s in starts[:-1]] + [last]
+    aligned = [s - s % multiple for s in starts[:-1]] + [last]
     if all(b - a <= tile - overlap for a, b in zip(aligned, aligned[1:])):
         starts = aligned
     return starts
@@ -120,7 +119,7 @@ def weight_sum(length: int, starts: list[int], weights: list[torch.Tensor]) -> t
 
 def run_tiled(infer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, spec: TileSpec,
               progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Runs ``infer`` on tiles of ``x`` (N, C, H, W; H, W multiples of 16) and blends them; same shape out.
+    """Runs ``infer`` on tiles of ``x`` (N, C, H, W; H, W multiples of ``spec.multiple``) and blends them; same shape out.
 
     A batch of N same-sized images (video frames) is cut on one grid: each call gets one tile position of
     all N images. An image smaller than the tile along an axis is replicate-padded to the tile there and
@@ -132,7 +131,7 @@ def run_tiled(infer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, sp
     if fill_h or fill_w:
         x = F.pad(x, (0, fill_w, 0, fill_h), mode="replicate")
     ph, pw = x.shape[-2:]
-    ys, xs = tile_starts(ph, th, spec.overlap), tile_starts(pw, tw, spec.overlap)
+    ys, xs = tile_starts(ph, th, spec.overlap, spec.multiple), tile_starts(pw, tw, spec.overlap, spec.multiple)
     wy, wx = tile_weights(ys, th, spec.overlap), tile_weights(xs, tw, spec.overlap)
     # float64 accumulation: products of float32 values and weights are exact in it, so where tiles agree
     # (an identity runner, overlaps of a pointwise model) the blend gives back their float32 value exactly.
@@ -150,22 +149,25 @@ def run_tiled(infer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, sp
 
 
 def count_tiles(height: int, width: int, spec: TileSpec) -> int:
-    """Number of tiles ``run_tiled`` uses for an image of ``height`` x ``width`` (before padding to 16)."""
-    ph, pw = max(padded_size(height), spec.tile[0]), max(padded_size(width), spec.tile[1])
-    return len(tile_starts(ph, spec.tile[0], spec.overlap)) * len(tile_starts(pw, spec.tile[1], spec.overlap))
+    """Number of tiles ``run_tiled`` uses for an image of ``height`` x ``width`` (before padding)."""
+    ph, pw = max(padded_size(height, spec.multiple), spec.tile[0]), max(padded_size(width, spec.multiple), spec.tile[1])
+    return (len(tile_starts(ph, spec.tile[0], spec.overlap, spec.multiple))
+            * len(tile_starts(pw, spec.tile[1], spec.overlap, spec.multiple)))
 
 
 def restore_tensor(infer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, spec: TileSpec | None = None,
-                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """The shared inference path: pad to 16 -> whole image (``spec`` None) or tiles -> crop. No clamping.
+                   progress: Callable[[int], None] | None = None, multiple: int = DEFAULT_PAD_MULTIPLE) -> torch.Tensor:
+    """The shared inference path: pad to the model's multiple -> whole image (``spec`` None) or tiles -> crop.
+    No clamping.
 
     Args:
         infer: a runner's ``infer`` (NCHW float32 in and out).
         x: (N, C, H, W) float32 in [0, 1] (N > 1: same-sized frames of a video, in one call or tile grid).
         spec: tiling, or None for one whole-image call (dynamic-shape backends only).
+        multiple: the padding multiple of a whole-image call (a tiling's own ``spec.multiple`` wins).
     """
     h, w = x.shape[-2:]
-    xp = pad_to_multiple(x)
+    xp = pad_to_multiple(x, multiple if spec is None else spec.multiple)
     y = infer(xp) if spec is None else run_tiled(infer, xp, spec, progress)
     if spec is None and progress is not None:
         progress(1)

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nafnet_core.errors import UserError
+from nafnet_core.errors import UserError, first_line
 from nafnet_core.fileio import atomic_path
 from nafnet_core.images import VIDEO_FORMATS, Decoded, from_tensor, to_tensor
 
-from .infer import restore, side_by_side
+from .restore import restore, side_by_side
 from .runners import Runner
 
 
@@ -213,7 +213,7 @@ def infer_video(runner: Runner, src: str | Path, dst: str | Path, *, tile: str |
     Args:
         runner: an activated Runner.
         src / dst: input and output files (``dst``'s suffix picks the container, see VIDEO_FORMATS).
-        tile / overlap: as for images (runtime.infer.choose_tiling).
+        tile / overlap: as for images (runtime.restore.choose_tiling).
         codec: a VIDEO_CODECS key or ``auto`` (H.264 where the container and FFmpeg build allow it).
         crf: quality of lossy codecs (lower is better; default: the codec's).
         batch: frames per model call (default: the runner's fixed batch, else 1).
@@ -376,4 +376,4 @@ def _keep(tmp: Path, path: Path) -> Path:
 
 def _why(e: Exception) -> str:
     text = getattr(e, "strerror", None) or str(e)
-    return (text.splitlines() or [type(e).__name__])[0][:200]
+    return first_line(text) or type(e).__name__

@@ -12,7 +12,8 @@ import nafnet_core as nc
 from export import FORMATS, ShapeSpec, TrtOptions, make_profile, parse_hw, parse_profile
 from export import graph
 from export.formats import formats_for
-from export.lint import fp16_range_report, lint_onnx
+from export.lint import lint_onnx
+from export.ranges import fp16_range_report
 from export.shapes import ShapeError
 from export.trt_plan import default_timing_cache, missing_message
 from tests.conftest import make_nontrivial, photo

@@ -11,7 +11,8 @@ from PIL import Image
 
 from cli import main
 from nafnet_core.images import read_image, to_tensor, to_uint8
-from runtime.infer import AUTO_WHOLE_MAX_PIXELS, choose_tiling, collect_inputs
+from runtime.infer import collect_inputs
+from runtime.restore import AUTO_WHOLE_MAX_PIXELS, choose_tiling
 from runtime.runners import TorchRunner
 from tests.conftest import photo
 from tests.test_runtime_fixtures import TILE

@@ -276,7 +276,7 @@ def test_official_file_of_the_wrong_input_names_the_preset(tmp_path):
 
 
 def test_tiler_runs_fs_models_whole_and_warns_about_tiles(tmp_path):
-    from runtime.infer import AUTO_WHOLE_MAX_PIXELS, TilingWarning, choose_tiling
+    from runtime.restore import AUTO_WHOLE_MAX_PIXELS, TilingWarning, choose_tiling
     from runtime.models import open_runner
     from runtime.runners import TorchRunner
 

@@ -49,7 +49,7 @@ def test_island_rule_on_a_hand_graph():
 
 @needs_ov
 def test_runner_matches_onnxruntime_fixed_and_dynamic(tiny_onnx):
-    from runtime.infer import restore
+    from runtime.restore import restore
     from runtime.runners import OnnxRuntimeRunner, OpenVINORunner
 
     x = photo(72, 100)  # not a multiple of the tile: the fixed graph runs through tiling

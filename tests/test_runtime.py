@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nafnet_core as nc
-from runtime.infer import restore
+from runtime.restore import restore
 from runtime.models import open_runner
 from runtime.runners import OnnxRuntimeRunner, RunnerError, TensorRTRunner, TorchRunner, cuda_device_count, ort_providers
 from runtime.trt import tensorrt_available

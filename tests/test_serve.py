@@ -33,7 +33,8 @@ pytest.importorskip("tritonclient.grpc", reason='the client needs tritonclient: 
 from cli import main  # noqa: E402
 from nafnet_core.images import read_image, to_uint8  # noqa: E402
 from nafnet_core.metrics import psnr  # noqa: E402
-from runtime.infer import infer_path, restore  # noqa: E402
+from runtime.infer import infer_path  # noqa: E402
+from runtime.restore import restore  # noqa: E402
 from runtime.models import open_runner  # noqa: E402
 from runtime.remote import RemoteError, RemoteRunner  # noqa: E402
 from runtime.serve import remove_stale_shared_memory  # noqa: E402

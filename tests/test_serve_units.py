@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from nafnet_core.images import read_image, to_uint8
-from runtime.infer import infer_path, restore
+from runtime.infer import infer_path
+from runtime.restore import restore
 from runtime.models import open_runner
 from runtime.remote import RemoteError, parse_server_url
 from runtime.serve import ERROR, INPUT, OUTPUT, ImageModel, ServeError, check_ports, check_request, \

@@ -19,7 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nafnet_core as nc
-from runtime.tiling import (PAD_MULTIPLE, TileSpec, padded_size, restore_tensor, run_tiled, tile_starts, tile_weights,
+from nafnet_core.config import DEFAULT_PAD_MULTIPLE as PAD_MULTIPLE
+from nafnet_core.config import padded_size
+from runtime.tiling import (TileSpec, restore_tensor, run_tiled, tile_starts, tile_weights,
                             weight_sum)
 
 SETTINGS = settings(max_examples=150, deadline=None)
