@@ -34,7 +34,7 @@ from train.commands import compare_cmd, data, eval_cmd, train_cmd
 
 #: The one graph shape the demo exports: a fixed tile (the synthetic images are 192x256, so a 128 tile really
 #: tiles). No dynamic graph: its export took ~99 s of the 4-minute budget on an idle machine, the tile's
-#: a few seconds, and that time trains instead (BENCHMARKS.md, "Demo: a recipe for +1.5 dB (not reached)").
+#: a few seconds, and that time trains instead (BENCHMARKS.md, "Demo").
 #: ``python cli.py export runs/demo/train/best.pt --dynamic --fp16`` writes the dynamic graphs afterwards.
 DEMO_TILE = (128, 128)
 #: The demo's training preset (train/config.py): the `tiny` model with the best recipe measured for the demo.

@@ -48,8 +48,8 @@ class _LayerNorm2dFunction(torch.autograd.Function):
         xf = x.to(_stats_dtype(x))
         # Two passes (mean, then the mean square of the centred map), as in :meth:`LayerNorm2d.reference`:
         # torch.var_mean over the channel dim of an NCHW map was 15x slower on CPU at (8, 8, 64, 64) and
-        # 1.6x at (4, 32, 256, 256), a quarter of a `tiny` training step (BENCHMARKS.md, "Demo: a recipe
-        # for +1.5 dB (not reached)").
+        # 1.6x at (4, 32, 256, 256), a quarter of a `tiny` training step (BENCHMARKS.md, "Training step
+        # vs the official NAFNet step").
         mu = xf.mean(1, keepdim=True)  # (N, 1, H, W)
         y = xf - mu
         rstd = y.square().mean(1, keepdim=True).add_(eps).rsqrt_()

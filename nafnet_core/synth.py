@@ -20,8 +20,7 @@ curved path's mean position is then ``a2 / 3`` away from it (0.1-1.2 px here), s
 shifted from its target by an offset that only the path's curvature reveals: the test split's sharp images
 shifted by that offset alone score 26-34 dB against themselves. Centring keeps the blur, the input PSNR
 range and the spatial variation, makes the target the one position the blur determines, and added 0.2 dB
-to the demo recipe's test gain (seed 0, 1000 steps: +0.67 -> +0.88 dB; BENCHMARKS.md, "Demo: +1.5 dB
-within 4 minutes — session 7 search").
+to the demo recipe's test gain (seed 0, 1000 steps: +0.67 -> +0.88 dB; BENCHMARKS.md, "Demo").
 
 Train and test use different photos (test: ``coffee``, ``chelsea``), so the test halves measure
 generalisation to unseen content. Everything is a pure function of ``(seed, split, index)``: the same seed

@@ -1,4 +1,4 @@
-"""The bad-input table shared by the tests/test_reliability_*.py files (issue #6).
+"""The bad-input table shared by the tests/test_reliability_*.py files.
 
 Every case is one file written by a small function, with the outcome every entry point must show:
 ``ok`` (decoded and processed) or ``error`` with a fragment of the one-line message (which must also

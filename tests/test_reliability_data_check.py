@@ -1,4 +1,4 @@
-"""Bad-input suite for ``data check`` (issue #6): every case of tests/reliability_cases.py in one data set.
+"""Bad-input suite for ``data check``: every case of tests/reliability_cases.py in one data set.
 
 Expected: good pairs are never reported; each bad file gets its own line naming it; exit code 1.
 Without ``--full`` only the header is read, so files cut after their header pass (by design, the help

@@ -1,4 +1,4 @@
-"""Bad-input suite for ``eval`` (issue #6): every case of tests/reliability_cases.py in one test split.
+"""Bad-input suite for ``eval``: every case of tests/reliability_cases.py in one test split.
 
 Expected: each good or merely unusual pair is scored (a row in the CSV); each bad one gets one line
 ``failed: <file>: <reason>`` on stderr; the means cover the scored pairs; JSON/CSV are still written;

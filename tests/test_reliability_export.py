@@ -1,4 +1,4 @@
-"""Reliability of ``export`` (issue #6): bad checkpoints, unwritable --out, tampered artifacts and manifests,
+"""Reliability of ``export``: bad checkpoints, unwritable --out, tampered artifacts and manifests,
 engines from another TensorRT/GPU, kill -9 mid-export.
 
 Already covered elsewhere (not repeated): tests/test_checkpoint.py (malicious pickle refused and not

@@ -1,4 +1,4 @@
-"""Reliability of ``infer`` (issue #6): the bad-input table, unwritable and escaping outputs, tampered models,
+"""Reliability of ``infer``: the bad-input table, unwritable and escaping outputs, tampered models,
 engines from another setup, and kill -9 mid-folder.
 
 Already covered in tests/test_infer.py (not repeated): formats/depth/alpha kept, a re-run skips existing

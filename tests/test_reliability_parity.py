@@ -1,4 +1,4 @@
-"""Reliability of ``parity`` (issue #6): the bad-input table in the test split, tampered exports.
+"""Reliability of ``parity``: the bad-input table in the test split, tampered exports.
 
 Expected for bad pairs: every readable pair is compared by every backend; each bad pair is one line
 ``failed: <file>: <reason>``; the verdict is FAIL and the exit code 1 (a parity claim over a data set

@@ -1,4 +1,4 @@
-"""Reliability of ``train`` (issue #6): bad inputs, kills at random points, signals, tampered state, configs.
+"""Reliability of ``train``: bad inputs, kills at random points, signals, tampered state, configs.
 
 Already covered in tests/test_train.py (not repeated here): SIGTERM saves last.pt and exits 0, one
 SIGKILL then resume finishes all steps with a continuous metrics.csv, a non-finite loss stops with the

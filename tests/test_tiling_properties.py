@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) of the tiling math, for any image size, tile and overlap (issue #6, item 4).
+"""Property tests (hypothesis) of the tiling math, for any image size, tile and overlap.
 
 - the tiles cover every pixel, stay inside the (padded) image and overlap by at least ``overlap``;
 - the blending weights of a pixel, normalised as run_tiled does, sum to 1 everywhere (and the raw sum

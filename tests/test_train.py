@@ -400,7 +400,7 @@ def test_ddp_two_cpu_processes_match_one_process(cache_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Speed options (issue 13): channels_last, amp=bf16 on CPU, torch.compile; fused AdamW
+# Speed options: channels_last, amp=bf16 on CPU, torch.compile; fused AdamW
 
 SPEED_OPTIONS = {"channels_last": {"channels_last": "on"}, "amp=bf16": {"amp": "bf16"}, "compile": {"compile": "on"}}
 # The smallest NAFNet (3 blocks), so that torch.compile has little to compile.

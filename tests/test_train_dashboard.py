@@ -1,4 +1,4 @@
-"""TensorBoard logging of training (issue 15): the event files, read back with tensorboard's own reader,
+"""TensorBoard logging of training: the event files, read back with tensorboard's own reader,
 hold exactly the steps and values of metrics.csv, also across resumes after an attempt that logged past its
 last checkpoint; the optional dependency and the config key."""
 

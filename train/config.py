@@ -236,12 +236,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Tests and demos of the CascadedGaze family: tiny-cg with the tiny recipe.
     "tiny-cg": {"model": "tiny-cg", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3, "val_every": 250,
                 "save_every": 250, "log_every": 10, "workers": 0},
-    # `python cli.py demo`: the best recipe measured within the demo's CPU budget (BENCHMARKS.md, "Demo:
-    # searching for a training recipe that deblurs visibly" and "Demo: a recipe for +1.5 dB (not reached)");
-    # 1000 steps: re-timed idle in session 4, 1100 steps took 3 min 58 s for the whole demo (train 188 s at
-    # 5.4-6 steps/s); 2400 steps (+0.99 dB) would take ~8.5 min, over the 4-minute budget. Session 7 compared
-    # widths 12-32, batch, crop, losses, FFT blocks and training photo sets at equal time ("Demo: +1.5 dB
-    # within 4 minutes — session 7 search"): none beat this recipe beyond the spread of the 4 test images.
+    # `python cli.py demo`: the best recipe measured within the demo's CPU budget (BENCHMARKS.md, "Demo" and
+    # "Training recipes at the demo's budget"): 1000 steps keep the whole demo under 4 minutes on 2 cores;
+    # widths 12-32, batch, crop, losses, FFT blocks and training photo sets compared at equal time did not
+    # beat this recipe beyond the spread of the 4 test images.
     # Kept apart from `tiny` so that tuning it leaves the tests alone.
     "demo": {"model": "tiny", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3, "loss": "l1", "val_every": 400,
              "save_every": 400, "log_every": 10, "workers": 0},

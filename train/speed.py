@@ -10,7 +10,7 @@ Four config keys choose them (``auto`` takes the measured default of the device 
   pages from the kernel, which fault in, zeroed, on first touch, in every op of every step. At width32's
   full-resolution level (batch 4 of 256², 34-67 MB maps) that made memory-bound ops 3-4x slower (a
   multiply of two 4x64x256x256 maps: 51.7 ms, 14.8 ms with the heap) and the whole step 1.21x slower; the
-  heap costs 9 % more peak RSS (BENCHMARKS.md, "Training step vs the official NAFNet step", session 6).
+  heap costs 9 % more peak RSS (BENCHMARKS.md, "Training step vs the official NAFNet step").
   Process-wide; CUDA tensors have their own caching allocator.
 - ``amp``: bf16 | fp16 | off | auto. Autocast of the forward; the loss, the LayerNorm statistics and the
   pooling means stay FP32. On CPU only bf16 (fp16 autocast needs a grad scaler that is CUDA-only here).
@@ -34,7 +34,7 @@ from nafnet_core.errors import UserError
 from nafnet_core.process import keep_freed_memory
 
 #: What ``auto`` means per device type; measured with ``python cli.py train --bench`` (BENCHMARKS.md,
-#: "Training step throughput"). CUDA could not be measured here: it keeps the previous behaviour (bf16
+#: "Throughput at 256² crops, batch 4"). CUDA could not be measured here: it keeps the previous behaviour (bf16
 #: autocast where supported, else fp16) and leaves the other options off.
 AUTO: dict[str, dict[str, str]] = {
     "cpu": {"channels_last": "off", "compile": "off", "amp": "off", "reuse_memory": "on"},
