@@ -24,8 +24,6 @@ import nafnet_core as nc
 from nafnet_core.cli_common import fmt, text_table
 from nafnet_core.process import peak_rss_mb
 
-from .tiling import TileSpec, restore_tensor
-
 
 def matmul_gflops(n: int = 2048, repeats: int = 5, threads: int | None = None) -> float:
     """This machine's fp32 matrix-multiply rate (GFLOP/s): best of ``repeats`` n x n x n products."""
@@ -374,75 +372,6 @@ def bench_table(result: dict) -> str:
     return "\n".join(out)
 
 
-# --------------------------------------------------------------------------------------------- tiling sweep
-
-@dataclass
-class TilingRow:
-    tile: int
-    overlap: int
-    tiles: int
-    psnr_vs_whole: float
-    max_abs_diff: float
-    delta_psnr: float
-    seconds: float
-
-
-def tiling_sweep(model: torch.nn.Module, images: list[torch.Tensor], targets: list[torch.Tensor],
-                 configs: list[tuple[int, int]], progress: bool = True) -> tuple[list[TilingRow], float]:
-    """Tiled vs whole-image output of ``model`` for each (tile, overlap); returns (rows, whole-image seconds).
-
-    ``psnr_vs_whole``: PSNR of the tiled output against the whole-image output (uint8-rounded), min over
-    images; ``delta_psnr``: mean over images of PSNR(tiled, target) - PSNR(whole, target), the parity figure.
-    """
-    from .tiling import count_tiles
-
-    q = nc.quantize
-    with torch.inference_mode():
-        t = time.perf_counter()
-        wholes = [restore_tensor(model, x, None) for x in images]
-        whole_s = (time.perf_counter() - t) / len(images)
-        base = [nc.psnr(q(w), q(g)).item() for w, g in zip(wholes, targets)]
-        rows = []
-        for tile, overlap in configs:
-            spec = TileSpec((tile, tile), overlap)
-            t = time.perf_counter()
-            outs = [restore_tensor(model, x, spec) for x in images]
-            secs = (time.perf_counter() - t) / len(images)
-            vs_whole = min(nc.psnr(q(o), q(w)).item() for o, w in zip(outs, wholes))
-            diff = max((o.clamp(0, 1) - w.clamp(0, 1)).abs().max().item() for o, w in zip(outs, wholes))
-            delta = statistics.fmean(nc.psnr(q(o), q(g)).item() - b for o, g, b in zip(outs, targets, base))
-            rows.append(TilingRow(tile, overlap, count_tiles(*images[0].shape[-2:], spec), round(vs_whole, 2),
-                                  round(diff, 5), round(delta, 4), round(secs, 2)))
-            if progress:
-                print(rows[-1], file=sys.stderr, flush=True)
-    return rows, whole_s
-
-
-def run_tiling_sweep(preset: str = "nafnet-gopro-width32", size: tuple[int, int] = (720, 1280), n_images: int = 2,
-                     configs: list[tuple[int, int]] | None = None, seed: int = 0) -> dict:
-    """The measurement behind DEFAULT_TILE / DEFAULT_OVERLAP: ``preset`` with random non-trivial weights
-    (beta/gamma randomised, SCA amplified, as in the tests) and TLC, on blurred natural photos at ``size``."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.conftest import make_nontrivial, photo
-
-    torch.manual_seed(seed)
-    model = nc.convert_to_tlc(make_nontrivial(nc.create_model(preset), seed=seed), 256)
-    targets = [photo(*size, index=i) for i in range(n_images)]
-    images = [blurred(t) for t in targets]
-    configs = configs or [(512, 0), (512, 64), (512, 128), (512, 192)]
-    rows, whole_s = tiling_sweep(model, images, targets, configs)
-    return {"preset": preset, "size": list(size), "images": n_images, "whole_seconds": round(whole_s, 2),
-            "rows": [asdict(r) for r in rows]}
-
-
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_measure"]:  # internal: one BenchSpec, JSON out (used by measure_in_subprocess)
         print(json.dumps(measure(BenchSpec(**json.loads(sys.argv[2])))))
-    elif sys.argv[1:2] == ["tiling"]:  # python -m runtime.bench tiling OUT.json [N_IMAGES] [TILE:OVERLAP,...]
-        n = int(sys.argv[3]) if len(sys.argv) > 3 else 2
-        cfg = [tuple(int(v) for v in c.split(":")) for c in sys.argv[4].split(",")] if len(sys.argv) > 4 else None
-        result = run_tiling_sweep(n_images=n, configs=cfg)
-        text = json.dumps(result, indent=2)
-        print(text)
-        if len(sys.argv) > 2:
-            Path(sys.argv[2]).write_text(text + "\n")

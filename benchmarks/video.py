@@ -1,6 +1,6 @@
 """Video benchmark: frames/s of ``infer clip.mp4`` against ``infer`` on the same frames as PNG images.
 
-    python -m runtime.video_bench MODEL --frames 8 --size 720x1280 --repeats 2 --out /tmp/video-bench
+    python -m benchmarks.video MODEL --frames 8 --size 720x1280 --repeats 2 --out /tmp/video-bench
 
 Makes a clip of a photo panning across the frame (scikit-image samples, H.264 + an AAC tone), decodes its
 frames to PNGs (the exact pixels the video path feeds the model), then runs the two commands in separate
@@ -128,7 +128,7 @@ def bench_video(model: str, frames: int, size: tuple[int, int], repeats: int, ou
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.video", description=__doc__.splitlines()[0])
     p.add_argument("model", help="what `infer --model` takes (an export directory, .onnx, checkpoint)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", default="720x1280", help="HxW of the clip")

@@ -1,6 +1,6 @@
 """Benchmark of ``serve`` against local inference on the same machine, in the same run.
 
-    python -m runtime.serve_bench EXPORT_DIR [--sizes 256x256,720x1280] [--clients 1,4,8] [--rounds 2]
+    python -m benchmarks.serve EXPORT_DIR [--sizes 256x256,720x1280] [--clients 1,4,8] [--rounds 2]
 
 Starts ``python cli.py serve EXPORT_DIR`` in its own process group on free loopback ports and reports:
 the start time (process spawn to model ready, and the server's own Triton-start figure), the resident
@@ -94,7 +94,7 @@ def _server_block(runner, x: torch.Tensor, clients: int, per_client: int) -> tup
 
 
 def _local_block(local, x: torch.Tensor, n: int) -> tuple[list[float], float]:
-    from .infer import restore
+    from runtime.infer import restore
 
     latencies = []
     start = time.perf_counter()
@@ -107,8 +107,8 @@ def _local_block(local, x: torch.Tensor, n: int) -> tuple[list[float], float]:
 
 def run(export_dir: Path, sizes: list[tuple[int, int]], clients: list[int], rounds: int, scheme: str,
         threads: int | None) -> None:
-    from .models import open_runner
-    from .remote import RemoteRunner
+    from runtime.models import open_runner
+    from runtime.remote import RemoteRunner
 
     http, grpc, metrics = _free_ports(3)
     log = Path(tempfile.mkstemp(prefix="serve-bench-", suffix=".log")[1])
@@ -179,8 +179,9 @@ def run(export_dir: Path, sizes: list[tuple[int, int]], clients: list[int], roun
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog="example: python -m runtime.serve_bench runs/demo/export --clients 1,4,8")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.serve",
+                                 description=__doc__.split("\n\n")[0],
+                                 epilog="example: python -m benchmarks.serve runs/demo/export --clients 1,4,8")
     ap.add_argument("export_dir", type=Path)
     ap.add_argument("--sizes", default="256x256,720x1280", help="comma list of HxW")
     ap.add_argument("--clients", default="1,4,8", help="comma list of concurrent clients")

@@ -1,7 +1,7 @@
 """Variants side by side at one size: parameters, GFLOP, export time, PyTorch eager vs onnxruntime fp32.
 
-    python -m runtime.bench_variants seed-v3 seed-v3-fft --size 720x1280 --repeats 2 --fs
-    python -m runtime.bench_variants fnafnet-gopro-width32 --size 720x1280 --repeats 2 --tile
+    python -m benchmarks.variants seed-v3 seed-v3-fft --size 720x1280 --repeats 2 --fs
+    python -m benchmarks.variants fnafnet-gopro-width32 --size 720x1280 --repeats 2 --tile
 
 For each preset: a model with randomised beta/gamma (a fresh one has them at 0, which skips every block),
 its deploy form (TLC for a 256 training size, folded) exported as a dynamic fp32 ONNX graph, or with
@@ -153,7 +153,8 @@ def bench_fs(size: tuple[int, int], repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.variants",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("presets", nargs="+")
     parser.add_argument("--size", default="720x1280")
     parser.add_argument("--repeats", type=int, default=2)

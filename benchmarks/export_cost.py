@@ -1,7 +1,7 @@
 """Export benchmarks: export time, artifact sizes, onnxruntime CPU latency folded vs unfolded, tile sizes.
 
-    python -m export.bench --preset nafnet-gopro-width32 --size 720x1280 --repeats 5 --out runs/bench-export
-    python -m export.bench --reuse --repeats 9 --tiles ''     # re-time the same files
+    python -m benchmarks.export_cost --preset nafnet-gopro-width32 --size 720x1280 --repeats 5 --out runs/bench-export
+    python -m benchmarks.export_cost --reuse --repeats 9 --tiles ''     # re-time the same files
 
 Weights are random (with non-zero beta/gamma so no block is skipped): latency does not depend on
 their values. Each latency is the median of ``--repeats`` runs after one warm-up run; the machine's
@@ -21,9 +21,9 @@ import torch
 
 import nafnet_core as nc
 
-from .api import export_model
-from .manifest import load_manifest
-from .shapes import parse_hw
+from export.api import export_model
+from export.manifest import load_manifest
+from export.shapes import parse_hw
 
 
 def _randomise(model: nc.NAFNet, seed: int = 0) -> nc.NAFNet:
@@ -59,7 +59,8 @@ def ort_latencies(paths: dict[str, Path], shape: tuple[int, ...], repeats: int) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.export_cost",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="nafnet-gopro-width32")
     ap.add_argument("--size", default="720x1280", help="frame size for folded vs unfolded latency")
     ap.add_argument("--tiles", default="256,384,512,768", help="square tile sides for the tile-size sweep ('' skips)")
