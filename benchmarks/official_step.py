@@ -30,11 +30,12 @@ from typing import Callable
 import torch
 
 from nafnet_core.errors import UserError
-
 from train.bench import OPTIONS, Side, bench_inputs, parse_options, project_step, rows_table, serve_worker, summarise, \
     time_interleaved
 from train.config import TrainConfig, build_config
 from train.speed import resolve
+
+from .common import machine, machine_line
 
 OFFICIAL_FILE = "basicsr/models/archs/NAFNet_arch.py"
 
@@ -154,7 +155,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     result = compare(a.official, cfg, options=parse_options(a.options), steps=a.steps, warmup=a.warmup,
                      threads=a.threads, device=a.device)
-    print(json.dumps(result) if a.json else rows_table(result["rows"], "official"))
+    result["machine"] = machine()
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(machine_line(result["machine"]))
+        print(rows_table(result["rows"], "official"))
 
 
 if __name__ == "__main__":

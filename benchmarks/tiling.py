@@ -14,7 +14,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import torch
 import nafnet_core as nc
 from runtime.bench import blurred
 from runtime.tiling import TileSpec, count_tiles, restore_tensor
+
+from .common import interleaved, machine, make_nontrivial, photo
 
 
 @dataclass
@@ -41,35 +42,37 @@ def tiling_sweep(model: torch.nn.Module, images: list[torch.Tensor], targets: li
     """Tiled vs whole-image output of ``model`` for each (tile, overlap); returns (rows, whole-image seconds).
 
     ``psnr_vs_whole``: PSNR of the tiled output against the whole-image output (uint8-rounded), min over
-    images; ``delta_psnr``: mean over images of PSNR(tiled, target) - PSNR(whole, target), the parity figure.
+    images; ``delta_psnr``: mean over images of PSNR(tiled, target) - PSNR(whole, target), the parity figure;
+    ``seconds``: per image, one timed pass (whole image first, then each configuration in turn).
     """
     q = nc.quantize
+    specs = {"whole": None} | {(tile, overlap): TileSpec((tile, tile), overlap) for tile, overlap in configs}
+
+    def restore_all(spec: TileSpec | None):
+        return lambda: [restore_tensor(model, x, spec) for x in images]
+
     with torch.inference_mode():
-        t = time.perf_counter()
-        wholes = [restore_tensor(model, x, None) for x in images]
-        whole_s = (time.perf_counter() - t) / len(images)
-        base = [nc.psnr(q(w), q(g)).item() for w, g in zip(wholes, targets)]
-        rows = []
-        for tile, overlap in configs:
-            spec = TileSpec((tile, tile), overlap)
-            t = time.perf_counter()
-            outs = [restore_tensor(model, x, spec) for x in images]
-            secs = (time.perf_counter() - t) / len(images)
-            vs_whole = min(nc.psnr(q(o), q(w)).item() for o, w in zip(outs, wholes))
-            diff = max((o.clamp(0, 1) - w.clamp(0, 1)).abs().max().item() for o, w in zip(outs, wholes))
-            delta = statistics.fmean(nc.psnr(q(o), q(g)).item() - b for o, g, b in zip(outs, targets, base))
-            rows.append(TilingRow(tile, overlap, count_tiles(*images[0].shape[-2:], spec), round(vs_whole, 2),
-                                  round(diff, 5), round(delta, 4), round(secs, 2)))
-            if progress:
-                print(rows[-1], file=sys.stderr, flush=True)
-    return rows, whole_s
+        timings = interleaved({key: restore_all(spec) for key, spec in specs.items()}, rounds=1, warmup=0)
+    outs = timings.last
+    wholes = outs["whole"]
+    base = [nc.psnr(q(w), q(g)).item() for w, g in zip(wholes, targets)]
+    rows = []
+    for tile, overlap in configs:
+        tiled = outs[(tile, overlap)]
+        vs_whole = min(nc.psnr(q(o), q(w)).item() for o, w in zip(tiled, wholes))
+        diff = max((o.clamp(0, 1) - w.clamp(0, 1)).abs().max().item() for o, w in zip(tiled, wholes))
+        delta = statistics.fmean(nc.psnr(q(o), q(g)).item() - b for o, g, b in zip(tiled, targets, base))
+        secs = timings.median((tile, overlap)) / len(images)
+        rows.append(TilingRow(tile, overlap, count_tiles(*images[0].shape[-2:], specs[(tile, overlap)]),
+                              round(vs_whole, 2), round(diff, 5), round(delta, 4), round(secs, 2)))
+        if progress:
+            print(rows[-1], file=sys.stderr, flush=True)
+    return rows, timings.median("whole") / len(images)
 
 
 def run_tiling_sweep(preset: str = "nafnet-gopro-width32", size: tuple[int, int] = (720, 1280), n_images: int = 2,
                      configs: list[tuple[int, int]] | None = None, seed: int = 0) -> dict:
     """The sweep on ``preset`` with random non-trivial weights and TLC, on blurred natural photos at ``size``."""
-    from tests.conftest import make_nontrivial, photo
-
     torch.manual_seed(seed)
     model = nc.convert_to_tlc(make_nontrivial(nc.create_model(preset), seed=seed), 256)
     targets = [photo(*size, index=i) for i in range(n_images)]
@@ -77,7 +80,7 @@ def run_tiling_sweep(preset: str = "nafnet-gopro-width32", size: tuple[int, int]
     configs = configs or [(512, 0), (512, 64), (512, 128), (512, 192)]
     rows, whole_s = tiling_sweep(model, images, targets, configs)
     return {"preset": preset, "size": list(size), "images": n_images, "whole_seconds": round(whole_s, 2),
-            "rows": [asdict(r) for r in rows]}
+            "machine": machine(), "rows": [asdict(r) for r in rows]}
 
 
 def _configs(text: str) -> list[tuple[int, int]]:
