@@ -311,46 +311,6 @@ def _openvino_specs(info, size_s: str, common: dict) -> list[tuple[BenchRow, Ben
     return out
 
 
-#: The rows issue 12 asks ``bench`` to print: (label, backend, precisions, latency target vs onnxruntime fp32,
-#: max |ΔPSNR| dB vs PyTorch fp32).
-TARGETS = (("OpenVINO fp32", "openvino", ("fp32",), 1.0, 0.01),
-           ("best BF16 path", None, ("bf16",), 0.55, 0.05))
-
-
-def target_rows(result: dict) -> list[dict]:
-    """OpenVINO fp32 and the fastest BF16 row that ran, against onnxruntime fp32 at the benchmark size."""
-    rows = [r for r in result["rows"] if r["size"] == result["size"]]
-    ort = next((r for r in rows if (r["backend"], r["precision"]) == ("onnxrt", "fp32") and r["median_ms"]), None)
-    out = []
-    for label, backend, precisions, max_ratio, max_delta in TARGETS:
-        cands = [r for r in rows if r["precision"] in precisions and (backend is None or r["backend"] == backend)]
-        ran = sorted((r for r in cands if r["median_ms"]), key=lambda r: r["median_ms"])
-        best = ran[0] if ran else (cands[0] if cands else None)
-        entry = {"label": label, "row": best, "target_ratio": max_ratio, "target_delta_psnr": max_delta,
-                 "ratio": None, "met": None}
-        if best is not None and best["median_ms"] and ort is not None:
-            entry["ratio"] = round(best["median_ms"] / ort["median_ms"], 3)
-            delta_ok = best["delta_psnr"] is not None and abs(best["delta_psnr"]) <= max_delta
-            entry["met"] = entry["ratio"] <= max_ratio and delta_ok
-        out.append(entry)
-    return out
-
-
-def target_table(result: dict) -> str:
-    head = ["target row", "backend", "median ms", "vs onnxrt fp32", "target", "ΔPSNR dB", "GFLOP/s", "% roof",
-            "peak RSS MB", "met", "note"]
-    lines = []
-    for t in target_rows(result):
-        r = t["row"] or {}
-        met = {True: "yes", False: "NO", None: "-"}[t["met"]]
-        lines.append([t["label"], f"{r.get('backend', '-')} {r.get('precision', '')}".strip(),
-                      fmt(r.get("median_ms"), ".0f"), fmt(t["ratio"], ".2f"), f"<= {t['target_ratio']}x",
-                      fmt(r.get("delta_psnr"), "+.4f"), fmt(r.get("gflops_per_s"), ".1f"),
-                      "-" if r.get("fraction_of_matmul_roof") is None else f"{100 * r['fraction_of_matmul_roof']:.1f}",
-                      fmt(r.get("peak_rss_mb"), ".0f"), met, r.get("status", "no such row")])
-    return text_table(head, lines)
-
-
 def bench_table(result: dict) -> str:
     head = ["backend", "precision", "mode", "size", "median ms", "min", "max", "img/s", "peak RSS MB", "GFLOP/s",
             "% roof", "vs torch", "ΔPSNR", "status"]
@@ -367,8 +327,6 @@ def bench_table(result: dict) -> str:
                f"{result['matmul_gflops']} GFLOP/s ({result['threads']} threads); median of {result['repeats']} "
                f"after {result['warmup']} warm-up" + (f" x {rounds} interleaved rounds" if rounds > 1 else "")
                + "; each backend in its own process; ΔPSNR: output vs the sharp photo, minus torch fp32's")
-    if any(r["backend"] == "openvino" for r in result["rows"]):
-        out += ["", target_table(result)]
     return "\n".join(out)
 
 
