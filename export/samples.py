@@ -11,19 +11,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-_NAMES = ("astronaut", "coffee", "chelsea", "rocket")
+#: scikit-image's bundled colour photos, by ``skimage.data`` name. The export checks cycle over the first four.
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
+_SAMPLES = 4
+
+
+def photo(height: int, width: int, index: int = 0) -> torch.Tensor:
+    """``PHOTOS[index % 5]`` resized (bicubic) to (1, 3, height, width) float32 in [0, 1]."""
+    import skimage.data
+
+    img = getattr(skimage.data, PHOTOS[index % len(PHOTOS)])()
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0
+    return F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def sample_photo(height: int, width: int, index: int = 0, batch: int = 1) -> torch.Tensor:
     """(batch, 3, height, width) float32 in [0, 1]: bundled photos resized (bicubic), one per batch item."""
-    import skimage.data
-
-    out = []
-    for b in range(batch):
-        img = getattr(skimage.data, _NAMES[(index + b) % len(_NAMES)])()
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0
-        out.append(F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1))
-    return torch.cat(out)
+    return torch.cat([photo(height, width, (index + b) % _SAMPLES) for b in range(batch)])
 
 
 def load_images(folder: str | Path, limit: int = 4) -> list[torch.Tensor]:

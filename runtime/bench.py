@@ -24,8 +24,6 @@ import nafnet_core as nc
 from nafnet_core.cli_common import fmt, text_table
 from nafnet_core.process import peak_rss_mb
 
-from .tiling import TileSpec, restore_tensor
-
 
 def matmul_gflops(n: int = 2048, repeats: int = 5, threads: int | None = None) -> float:
     """This machine's fp32 matrix-multiply rate (GFLOP/s): best of ``repeats`` n x n x n products."""
@@ -313,46 +311,6 @@ def _openvino_specs(info, size_s: str, common: dict) -> list[tuple[BenchRow, Ben
     return out
 
 
-#: The rows issue 12 asks ``bench`` to print: (label, backend, precisions, latency target vs onnxruntime fp32,
-#: max |ΔPSNR| dB vs PyTorch fp32).
-TARGETS = (("OpenVINO fp32", "openvino", ("fp32",), 1.0, 0.01),
-           ("best BF16 path", None, ("bf16",), 0.55, 0.05))
-
-
-def target_rows(result: dict) -> list[dict]:
-    """OpenVINO fp32 and the fastest BF16 row that ran, against onnxruntime fp32 at the benchmark size."""
-    rows = [r for r in result["rows"] if r["size"] == result["size"]]
-    ort = next((r for r in rows if (r["backend"], r["precision"]) == ("onnxrt", "fp32") and r["median_ms"]), None)
-    out = []
-    for label, backend, precisions, max_ratio, max_delta in TARGETS:
-        cands = [r for r in rows if r["precision"] in precisions and (backend is None or r["backend"] == backend)]
-        ran = sorted((r for r in cands if r["median_ms"]), key=lambda r: r["median_ms"])
-        best = ran[0] if ran else (cands[0] if cands else None)
-        entry = {"label": label, "row": best, "target_ratio": max_ratio, "target_delta_psnr": max_delta,
-                 "ratio": None, "met": None}
-        if best is not None and best["median_ms"] and ort is not None:
-            entry["ratio"] = round(best["median_ms"] / ort["median_ms"], 3)
-            delta_ok = best["delta_psnr"] is not None and abs(best["delta_psnr"]) <= max_delta
-            entry["met"] = entry["ratio"] <= max_ratio and delta_ok
-        out.append(entry)
-    return out
-
-
-def target_table(result: dict) -> str:
-    head = ["target row", "backend", "median ms", "vs onnxrt fp32", "target", "ΔPSNR dB", "GFLOP/s", "% roof",
-            "peak RSS MB", "met", "note"]
-    lines = []
-    for t in target_rows(result):
-        r = t["row"] or {}
-        met = {True: "yes", False: "NO", None: "-"}[t["met"]]
-        lines.append([t["label"], f"{r.get('backend', '-')} {r.get('precision', '')}".strip(),
-                      fmt(r.get("median_ms"), ".0f"), fmt(t["ratio"], ".2f"), f"<= {t['target_ratio']}x",
-                      fmt(r.get("delta_psnr"), "+.4f"), fmt(r.get("gflops_per_s"), ".1f"),
-                      "-" if r.get("fraction_of_matmul_roof") is None else f"{100 * r['fraction_of_matmul_roof']:.1f}",
-                      fmt(r.get("peak_rss_mb"), ".0f"), met, r.get("status", "no such row")])
-    return text_table(head, lines)
-
-
 def bench_table(result: dict) -> str:
     head = ["backend", "precision", "mode", "size", "median ms", "min", "max", "img/s", "peak RSS MB", "GFLOP/s",
             "% roof", "vs torch", "ΔPSNR", "status"]
@@ -369,80 +327,9 @@ def bench_table(result: dict) -> str:
                f"{result['matmul_gflops']} GFLOP/s ({result['threads']} threads); median of {result['repeats']} "
                f"after {result['warmup']} warm-up" + (f" x {rounds} interleaved rounds" if rounds > 1 else "")
                + "; each backend in its own process; ΔPSNR: output vs the sharp photo, minus torch fp32's")
-    if any(r["backend"] == "openvino" for r in result["rows"]):
-        out += ["", target_table(result)]
     return "\n".join(out)
-
-
-# --------------------------------------------------------------------------------------------- tiling sweep
-
-@dataclass
-class TilingRow:
-    tile: int
-    overlap: int
-    tiles: int
-    psnr_vs_whole: float
-    max_abs_diff: float
-    delta_psnr: float
-    seconds: float
-
-
-def tiling_sweep(model: torch.nn.Module, images: list[torch.Tensor], targets: list[torch.Tensor],
-                 configs: list[tuple[int, int]], progress: bool = True) -> tuple[list[TilingRow], float]:
-    """Tiled vs whole-image output of ``model`` for each (tile, overlap); returns (rows, whole-image seconds).
-
-    ``psnr_vs_whole``: PSNR of the tiled output against the whole-image output (uint8-rounded), min over
-    images; ``delta_psnr``: mean over images of PSNR(tiled, target) - PSNR(whole, target), the parity figure.
-    """
-    from .tiling import count_tiles
-
-    q = nc.quantize
-    with torch.inference_mode():
-        t = time.perf_counter()
-        wholes = [restore_tensor(model, x, None) for x in images]
-        whole_s = (time.perf_counter() - t) / len(images)
-        base = [nc.psnr(q(w), q(g)).item() for w, g in zip(wholes, targets)]
-        rows = []
-        for tile, overlap in configs:
-            spec = TileSpec((tile, tile), overlap)
-            t = time.perf_counter()
-            outs = [restore_tensor(model, x, spec) for x in images]
-            secs = (time.perf_counter() - t) / len(images)
-            vs_whole = min(nc.psnr(q(o), q(w)).item() for o, w in zip(outs, wholes))
-            diff = max((o.clamp(0, 1) - w.clamp(0, 1)).abs().max().item() for o, w in zip(outs, wholes))
-            delta = statistics.fmean(nc.psnr(q(o), q(g)).item() - b for o, g, b in zip(outs, targets, base))
-            rows.append(TilingRow(tile, overlap, count_tiles(*images[0].shape[-2:], spec), round(vs_whole, 2),
-                                  round(diff, 5), round(delta, 4), round(secs, 2)))
-            if progress:
-                print(rows[-1], file=sys.stderr, flush=True)
-    return rows, whole_s
-
-
-def run_tiling_sweep(preset: str = "nafnet-gopro-width32", size: tuple[int, int] = (720, 1280), n_images: int = 2,
-                     configs: list[tuple[int, int]] | None = None, seed: int = 0) -> dict:
-    """The measurement behind DEFAULT_TILE / DEFAULT_OVERLAP: ``preset`` with random non-trivial weights
-    (beta/gamma randomised, SCA amplified, as in the tests) and TLC, on blurred natural photos at ``size``."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.conftest import make_nontrivial, photo
-
-    torch.manual_seed(seed)
-    model = nc.convert_to_tlc(make_nontrivial(nc.create_model(preset), seed=seed), 256)
-    targets = [photo(*size, index=i) for i in range(n_images)]
-    images = [blurred(t) for t in targets]
-    configs = configs or [(512, 0), (512, 64), (512, 128), (512, 192)]
-    rows, whole_s = tiling_sweep(model, images, targets, configs)
-    return {"preset": preset, "size": list(size), "images": n_images, "whole_seconds": round(whole_s, 2),
-            "rows": [asdict(r) for r in rows]}
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_measure"]:  # internal: one BenchSpec, JSON out (used by measure_in_subprocess)
         print(json.dumps(measure(BenchSpec(**json.loads(sys.argv[2])))))
-    elif sys.argv[1:2] == ["tiling"]:  # python -m runtime.bench tiling OUT.json [N_IMAGES] [TILE:OVERLAP,...]
-        n = int(sys.argv[3]) if len(sys.argv) > 3 else 2
-        cfg = [tuple(int(v) for v in c.split(":")) for c in sys.argv[4].split(",")] if len(sys.argv) > 4 else None
-        result = run_tiling_sweep(n_images=n, configs=cfg)
-        text = json.dumps(result, indent=2)
-        print(text)
-        if len(sys.argv) > 2:
-            Path(sys.argv[2]).write_text(text + "\n")

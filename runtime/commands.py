@@ -254,9 +254,6 @@ def bench(export_dir: Path, size, repeats: int, warmup: int, threads: int | None
       python cli.py bench runs/demo/export --size 256x256
       python cli.py bench exported/ --size 720x1280 --big 2160x3840 --json bench.json
       python cli.py bench exported/ --repeats 1 --rounds 3     # interleaved: A B C, A B C, A B C
-
-    With OpenVINO rows it ends with issue 12's rows: OpenVINO fp32 and the fastest BF16 path against
-    onnxruntime fp32 (latency ratio, ΔPSNR vs PyTorch fp32 on the same photo, GFLOP/s, peak RSS).
     """
     from nafnet_core.fileio import atomic_write_text
 

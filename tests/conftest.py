@@ -2,7 +2,8 @@
 
 A freshly initialised NAFNet has beta = gamma = 0, so every block is skipped and most bugs are
 invisible; on uniform noise local and global means are nearly equal, so a broken TLC passes.
-`make_nontrivial` and `photo` make tests able to fail (docs/DESIGN.md §11 (Testing numerics)).
+`make_nontrivial` and `photo` make tests able to fail (docs/DESIGN.md §11 (Testing numerics)); they live in
+benchmarks/common.py, which the benchmarks share.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 # Session fixtures of the runtime tests (an exported tiny model, the synthetic set), defined once so that
 # every test module shares one export instead of building its own.
 pytest_plugins = ["tests.test_runtime_fixtures"]
 import torch
-import torch.nn.functional as F
+
+from benchmarks.common import make_nontrivial, photo  # noqa: F401 (the tests import them from here)
 
 
 def _share_the_cores_between_workers() -> None:
@@ -33,31 +34,6 @@ def _share_the_cores_between_workers() -> None:
 
 
 _share_the_cores_between_workers()
-
-
-def make_nontrivial(model: torch.nn.Module, seed: int = 0, sca_gain: float = 4.0) -> torch.nn.Module:
-    """Randomises beta/gamma and LayerNorm affines and amplifies the SCA convs, in place; returns the model."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("beta", "gamma")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif ".norm" in name:
-                base = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(base + torch.randn(p.shape, generator=g) * 0.2)
-            elif ".sca.1.weight" in name:
-                p.mul_(sca_gain)
-    return model.eval()
-
-
-def photo(height: int, width: int, index: int = 0) -> torch.Tensor:
-    """A natural photo (scikit-image's bundled samples), resized to (1, 3, height, width) float32 in [0, 1]."""
-    import skimage.data
-
-    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry"]
-    img = getattr(skimage.data, names[index % len(names)])()
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0
-    return F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def small_model(seed: int | None = None) -> torch.nn.Module:

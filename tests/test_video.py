@@ -25,7 +25,7 @@ from runtime.video import restore_frames
 
 pytest.importorskip("av", reason="video tests need PyAV (pip install av, or the [video] extra)")
 
-from runtime.video_bench import make_clip, moving_frames  # noqa: E402
+from benchmarks.video import make_clip, moving_frames  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 12

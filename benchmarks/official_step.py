@@ -1,7 +1,7 @@
 """This project's training step against the official NAFNet step, each side in a process of its own, interleaved.
 
-    python -m train.bench_official --official /path/to/NAFNet            # a checkout of megvii-research/NAFNet
-    python -m train.bench_official --official /path/to/NAFNet --json --steps 5 --options reuse_memory=off,compile
+    python -m benchmarks.official_step --official /path/to/NAFNet            # a checkout of megvii-research/NAFNet
+    python -m benchmarks.official_step --official /path/to/NAFNet --json --steps 5 --options reuse_memory=off,compile
 
 The official side is the public code's ``ImageRestorationModel.optimize_parameters`` on its own
 ``NAFNet`` and ``PSNRLoss`` (read from the checkout, not copied here): zero_grad, forward, the PSNR loss
@@ -30,11 +30,12 @@ from typing import Callable
 import torch
 
 from nafnet_core.errors import UserError
-
-from .bench import OPTIONS, Side, bench_inputs, parse_options, project_step, rows_table, serve_worker, summarise, \
+from train.bench import OPTIONS, Side, bench_inputs, parse_options, project_step, rows_table, serve_worker, summarise, \
     time_interleaved
-from .config import TrainConfig, build_config
-from .speed import resolve
+from train.config import TrainConfig, build_config
+from train.speed import resolve
+
+from .common import machine, machine_line
 
 OFFICIAL_FILE = "basicsr/models/archs/NAFNet_arch.py"
 
@@ -70,7 +71,7 @@ def official_step(path: str, cfg: TrainConfig, device: str) -> Callable[[], None
     """One step of the official training code (see the module docstring) on the project's initial weights."""
     import warnings
 
-    from .loop import build_model
+    from train.loop import build_model
 
     warnings.filterwarnings("ignore", message=".*saved_variables.*")  # the official LayerNorm's deprecated API
     official_net, psnr_loss = load_official(path)
@@ -115,10 +116,10 @@ def compare(official: str, cfg: TrainConfig, *, options: list[str], steps: int, 
     load_official(official)  # fail fast on a bad path
     common = ["--official", official, "--threads", str(threads), "--device", device,
               "--batch", str(cfg.batch), "--crop", str(cfg.crop), "--model", cfg.model]
-    sides = [Side("official", ["train.bench_official", *common, "--worker", "official"])]
+    sides = [Side("official", ["benchmarks.official_step", *common, "--worker", "official"])]
     for name in ["config", *options]:
         c = cfg if name == "config" else TrainConfig.from_dict(cfg.to_dict() | OPTIONS[name])
-        sides.append(Side(name, ["train.bench_official", *common, "--worker", json.dumps(c.to_dict())],
+        sides.append(Side(name, ["benchmarks.official_step", *common, "--worker", json.dumps(c.to_dict())],
                           compiles=resolve(c, torch.device(device)).compile))
     time_interleaved(sides, steps=steps, warmup=warmup, device=device, progress=progress)
     return {"model": cfg.model, "crop": cfg.crop, "batch": cfg.batch, "device": device, "threads": threads,
@@ -127,7 +128,8 @@ def compare(official: str, cfg: TrainConfig, *, options: list[str], steps: int, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.official_step",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--official", required=True, help="root of a checkout of megvii-research/NAFNet")
     ap.add_argument("--model", default="nafnet-gopro-width32", help="model preset (both sides)")
     ap.add_argument("--crop", type=int, default=256)
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a side's process: official | config JSON
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from .config import parse_sets
+    from train.config import parse_sets
 
     cfg = build_config("gopro", sets={"model": a.model, "batch": a.batch, "crop": a.crop, **parse_sets(a.sets)})
     if a.worker:
@@ -153,7 +155,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     result = compare(a.official, cfg, options=parse_options(a.options), steps=a.steps, warmup=a.warmup,
                      threads=a.threads, device=a.device)
-    print(json.dumps(result) if a.json else rows_table(result["rows"], "official"))
+    result["machine"] = machine()
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(machine_line(result["machine"]))
+        print(rows_table(result["rows"], "official"))
 
 
 if __name__ == "__main__":

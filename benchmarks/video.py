@@ -1,6 +1,6 @@
 """Video benchmark: frames/s of ``infer clip.mp4`` against ``infer`` on the same frames as PNG images.
 
-    python -m runtime.video_bench MODEL --frames 8 --size 720x1280 --repeats 2 --out /tmp/video-bench
+    python -m benchmarks.video MODEL --frames 8 --size 720x1280 --repeats 2 --out /tmp/video-bench
 
 Makes a clip of a photo panning across the frame (scikit-image samples, H.264 + an AAC tone), decodes its
 frames to PNGs (the exact pixels the video path feeds the model), then runs the two commands in separate
@@ -15,7 +15,6 @@ import argparse
 import math
 import os
 import re
-import statistics
 import subprocess
 import sys
 from fractions import Fraction
@@ -23,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from export.samples import PHOTOS
 from nafnet_core.cli_common import parse_size, text_table
 
-_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
+from .common import interleaved, machine_line
 
 
 def moving_frames(n: int, height: int, width: int, index: int = 0, step: int = 2) -> list[np.ndarray]:
@@ -33,7 +33,7 @@ def moving_frames(n: int, height: int, width: int, index: int = 0, step: int = 2
     import skimage.data
     from PIL import Image
 
-    img = Image.fromarray(getattr(skimage.data, _PHOTOS[index % len(_PHOTOS)])())
+    img = Image.fromarray(getattr(skimage.data, PHOTOS[index % len(PHOTOS)])())
     big = np.asarray(img.resize((width + step * n, height + step * n), Image.BICUBIC))
     return [np.ascontiguousarray(big[i * step:i * step + height, i * step:i * step + width]) for i in range(n)]
 
@@ -113,22 +113,28 @@ def bench_video(model: str, frames: int, size: tuple[int, int], repeats: int, ou
             "--overwrite", *extra]
     cmds = {"video": base + [str(clip), "--out", str(out / "video_out")],
             "images": base + [str(pngs), "--out", str(out / "images_out")]}
-    rows, times = [], {"video": [], "images": []}
-    for r in range(repeats):
-        for what, args in cmds.items():
-            seconds, rss = _run(args)
-            times[what].append(seconds)
-            rows.append([r + 1, what, f"{seconds:.1f}", f"{frames / seconds:.3f}", f"{rss:.0f}"])
+    rows: list[list] = []
+
+    def run(what: str):
+        def once() -> float:
+            seconds, rss = _run(cmds[what])
+            rows.append([sum(r[1] == what for r in rows) + 1, what, f"{seconds:.1f}", f"{frames / seconds:.3f}",
+                         f"{rss:.0f}"])
             print(text_table(["run", "what", "s", "frames/s", "peak RSS MB"], rows[-1:]).splitlines()[-1], flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
+            return seconds
+
+        return once
+
+    timings = interleaved({what: run(what) for what in cmds}, repeats, warmup=0, self_timed=True)
+    med = timings.medians()
     rows.append(["median", "video / images", f"{med['video']:.1f} / {med['images']:.1f}",
                  f"{frames / med['video']:.3f} / {frames / med['images']:.3f}",
-                 f"ratio {med['video'] / med['images']:.3f}"])
+                 f"ratio {timings.ratios('images')['video']:.3f}"])
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.video", description=__doc__.splitlines()[0])
     p.add_argument("model", help="what `infer --model` takes (an export directory, .onnx, checkpoint)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", default="720x1280", help="HxW of the clip")
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/video-bench"))
     p.add_argument("extra", nargs="*", help="more `infer` options, after --")
     a = p.parse_args(argv)
+    print(machine_line(), flush=True)
     rows = bench_video(a.model, a.frames, parse_size(a.size), a.repeats, a.out, a.extra)
     print(text_table(["run", "what", "s", "frames/s", "peak RSS MB"], rows))
 

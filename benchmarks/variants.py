@@ -1,17 +1,18 @@
 """Variants side by side at one size: parameters, GFLOP, export time, PyTorch eager vs onnxruntime fp32.
 
-    python -m runtime.bench_variants seed-v3 seed-v3-fft --size 720x1280 --repeats 2 --fs
-    python -m runtime.bench_variants fnafnet-gopro-width32 --size 720x1280 --repeats 2 --tile
+    python -m benchmarks.variants seed-v3 seed-v3-fft --size 720x1280 --repeats 2 --fs
+    python -m benchmarks.variants fnafnet-gopro-width32 --size 720x1280 --repeats 2 --tile
 
-For each preset: a model with randomised beta/gamma (a fresh one has them at 0, which skips every block),
-its deploy form (TLC for a 256 training size, folded) exported as a dynamic fp32 ONNX graph, or with
-``--tile`` the fixed graph of exactly that size (timed; what ``export --tile`` writes), then
-PyTorch eager (the same deploy module) and onnxruntime CPU timed interleaved (A, B, A, B... medians: the
-machine is shared), and the largest |ONNX - PyTorch| on a photo. For FNAFNet presets a third eager run swaps
-every FFT branch's DFT matrices for ``torch.fft`` on complex tensors (the official formulation; eager only, it
-cannot be exported for TensorRT): its time and its largest difference from the matrix form. ``--fs`` adds the
-frequency-selection image alone: the matrix form against ``torch.fft`` in eager (interleaved) and their largest
-difference.
+For each preset: a model with non-trivial random weights (:func:`benchmarks.common.make_nontrivial`; a fresh one has
+beta/gamma at 0, which skips every block), its deploy form (TLC for a 256 training size, folded) exported as a
+dynamic fp32 ONNX graph, or with ``--tile`` the fixed graph of exactly that size (timed; what ``export --tile``
+writes), then PyTorch eager (the same deploy module) and onnxruntime CPU (through
+:class:`runtime.runners.OnnxRuntimeRunner`, the session settings ``bench`` measures) timed interleaved after one
+warm-up (A, B, A, B... medians: the machine is shared), and the largest |ONNX - PyTorch| on a photo. For FNAFNet
+presets a third eager run swaps every FFT branch's DFT matrices for ``torch.fft`` on complex tensors (the official
+formulation; eager only, it cannot be exported for TensorRT): its time and its largest difference from the matrix
+form. ``--fs`` adds the frequency-selection image alone: the matrix form against ``torch.fft`` in eager
+(interleaved) and their largest difference.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import tempfile
 import time
 import warnings
@@ -33,15 +33,7 @@ import nafnet_core as nc
 from nafnet_core import dft
 from nafnet_core.fnafnet import FFTBranch, window_merge, window_partition
 
-
-def nontrivial(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random beta/gamma (N(0, 0.5)) so that every block acts; returns the model in eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("beta", "gamma")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return model.eval()
+from .common import interleaved, machine, make_nontrivial
 
 
 def torch_fft_forward(branch: FFTBranch, x: torch.Tensor) -> torch.Tensor:
@@ -71,17 +63,17 @@ def torch_fft_branches() -> Iterator[None]:
         FFTBranch.forward = matrices
 
 
-def bench_preset(preset: str, size: tuple[int, int], repeats: int, out_dir: Path, tile: bool = False) -> dict:
+def bench_preset(preset: str, size: tuple[int, int], repeats: int, out_dir: Path, tile: bool = False,
+                 threads: int | None = None) -> dict:
     """One preset: parameters, GFLOP, export seconds, eager / onnxruntime seconds (per repeat) and max |diff|."""
-    import onnxruntime as ort
-
     from export.api import prepare_model
     from export.onnx_export import save_onnx, to_onnx_proto
     from export.samples import sample_photo
     from export.shapes import ShapeSpec
+    from runtime.runners import OnnxRuntimeRunner
 
     torch.manual_seed(0)
-    model = nontrivial(nc.create_model(preset))
+    model = make_nontrivial(nc.create_model(preset))
     deploy = prepare_model(model)
     row = {"preset": preset, "parameters": nc.count_parameters(model),
            "gflop": round(nc.model_gflops(model.config, *size), 1)}
@@ -93,38 +85,30 @@ def bench_preset(preset: str, size: tuple[int, int], repeats: int, out_dir: Path
     row["graph"] = "tile" if tile else "dynamic"
     row["export_s"] = round(time.perf_counter() - start, 1)
     row["onnx_mb"] = round(path.stat().st_size / 2**20, 1)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     x = sample_photo(*size)
-    with torch.no_grad():
-        ref = deploy(x)  # warm-up of both, and the accuracy check
-    out = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
-    row["max_abs_diff"] = float(f"{(out - ref).abs().max().item():.3g}")
     fnaf = model.config.block == "fnaf"
-    if fnaf:
-        with torch.no_grad(), torch_fft_branches():
-            row["torch_fft_max_abs_diff"] = float(f"{(deploy(x) - ref).abs().max().item():.3g}")
-    eager, onnxrt, eager_fft = [], [], []
-    for _ in range(repeats):  # interleaved
-        t = time.perf_counter()
+
+    def eager():
         with torch.no_grad():
-            deploy(x)
-        eager.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        sess.run(None, {"input": x.numpy()})
-        onnxrt.append(time.perf_counter() - t)
-        if fnaf:
-            t = time.perf_counter()
-            with torch.no_grad(), torch_fft_branches():
-                deploy(x)
-            eager_fft.append(time.perf_counter() - t)
-    row["eager_s"] = [round(v, 2) for v in eager]
-    row["onnxrt_s"] = [round(v, 2) for v in onnxrt]
-    row["onnxrt_over_eager"] = round(statistics.median(onnxrt) / statistics.median(eager), 2)
+            return deploy(x)
+
+    def eager_fft():
+        with torch.no_grad(), torch_fft_branches():
+            return deploy(x)
+
+    with OnnxRuntimeRunner(path, device="cpu", threads=threads) as sess:
+        calls = {"eager": eager, "onnxrt": lambda: sess.infer(x)} | ({"eager_torch_fft": eager_fft} if fnaf else {})
+        timings = interleaved(calls, repeats, warmup=1)
+    ref = timings.last["eager"]
+    row["max_abs_diff"] = float(f"{(timings.last['onnxrt'] - ref).abs().max().item():.3g}")
     if fnaf:
-        row["eager_torch_fft_s"] = [round(v, 2) for v in eager_fft]
-        row["matrices_over_torch_fft"] = round(statistics.median(eager) / statistics.median(eager_fft), 2)
+        row["torch_fft_max_abs_diff"] = float(f"{(timings.last['eager_torch_fft'] - ref).abs().max().item():.3g}")
+    row["eager_s"] = [round(v, 2) for v in timings.seconds["eager"]]
+    row["onnxrt_s"] = [round(v, 2) for v in timings.seconds["onnxrt"]]
+    row["onnxrt_over_eager"] = round(timings.ratios()["onnxrt"], 2)
+    if fnaf:
+        row["eager_torch_fft_s"] = [round(v, 2) for v in timings.seconds["eager_torch_fft"]]
+        row["matrices_over_torch_fft"] = round(timings.ratios("eager_torch_fft")["eager"], 2)
     return row
 
 
@@ -138,35 +122,38 @@ def bench_fs(size: tuple[int, int], repeats: int) -> dict:
         with dft.matrix_form():
             return dft.frequency_selection(x)
 
-    a, b = matrices(), dft.frequency_selection(x)  # warm-up and the difference
-    mat, fft = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        matrices()
-        mat.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        dft.frequency_selection(x)
-        fft.append(time.perf_counter() - t)
-    return {"size": list(size), "matrices_s": [round(v, 3) for v in mat], "torch_fft_s": [round(v, 3) for v in fft],
-            "ratio": round(statistics.median(mat) / statistics.median(fft), 1),
+    timings = interleaved({"matrices": matrices, "torch_fft": lambda: dft.frequency_selection(x)}, repeats, warmup=1)
+    a, b = timings.last["matrices"], timings.last["torch_fft"]
+    return {"size": list(size), "matrices_s": [round(v, 3) for v in timings.seconds["matrices"]],
+            "torch_fft_s": [round(v, 3) for v in timings.seconds["torch_fft"]],
+            "ratio": round(timings.ratios("torch_fft")["matrices"], 1),
             "max_abs_diff": float(f"{(a - b).abs().max().item():.3g}"), "max_abs_value": round(b.abs().max().item(), 2)}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.variants",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("presets", nargs="+")
     parser.add_argument("--size", default="720x1280")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tile", action="store_true", help="export the fixed graph of --size, not the dynamic one")
     parser.add_argument("--fs", action="store_true", help="also time the frequency-selection image alone")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of PyTorch and onnxruntime alike (default: each one's own, as `bench`)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     h, _, w = args.size.partition("x")
     size = (int(h), int(w))
-    result = {"size": args.size, "threads": torch.get_num_threads(), "rows": []}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from runtime.runners import default_threads
+
+    result = {"size": args.size, "threads": torch.get_num_threads(), "onnxrt_threads": args.threads or default_threads(),
+              "machine": machine(), "rows": []}
+    print(json.dumps({"machine": result["machine"]}), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
-            row = bench_preset(preset, size, args.repeats, Path(tmp), tile=args.tile)
+            row = bench_preset(preset, size, args.repeats, Path(tmp), tile=args.tile, threads=args.threads)
             print(json.dumps(row), flush=True)
             result["rows"].append(row)
     if args.fs:

@@ -1,6 +1,6 @@
 """Benchmark of ``serve`` against local inference on the same machine, in the same run.
 
-    python -m runtime.serve_bench EXPORT_DIR [--sizes 256x256,720x1280] [--clients 1,4,8] [--rounds 2]
+    python -m benchmarks.serve EXPORT_DIR [--sizes 256x256,720x1280] [--clients 1,4,8] [--rounds 2]
 
 Starts ``python cli.py serve EXPORT_DIR`` in its own process group on free loopback ports and reports:
 the start time (process spawn to model ready, and the server's own Triton-start figure), the resident
@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 from nafnet_core.cli_common import parse_size
+
+from .common import interleaved, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,43 +75,51 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
-def _server_block(runner, x: torch.Tensor, clients: int, per_client: int) -> tuple[list[float], float]:
-    latencies: list[float] = []
+def _server_block(runner, x: torch.Tensor, clients: int, per_client: int, latencies: list[list[float]]):
+    """A block of ``clients`` threads sending ``per_client`` requests each; appends the requests' latencies."""
     lock = threading.Lock()
 
-    def client() -> None:
-        for _ in range(per_client):
+    def one_block() -> None:
+        block: list[float] = []
+
+        def client() -> None:
+            for _ in range(per_client):
+                t = time.perf_counter()
+                runner.infer(x)
+                with lock:
+                    block.append(time.perf_counter() - t)
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=1800)
+        latencies.append(block)
+
+    return one_block
+
+
+def _local_block(local, x: torch.Tensor, n: int, latencies: list[list[float]]):
+    """A block of ``n`` local inferences, one at a time; appends their latencies."""
+    from runtime.restore import restore
+
+    def one_block() -> None:
+        block = []
+        for _ in range(n):
             t = time.perf_counter()
-            runner.infer(x)
-            with lock:
-                latencies.append(time.perf_counter() - t)
+            restore(local, x)
+            block.append(time.perf_counter() - t)
+        latencies.append(block)
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=1800)
-    return latencies, len(latencies) / (time.perf_counter() - start)
-
-
-def _local_block(local, x: torch.Tensor, n: int) -> tuple[list[float], float]:
-    from .restore import restore
-
-    latencies = []
-    start = time.perf_counter()
-    for _ in range(n):
-        t = time.perf_counter()
-        restore(local, x)
-        latencies.append(time.perf_counter() - t)
-    return latencies, n / (time.perf_counter() - start)
+    return one_block
 
 
 def run(export_dir: Path, sizes: list[tuple[int, int]], clients: list[int], rounds: int, scheme: str,
         threads: int | None) -> None:
-    from .models import open_runner
-    from .remote import RemoteRunner
+    from runtime.models import open_runner
+    from runtime.remote import RemoteRunner
 
+    print(machine_line(), flush=True)
     http, grpc, metrics = _free_ports(3)
     log = Path(tempfile.mkstemp(prefix="serve-bench-", suffix=".log")[1])
     cmd = [sys.executable, str(ROOT / "cli.py"), "serve", str(export_dir), "--backend", "onnxrt", "--http-port",
@@ -148,20 +158,20 @@ def run(export_dir: Path, sizes: list[tuple[int, int]], clients: list[int], roun
                 x = torch.rand(1, 3, h, w)
                 small = h * w <= 256 * 256
                 n_local, per_client = (16, 8) if small else (4, 2)
-                restore_warm = _local_block(local, x, 1), _server_block(remote, x, 1, 1)  # warm-up
-                del restore_warm
-                cells: dict[str, list[tuple[list[float], float]]] = {"local": []}
-                for _ in range(rounds):
-                    cells["local"].append(_local_block(local, x, n_local))
-                    for c in clients:
-                        cells.setdefault(f"server x{c}", []).append(_server_block(remote, x, c, per_client))
-                base_p50 = statistics.median(statistics.median(lat) for lat, _ in cells["local"])
-                base_rate = statistics.median(rate for _, rate in cells["local"])
-                for mode, results in cells.items():
-                    lat = [v for block, _ in results for v in block]
-                    p50 = statistics.median(statistics.median(block) for block, _ in results)
-                    rate = statistics.median(r for _, r in results)
-                    print(f"{h}x{w:<6} {mode:<12} {p50 * 1e3:>9.1f} {_percentile(lat, 95) * 1e3:>9.1f} {rate:>7.2f} "
+                requests = {"local": n_local} | {f"server x{c}": c * per_client for c in clients}
+                lat: dict[str, list[list[float]]] = {mode: [] for mode in requests}
+                _local_block(local, x, 1, [])()  # warm-up: one request each
+                _server_block(remote, x, 1, 1, [])()
+                blocks = {"local": _local_block(local, x, n_local, lat["local"])} | \
+                    {f"server x{c}": _server_block(remote, x, c, per_client, lat[f"server x{c}"]) for c in clients}
+                timings = interleaved(blocks, rounds, warmup=0)  # images/s: requests / the block's seconds
+                base_p50 = statistics.median(statistics.median(block) for block in lat["local"])
+                base_rate = requests["local"] / timings.median("local")
+                for mode, blocks_lat in lat.items():
+                    every = [v for block in blocks_lat for v in block]
+                    p50 = statistics.median(statistics.median(block) for block in blocks_lat)
+                    rate = requests[mode] / timings.median(mode)
+                    print(f"{h}x{w:<6} {mode:<12} {p50 * 1e3:>9.1f} {_percentile(every, 95) * 1e3:>9.1f} {rate:>7.2f} "
                           f"{p50 / base_p50:>12.2f} {rate / base_rate:>14.2f}")
         remote.deactivate()
         rss = group_rss_mib(proc.pid)
@@ -179,8 +189,9 @@ def run(export_dir: Path, sizes: list[tuple[int, int]], clients: list[int], roun
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog="example: python -m runtime.serve_bench runs/demo/export --clients 1,4,8")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.serve",
+                                 description=__doc__.split("\n\n")[0],
+                                 epilog="example: python -m benchmarks.serve runs/demo/export --clients 1,4,8")
     ap.add_argument("export_dir", type=Path)
     ap.add_argument("--sizes", default="256x256,720x1280", help="comma list of HxW")
     ap.add_argument("--clients", default="1,4,8", help="comma list of concurrent clients")
