@@ -157,7 +157,7 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, seed: i
                           time.perf_counter() - t))
 
     t = stage("parity: every backend vs PyTorch fp32 on the synthetic test split")
-    report = check_parity(out / "export", data, split="test", progress=progress)
+    report = check_parity(out / "export", data, split="test", progress=progress, reuse_memory=True)
     report.write_json(out / "parity.json")
     echo(report.table())
     result.parity_passed = report.passed
@@ -168,7 +168,7 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, seed: i
 
     t = stage("infer: deblur the test blur folder with the fastest backend here")
     blur_dir = _blur_folder(data)
-    with open_runner(out / "export", "auto") as runner:
+    with open_runner(out / "export", "auto", reuse_memory=True) as runner:
         rep = infer_path(runner, blur_dir, out / "deblurred", compare=True, progress=progress)
         name = runner.name
     result.infer_ok = rep.ok and bool(rep.written)

@@ -13,13 +13,14 @@ TensorRT is imported only when an engine runs (runtime/trt.py).
 
 from .infer import InferReport, infer_path
 from .restore import choose_tiling, restore, restore_image
-from .models import BACKENDS, open_runner, read_export
+from .backends import BACKEND_CHOICES, BACKENDS, Backend
+from .models import open_runner, read_export
 from .parity import ParityReport, ParityRow, check_parity, run_parity
 from .runners import OnnxRuntimeRunner, Runner, RunnerError, TensorRTRunner, TorchRunner
 from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileSpec, restore_tensor
 
 __all__ = [
-    "Runner", "TorchRunner", "OnnxRuntimeRunner", "TensorRTRunner", "RunnerError", "BACKENDS", "open_runner",
+    "Runner", "TorchRunner", "OnnxRuntimeRunner", "TensorRTRunner", "RunnerError", "BACKENDS", "BACKEND_CHOICES", "Backend", "open_runner",
     "read_export", "TileSpec", "DEFAULT_TILE", "DEFAULT_OVERLAP", "restore_tensor", "choose_tiling", "restore",
     "restore_image", "infer_path", "InferReport", "check_parity", "run_parity", "ParityReport", "ParityRow",
 ]

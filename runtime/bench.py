@@ -96,6 +96,7 @@ class BenchSpec:
     tlc: bool = True
     train_size: int = 256
     opt_level: str = "all"
+    reuse_memory: bool = False  # torch on CPU: keep freed memory in the process (TorchRunner)
 
 
 def measure(spec: BenchSpec) -> dict:
@@ -104,21 +105,15 @@ def measure(spec: BenchSpec) -> dict:
     from .restore import choose_tiling, restore
     from export.samples import sample_photo
 
-    from .models import torch_runner
-    from .runners import OnnxRuntimeRunner, OpenVINORunner, TensorRTRunner
+    from .backends import BACKENDS, Artifact, OpenOptions
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    if spec.kind == "torch":
-        runner = torch_runner(spec.path, spec.precision, preset=spec.preset, tlc=spec.tlc, train_size=spec.train_size,
-                              device="cpu")
-    elif spec.kind == "onnxrt":
-        runner = OnnxRuntimeRunner(spec.path, spec.precision, device="cpu", threads=spec.threads,
-                                   opt_level=spec.opt_level)
-    elif spec.kind == "openvino":
-        runner = OpenVINORunner(spec.path, spec.precision, threads=spec.threads)
-    else:
-        runner = TensorRTRunner(spec.path, spec.precision)
+    options = OpenOptions(device="cpu" if spec.kind != "trt" else "auto", threads=spec.threads,
+                          reuse_memory=spec.reuse_memory, preset=spec.preset, tlc=spec.tlc, train_size=spec.train_size,
+                          opt_level=spec.opt_level)
+    backend = BACKENDS[spec.kind]
+    runner = backend.open(Artifact(spec.kind, spec.precision, Path(spec.path)), spec.precision, options)
     tile = spec.tile if spec.tile in ("none", "auto") else tuple(int(v) for v in spec.tile.split("x"))
     target = sample_photo(spec.height, spec.width)  # a photo, box-blurred: the PSNR of the output means something
     x = blurred(target)
@@ -193,7 +188,7 @@ def bench_rows(specs: list[tuple[BenchRow, BenchSpec]], gflop: float, roof: floa
 def bench_export(export_dir: str | Path, size: tuple[int, int] = (720, 1280), *, repeats: int = 3, warmup: int = 1,
                  threads: int | None = None, include_torch: bool = True, include_fp16: bool = False,
                  big: tuple[int, int] | None = None, progress: bool = True, rounds: int = 1,
-                 include_openvino: bool = True, include_bf16: bool = True) -> dict:
+                 include_openvino: bool = True, include_bf16: bool = True, reuse_memory: bool = False) -> dict:
     """Every backend of an export at ``size``: latency, images/s, peak RSS, GFLOP/s vs this machine's GEMM roof.
 
     Args:
@@ -208,9 +203,10 @@ def bench_export(export_dir: str | Path, size: tuple[int, int] = (720, 1280), *,
         include_openvino: OpenVINO fp32 and bf16 on the export's IR or fp32 ONNX (rows say why when they
             cannot run: no openvino package, no BF16 in this CPU).
         include_bf16: also PyTorch bf16 (FP32 islands as the FP16 graph; on a CPU without BF16 it is emulated).
+        reuse_memory: the PyTorch rows keep freed memory in their process (see ``TorchRunner``).
     """
+    from .backends import BACKENDS
     from .models import read_export
-    from .runners import cuda_device_count
 
     info = read_export(export_dir)
     h, w = size
@@ -228,19 +224,21 @@ def bench_export(export_dir: str | Path, size: tuple[int, int] = (720, 1280), *,
             elif p == "bf16" and not _cpu_has_bf16():
                 row.status = "ok (no BF16 instructions in this CPU: emulated, not a speed figure)"
             specs.append((row, BenchSpec("torch", str(info.checkpoint), p, "none", preset=info.preset, tlc=info.tlc,
-                                         train_size=info.train_size, **common)))
-    if include_openvino:
-        specs += _openvino_specs(info, size_s, common)
-    for art in sorted((a for a in info.artifacts if a.backend != "openvino"),
-                      key=lambda a: (a.backend, a.precision, a.fixed_shape is not None)):
-        if art.backend == "trt" and not cuda_device_count():
-            specs.append((BenchRow("trt", art.precision, art.mode, size_s, status="skipped: no CUDA GPU here"), None))
+                                         train_size=info.train_size, reuse_memory=reuse_memory, **common)))
+    for rec in BACKENDS.values():  # every other backend's rows, as parity checks them
+        if rec.name == "torch" or (rec.name == "openvino" and not include_openvino):
             continue
-        if art.precision == "fp16" and art.backend == "onnxrt" and not include_fp16:
-            continue
-        specs.append((BenchRow(art.backend, art.precision, "whole" if art.fixed_shape is None else art.mode, size_s),
-                      BenchSpec(art.backend, str(art.path), art.precision, "none" if art.fixed_shape is None else "auto",
-                                **common)))
+        for precision, art in rec.rows(info.artifacts):
+            if precision == "fp16" and rec.name != "trt" and not include_fp16:  # FP16 graphs compute in FP32 on CPU
+                continue
+            mode = "whole" if art.fixed_shape is None else art.mode
+            ok, why = rec.probe(precision)
+            if not ok:
+                specs.append((BenchRow(rec.name, precision, mode, size_s, status=f"skipped: {why}"), None))
+                continue
+            specs.append((BenchRow(rec.name, precision, mode, size_s),
+                          BenchSpec(rec.name, str(art.path), precision, "none" if art.fixed_shape is None else "auto",
+                                    **common)))
     runnable = [(r, s) for r, s in specs if s is not None]
     rows = bench_rows(runnable, gflop, roof, progress, rounds)
     if big is not None:  # one large image, tiled, on the fastest fp32 export backend of the rows above
@@ -284,31 +282,6 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _openvino_specs(info, size_s: str, common: dict) -> list[tuple[BenchRow, BenchSpec | None]]:
-    """OpenVINO fp32 and bf16 rows: runnable specs, or rows (spec None) that say why they cannot run."""
-    from export.openvino_ir import bf16_support, openvino_available
-
-    from .models import OPENVINO_PRECISIONS, openvino_artifact
-
-    ok, why = openvino_available()
-    h, w = common["height"], common["width"]
-    out = []
-    for p in OPENVINO_PRECISIONS:
-        # the graph that runs the benchmark size whole: a tile of exactly that size, else the dynamic graph
-        art = next((a for a in info.artifacts if a.backend in ("openvino", "onnxrt") and a.precision == "fp32"
-                    and a.fixed_shape == (h, w)), None) or openvino_artifact(info.artifacts, p, False)
-        mode = "-" if art is None else ("whole" if art.fixed_shape is None else
-                                        f"tiled {art.fixed_shape[0]}x{art.fixed_shape[1]}")
-        can, reason = (ok, why) if p == "fp32" or not ok else bf16_support()
-        if art is None or not can:
-            out.append((BenchRow("openvino", p, mode, size_s,
-                                 status=f"skipped: {reason if art is not None else 'no fp32 graph'}"), None))
-            continue
-        out.append((BenchRow("openvino", p, mode, size_s),
-                    BenchSpec("openvino", str(art.path), p, "none" if art.fixed_shape is None else "auto", **common)))
-    return out
 
 
 def bench_table(result: dict) -> str:

@@ -13,7 +13,8 @@ from nafnet_core.cli_common import preset_option, train_size_option
 from nafnet_core.errors import UserError
 from nafnet_core.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, MAX_PIXELS_ENV, VIDEO_FORMATS, max_pixels_limit
 
-from .models import BACKENDS, BENCH_RECORD, PARITY_RECORD
+from .backends import BACKEND_CHOICES
+from .models import BENCH_RECORD, PARITY_RECORD
 from .video import VIDEO_CODECS
 
 
@@ -35,7 +36,7 @@ class TileParam(click.ParamType):
         return hw
 
 
-backend_option = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+backend_option = click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
                               help="Runtime; auto = the fastest this machine measured (`bench` on the export), else trt > onnxrt > torch.")
 precision_option = click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
                                 help="Arithmetic precision. Default: fp32 (fp16 for TensorRT).")
@@ -119,7 +120,7 @@ def infer(input_path: Path, model: Path | None, server: str | None, model_name: 
         runner = RemoteRunner(server, model_name)
     else:
         runner = open_runner(model, backend, precision, preset=preset, tlc=tlc, train_size=train_size, device=device,
-                             threads=threads, verify=verify)
+                             threads=threads, verify=verify, reuse_memory=True)
     out_dir = out_dir or default_output(input_path)
     with runner:
         chosen = f" (--backend auto {runner.auto_note})" if getattr(runner, "auto_note", "") else ""
@@ -203,7 +204,7 @@ def parity(export_dir: Path, data_root: Path | None, split: str, limit: int | No
     report = check_parity(export_dir, data_root, split=split, limit=limit, checkpoint=checkpoint,
                           torch_precisions=precisions, tile=tile, overlap=overlap,
                           device="cpu" if device == "auto" else device, threads=threads, progress=not quiet,
-                          verify=verify)
+                          verify=verify, reuse_memory=True)
     click.echo(report.table())
     if json_path is not None:
         report.write_json(json_path)
@@ -261,7 +262,8 @@ def bench(export_dir: Path, size, repeats: int, warmup: int, threads: int | None
 
     result = bench_export(export_dir, size, repeats=repeats, warmup=warmup, threads=threads,
                           include_torch=not no_torch, include_fp16=include_fp16, big=big, progress=not quiet,
-                          rounds=rounds, include_openvino=not no_openvino, include_bf16=not no_bf16)
+                          rounds=rounds, include_openvino=not no_openvino, include_bf16=not no_bf16,
+                          reuse_memory=True)
     click.echo(bench_table(result))
     text = json.dumps(result, indent=2) + "\n"
     if json_path is not None:
@@ -319,7 +321,7 @@ def serve(model: Path, backend: str, precision: str | None, device: str, host: s
     options = ServeOptions(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                            model_name=model_name, max_batch=max_batch, delay_us=delay_us,
                            max_pixels=max_pixels or SERVE_MAX_PIXELS, tile=tile, overlap=overlap, log_file=log_file)
-    runner = open_runner(model, backend, precision, device=device, threads=threads, verify=verify)
+    runner = open_runner(model, backend, precision, device=device, threads=threads, verify=verify, reuse_memory=True)
     code = run_server(runner, options, echo=lambda m: click.echo(m, err=True))
     # The server, its processes, shared memory and workspace are gone and the runner is closed: nothing is left
     # to finalise. The interpreter's own teardown (a garbage collection over torch/onnx modules) took 4-9 s

@@ -1,57 +1,24 @@
 """From what the user names (checkpoint, official .pth, .onnx, engine, export directory) to a Runner.
 
-One table of backends keyed by name drives ``--backend`` choices, ``auto`` selection and parity rows.
+The backends themselves are records in :mod:`runtime.backends`; this module reads an export's manifest, orders
+the backends for ``--backend auto`` and opens the runner the records describe.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from nafnet_core import convert_to_tlc, load_checkpoint
 from nafnet_core.config import pad_multiple_of
 from nafnet_core.errors import UserError
 
-from .runners import PRECISIONS, OnnxRuntimeRunner, OpenVINORunner, Runner, RunnerError, TensorRTRunner, TorchRunner
+from .backends import AUTO_ORDER, BACKEND_CHOICES, BACKENDS, Artifact, OpenOptions, file_backend, lone_artifact
+from .runners import Runner, RunnerError, TorchRunner
 
-#: ``--backend`` choices. ``auto`` picks by measurement where the export holds one from this machine
-#: (:func:`auto_order`: ``bench`` records its rows, ``parity`` its verdicts), else by name (NAME_ORDER).
-BACKENDS = ("auto", "torch", "onnxrt", "openvino", "trt")
-#: ``auto`` without a measurement: TensorRT, then onnxruntime, then PyTorch. OpenVINO is not in it: on this
-#: project's 2-core AVX2 machine it was not faster than onnxruntime (BENCHMARKS.md); a bench record can pick it.
-NAME_ORDER = ("trt", "onnxrt", "torch")
 #: Files inside an export directory that ``bench`` and ``parity`` write for ``auto`` (and ``compare``).
 BENCH_RECORD = "bench.json"
 PARITY_RECORD = "parity.json"
-#: Precisions OpenVINO computes an FP32 graph in (bf16: a compile-time hint with FP32 islands, export/openvino_ir.py).
-OPENVINO_PRECISIONS = ("fp32", "bf16")
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".ckpt")
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """One runnable thing of an export: which backend runs it, at what precision, with what shape.
-
-    Attributes:
-        backend: ``torch``, ``onnxrt``, ``openvino`` or ``trt``.
-        precision: ``fp32`` or ``fp16`` (what the file holds; OpenVINO may run an fp32 file in bf16).
-        path: the file.
-        fixed_shape: (H, W) of a fixed-tile graph/engine, None when dynamic.
-        key: its name in the manifest (``onnx-fp16-512x512``), or ``source`` for the checkpoint.
-    """
-
-    backend: str
-    precision: str
-    path: Path
-    fixed_shape: tuple[int, int] | None = None
-    key: str = ""
-    built_for: dict | None = field(default=None, compare=False)  # engines: the manifest's tensorrt record
-
-    @property
-    def mode(self) -> str:
-        return "whole" if self.fixed_shape is None else f"tile{self.fixed_shape[0]}x{self.fixed_shape[1]}"
 
 
 @dataclass
@@ -76,7 +43,8 @@ class ExportInfo:
     config: dict | None = None
 
 
-_RUNTIMES = {"onnxruntime": "onnxrt", "tensorrt": "trt", "openvino": "openvino"}
+#: The manifest's ``runtime`` of an artifact -> the backend that runs it.
+_RUNTIMES = {b.runtime: b.name for b in BACKENDS.values() if b.runtime}
 
 
 def read_export(export_dir: str | Path, verify_files: bool = False) -> ExportInfo:
@@ -115,47 +83,15 @@ def read_export(export_dir: str | Path, verify_files: bool = False) -> ExportInf
                       int(tlc.get("train_size") or 256), (data.get("model") or {}).get("config"))
 
 
-def export_artifacts(export_dir: Path) -> list[Artifact]:
-    """The runnable files of an export directory, from its manifest."""
-    return read_export(export_dir).artifacts
-
-
-def tensorrt_ready() -> tuple[bool, str]:
-    from .trt import tensorrt_available
-
-    return tensorrt_available()
-
-
-def _pick(artifacts: list[Artifact], backend: str, precision: str | None, prefer_tile: bool | None) -> Artifact | None:
-    """The artifact to run: the asked precision (else fp32 for ONNX), and the dynamic graph unless
-    ``prefer_tile`` (a 1280x720 frame then runs whole: no tile overlap to recompute, BENCHMARKS.md;
-    larger images are tiled by the runtime either way)."""
-    cands = [a for a in artifacts if a.backend == backend and (precision is None or a.precision == precision)]
-    want_tile = bool(prefer_tile)
-    cands.sort(key=lambda a: ((a.precision != "fp32") if precision is None and backend != "trt" else False,
-                              (a.fixed_shape is not None) != want_tile))
-    return cands[0] if cands else None
-
-
-def openvino_artifact(artifacts: list[Artifact], precision: str | None, prefer_tile: bool | None) -> Artifact | None:
-    """What OpenVINO runs at ``precision`` (fp32 or bf16, both from FP32 weights): the export's IR if there is one
-    (it carries the BF16 FP32-island marks), else the fp32 ONNX graph; dynamic unless ``prefer_tile``."""
-    if precision not in (None, *OPENVINO_PRECISIONS):
-        return None
-    cands = [a for a in artifacts if a.backend in ("openvino", "onnxrt") and a.precision == "fp32"]
-    cands.sort(key=lambda a: ((a.fixed_shape is not None) != bool(prefer_tile), a.backend != "openvino"))
-    return cands[0] if cands else None
-
-
 def open_runner(model: str | Path, backend: str = "auto", precision: str | None = None, *, preset: str | None = None,
                 tlc: bool = True, train_size: int | None = None, device: str = "auto", threads: int | None = None,
-                tiled_graph: bool | None = None, verify: bool = True) -> Runner:
+                tiled_graph: bool | None = None, verify: bool = True, reuse_memory: bool = False) -> Runner:
     """A (not yet activated) Runner for ``model``.
 
     Args:
         model: a checkpoint (project, official .pth with ``preset``, safetensors), an ``.onnx``, an engine,
             or an export directory.
-        backend: one of BACKENDS.
+        backend: one of BACKEND_CHOICES.
         precision: ``fp32`` / ``fp16`` / ``bf16``; default fp32 (fp16 for TensorRT).
         preset: architecture of an official .pth.
         tlc: apply TLC to checkpoints (exported graphs carry their own setting).
@@ -166,47 +102,44 @@ def open_runner(model: str | Path, backend: str = "auto", precision: str | None 
         verify: check an ONNX graph or engine against its manifest's sha256 before use, and an engine
             against this machine's TensorRT version and GPU (False = ``--no-verify``). A lone file whose
             folder has no manifest listing it has nothing to be checked against and is used as it is.
+        reuse_memory: PyTorch on CPU keeps freed memory in the process (process-wide: off for library use;
+            the command line turns it on, see ``TorchRunner``).
     """
     path = Path(model)
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in BACKEND_CHOICES:
+        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     if not path.exists():
         raise UserError(f"{path}: no such model file or export directory")
-    suffix = path.suffix.lower()
+    options = OpenOptions(device=device, threads=threads, verify=verify, reuse_memory=reuse_memory, preset=preset,
+                          tlc=tlc, train_size=train_size)
     if path.is_dir():
-        return _from_export_dir(path, backend, precision, device, threads, tiled_graph, tlc, train_size, verify)
-    if suffix == ".onnx" or suffix == ".xml":
-        _require(backend, ("auto", "onnxrt", "openvino") if suffix == ".onnx" else ("auto", "openvino"), path)
-        if verify:
-            from export.manifest import verify_file
-
-            verify_file(path)
-        if suffix == ".xml" or backend == "openvino":
-            runner = OpenVINORunner(path, precision or "fp32", threads=threads)
-        else:
-            runner = OnnxRuntimeRunner(path, precision or "fp32", device=device, threads=threads)
-        if suffix == ".onnx":
-            from export.onnx_export import read_metadata
-
-            describe_model(runner, read_metadata(path).get("nafnet.config"))
-        return runner
-    if suffix in ENGINE_SUFFIXES:
-        _require(backend, ("auto", "trt"), path)
+        info = read_export(path)
+        runner = _runner_of_export(info, path, backend, precision, tiled_graph,
+                                   OpenOptions(device=device, threads=threads, verify=verify,
+                                               reuse_memory=reuse_memory, preset=info.preset, tlc=info.tlc,
+                                               train_size=info.train_size))
+        return describe_model(runner, info.config)
+    rec = file_backend(path, backend)
+    art = lone_artifact(path, rec, precision)
+    if rec.name != "torch":
         from export.manifest import verify_file
 
         found = verify_file(path) if verify else None
-        built_for = found[0].artifacts[found[1]].get("tensorrt") if found else None
-        return TensorRTRunner(path, precision or "fp16", built_for=built_for, verify=verify)
-    _require(backend, ("auto", "torch"), path)
-    return torch_runner(path, precision or "fp32", preset=preset, tlc=tlc, train_size=train_size, device=device)
+        if rec.name == "trt" and found:
+            art = Artifact(art.backend, art.precision, path, built_for=found[0].artifacts[found[1]].get("tensorrt"))
+    runner = rec.open(art, precision, options)
+    if path.suffix.lower() == ".onnx":
+        from export.onnx_export import read_metadata
+
+        describe_model(runner, read_metadata(path).get("nafnet.config"))
+    return runner
 
 
 def torch_runner(checkpoint: str | Path, precision: str = "fp32", *, preset: str | None = None, tlc: bool = True,
-                 train_size: int | None = None, device: str = "auto") -> TorchRunner:
-    ckpt = load_checkpoint(checkpoint, preset=preset)
-    model = convert_to_tlc(ckpt.model, train_size or ckpt.train_size) if tlc else ckpt.model
-    label = f"torch-{precision}" + ("" if tlc else "-notlc")
-    return TorchRunner(model, precision, device=device, name=label)
+                 train_size: int | None = None, device: str = "auto", reuse_memory: bool = False) -> TorchRunner:
+    """The PyTorch runner of a checkpoint (the parity reference, bench's baseline)."""
+    options = OpenOptions(device=device, preset=preset, tlc=tlc, train_size=train_size, reuse_memory=reuse_memory)
+    return BACKENDS["torch"].open(Artifact("torch", precision, Path(checkpoint), key="source"), precision, options)
 
 
 def _config_dict(config: dict | str | None) -> dict | None:
@@ -232,21 +165,6 @@ def describe_model(runner: Runner, config: dict | str | None) -> Runner:
     if config is not None:
         runner.pad_multiple = pad_multiple_of(config)
     return runner
-
-
-def _require(backend: str, allowed: tuple[str, ...], path: Path) -> None:
-    if backend not in allowed:
-        what = {"torch": "a checkpoint", "onnxrt": "an .onnx file", "trt": "a TensorRT engine",
-                "openvino": "an .onnx file or OpenVINO IR (.xml)", "auto": "a model file"}
-        raise UserError(f"{path}: --backend {backend} needs {what[backend]} or an export directory; "
-                        f"export it first with `python cli.py export`")
-
-
-def _from_export_dir(path: Path, backend: str, precision: str | None, device: str, threads: int | None,
-                     tiled_graph: bool | None, tlc: bool, train_size: int | None, verify: bool = True) -> Runner:
-    info = read_export(path)
-    runner = _runner_of_export(info, path, backend, precision, device, threads, tiled_graph, verify)
-    return describe_model(runner, info.config)
 
 
 def machine_id() -> dict:
@@ -278,15 +196,15 @@ def auto_order(export_dir: str | Path, precision: str | None = None) -> tuple[li
     By measurement where the export holds ``bench.json`` (written by ``bench``) from this machine
     (:func:`machine_id`): its rows at the benchmark size, fastest median first, only those with status ok
     and of ``precision`` when one is given; backend x precision pairs that ``parity.json`` (written by
-    ``parity``) records as failed are left out. Backends the record does not time follow in NAME_ORDER.
-    Without a usable record: NAME_ORDER, and the note says why.
+    ``parity``) records as failed are left out. Backends the record does not time follow in AUTO_ORDER.
+    Without a usable record: AUTO_ORDER, and the note says why.
     """
-    by_name: list[tuple[str, str | None]] = [(b, precision) for b in NAME_ORDER]
+    by_name: list[tuple[str, str | None]] = [(b, precision) for b in AUTO_ORDER]
     directory = Path(export_dir)
     try:
         bench = json.loads((directory / BENCH_RECORD).read_text())
     except FileNotFoundError:
-        return by_name, f"by name ({' > '.join(NAME_ORDER)}): no {BENCH_RECORD} in the export (`bench` writes it)"
+        return by_name, f"by name ({' > '.join(AUTO_ORDER)}): no {BENCH_RECORD} in the export (`bench` writes it)"
     except (OSError, ValueError) as e:
         return by_name, f"by name: {directory / BENCH_RECORD} is unreadable ({type(e).__name__})"
     if bench.get("machine") != machine_id():
@@ -306,66 +224,33 @@ def auto_order(export_dir: str | Path, precision: str | None = None) -> tuple[li
         if pair not in failed and pair not in order:
             order.append(pair)
     measured = {b for b, _ in order}
-    order += [(b, p) for b, p in by_name if b not in measured and (b, p or PRECISIONS[b][0]) not in failed]
+    order += [(b, p) for b, p in by_name if b not in measured and (b, p or BACKENDS[b].default_precision) not in failed]
     note = (f"by measurement: {BENCH_RECORD} at {bench.get('size')} on this machine"
             + (f", without the pairs {PARITY_RECORD} failed" if failed else "")
             + ("" if parity is not None else f" (no {PARITY_RECORD}: parity not checked)"))
     return order, note
 
 
-def _runner_of_export(info: ExportInfo, path: Path, backend: str, precision: str | None, device: str,
-                      threads: int | None, tiled_graph: bool | None, verify: bool) -> Runner:
-    def checked(art: Artifact) -> Path:
-        if verify:  # only the file about to be loaded is hashed (an IR: its .xml and its .bin)
+def _runner_of_export(info: ExportInfo, path: Path, backend: str, precision: str | None, tiled_graph: bool | None,
+                      options: OpenOptions) -> Runner:
+    order, note = ([(backend, precision)], "") if backend != "auto" else auto_order(path, precision)
+    reasons = []
+    for name, prec in order:
+        rec = BACKENDS[name]
+        art, missing = rec.pick(info.artifacts, (info.checkpoint, info.checkpoint_note), prec, tiled_graph)
+        # auto skips what cannot run at that precision here; a named backend fails on activate with the reason
+        ok, why = rec.probe(prec if backend == "auto" else None)
+        if art is None or not ok:
+            reasons.append(f"{name}: {missing or why}")
+            continue
+        if options.verify and art.key and art.key != "source":  # only the file about to be loaded is hashed
             from export.manifest import load_manifest, verify_artifact, verify_companions
 
             manifest = load_manifest(path)
             verify_artifact(manifest, art.key)
             verify_companions(manifest, art.key)
-        return art.path
-    order, note = ([(backend, precision)], "") if backend != "auto" else auto_order(path, precision)
-    reasons = []
-    for name, prec in order:
-        runner = _try_backend(info, path, name, prec, device, threads, tiled_graph, verify, checked, reasons)
-        if runner is not None:
-            runner.auto_note = note
-            return runner
+        runner = rec.open(art, prec, options)
+        runner.auto_note = note
+        return runner
     raise RunnerError(f"{path}: nothing in this export runs with --backend {backend}"
                       f"{'' if precision is None else ' --precision ' + precision}: " + "; ".join(reasons))
-
-
-def _try_backend(info: ExportInfo, path: Path, name: str, precision: str | None, device: str, threads: int | None,
-                 tiled_graph: bool | None, verify: bool, checked, reasons: list[str]) -> Runner | None:
-    """The runner of backend ``name`` for this export, or None with the reason appended to ``reasons``."""
-    if name == "trt":
-        ready, why = tensorrt_ready()
-        art = _pick(info.artifacts, "trt", precision, None)
-        if art is not None and ready:
-            return TensorRTRunner(checked(art), art.precision, art.fixed_shape, name=f"trt-{art.precision}-{art.mode}",
-                                  built_for=art.built_for, verify=verify)
-        reasons.append(f"trt: {why if art is not None else 'no engine in the export'}")
-    elif name == "onnxrt":
-        art = _pick(info.artifacts, "onnxrt", precision, tiled_graph)
-        if art is not None:
-            return OnnxRuntimeRunner(checked(art), art.precision, device=device, threads=threads,
-                                     name=f"onnxrt-{art.precision}-{art.mode}")
-        reasons.append("onnxrt: no matching ONNX graph in the export")
-    elif name == "openvino":
-        from export.openvino_ir import openvino_available
-
-        ok, why = openvino_available()
-        art = openvino_artifact(info.artifacts, precision, tiled_graph)
-        if art is not None and ok:
-            return OpenVINORunner(checked(art), precision or "fp32", threads=threads,
-                                  name=f"openvino-{precision or 'fp32'}-{art.mode}")
-        if precision not in (None, *OPENVINO_PRECISIONS):
-            why = f"it runs {' or '.join(OPENVINO_PRECISIONS)}, not {precision}"
-        elif art is None:
-            why = "no fp32 ONNX graph or IR in the export"
-        reasons.append(f"openvino: {why}")
-    else:
-        if info.checkpoint is not None:
-            return torch_runner(info.checkpoint, precision or "fp32", preset=info.preset, tlc=info.tlc,
-                                train_size=info.train_size, device=device)
-        reasons.append(f"torch: {info.checkpoint_note}")
-    return None

@@ -38,8 +38,9 @@ from nafnet_core.fileio import atomic_write_text
 from nafnet_core.images import read_image, to_tensor
 
 from .restore import TilingWarning, restore
-from .models import OPENVINO_PRECISIONS, ExportInfo, openvino_artifact, describe_model, read_export, torch_runner
-from .runners import OnnxRuntimeRunner, OpenVINORunner, Runner, RunnerError, TensorRTRunner
+from .backends import BACKENDS, Artifact, OpenOptions
+from .models import ExportInfo, describe_model, read_export
+from .runners import Runner, RunnerError
 from .tiling import DEFAULT_TILE
 
 #: (max |ΔPSNR| dB, min PSNR vs reference dB) per precision, whole image.
@@ -133,68 +134,48 @@ class _Case:
 
 def parity_cases(info: ExportInfo, *, torch_precisions: Sequence[str] = ("fp16", "bf16"),
                  tile: tuple[int, int] | None = None, device: str = "cpu",
-                 threads: int | None = None, verify: bool = True) -> tuple[Runner, list[_Case]]:
+                 threads: int | None = None, verify: bool = True, reuse_memory: bool = False) -> tuple[Runner, list[_Case]]:
     """(reference runner, the rows) for an export: torch fp16/bf16 whole, torch fp32 tiled (``tile``, default
-    the export's own tile, else DEFAULT_TILE), every ONNX graph (dynamic whole, fixed tile tiled) and engine."""
+    the export's own tile, else DEFAULT_TILE), then every other backend's rows (:meth:`Backend.rows`: each ONNX
+    graph and engine, OpenVINO fp32/bf16), whole for dynamic graphs and tiled for fixed tiles. A backend that
+    cannot run here, or has nothing in the export, gets a row saying why."""
     if tile is None:
         tile = next((a.fixed_shape for a in info.artifacts if a.fixed_shape), (DEFAULT_TILE, DEFAULT_TILE))
     if info.checkpoint is None:
         raise UserError(f"{info.directory}: the PyTorch reference needs the source checkpoint: {info.checkpoint_note}; "
                         "pass --checkpoint")
-    ref = torch_runner(info.checkpoint, "fp32", preset=info.preset, tlc=info.tlc, train_size=info.train_size,
-                       device=device)
-    cases = []
-    for p in torch_precisions:
-        cases.append(_Case(ParityRow("torch", p, "whole"),
-                           torch_runner(info.checkpoint, p, preset=info.preset, tlc=info.tlc,
-                                        train_size=info.train_size, device=device), None))
+    options = OpenOptions(device=device, threads=threads, verify=verify, reuse_memory=reuse_memory,
+                          preset=info.preset, tlc=info.tlc, train_size=info.train_size)
+    torch_backend = BACKENDS["torch"]
+    source = Artifact("torch", "fp32", info.checkpoint, key="source")
+    ref = torch_backend.open(source, "fp32", options)
+    cases = [_Case(ParityRow("torch", p, "whole"), torch_backend.open(source, p, options), None)
+             for p in torch_precisions]
     cases.append(_Case(ParityRow("torch", "fp32", f"tiled {tile[0]}x{tile[1]}"), ref, tile))
-    for art in sorted((a for a in info.artifacts if a.backend != "openvino"),
-                      key=lambda a: (a.backend != "onnxrt", a.precision, a.fixed_shape is not None)):
-        mode = "whole" if art.fixed_shape is None else f"tiled {art.fixed_shape[0]}x{art.fixed_shape[1]}"
-        if art.backend == "onnxrt":
-            runner = OnnxRuntimeRunner(art.path, art.precision, device=device, threads=threads,
-                                       name=f"onnxrt-{art.precision}-{art.mode}")
-        else:
-            runner = TensorRTRunner(art.path, art.precision, art.fixed_shape, name=f"trt-{art.precision}-{art.mode}",
-                                    built_for=art.built_for, verify=verify)
-        cases.append(_Case(ParityRow(art.backend, art.precision, mode), runner, "auto" if art.fixed_shape else "none"))
-    cases += _openvino_cases(info, threads)
+    for rec in BACKENDS.values():
+        if rec.name == "torch":
+            continue
+        rows = rec.rows(info.artifacts)
+        if not rows:
+            ok, why = rec.probe(None)
+            _, missing = rec.pick(info.artifacts, (info.checkpoint, info.checkpoint_note), None, None)
+            status = f"cannot run here: {missing or 'nothing in the export'}" + ("" if ok else f" ({why})")
+            cases.append(_Case(ParityRow(rec.name, rec.default_precision, "-", status=status), None, None))
+            continue
+        for precision, art in rows:
+            mode = "whole" if art.fixed_shape is None else f"tiled {art.fixed_shape[0]}x{art.fixed_shape[1]}"
+            row = ParityRow(rec.name, precision, mode)
+            ok, why = rec.probe(precision)
+            if not ok:
+                row.status = f"cannot run here: {why}"
+                cases.append(_Case(row, None, None))
+                continue
+            runner = rec.open(art, precision, options, name=f"{rec.name}-{precision}-{art.mode}")
+            cases.append(_Case(row, runner, "auto" if art.fixed_shape else "none"))
     for case in cases:  # the export's config says whether tiles change the model's output
         if case.runner is not None:
             describe_model(case.runner, info.config)
-    if not any(a.backend == "trt" for a in info.artifacts):
-        from .trt import tensorrt_available
-
-        ok, why = tensorrt_available()
-        why = "the export holds no engine" + ("" if ok else f" ({why})")
-        cases.append(_Case(ParityRow("trt", "fp16", "-", status=f"cannot run here: {why}"), None, None))
     return ref, cases
-
-
-def _openvino_cases(info: ExportInfo, threads: int | None) -> list[_Case]:
-    """OpenVINO fp32 and bf16, whole (dynamic graph) and tiled (fixed tile), from the export's IR or fp32 ONNX;
-    rows that cannot run (no openvino installed, no BF16 in this CPU) say why."""
-    from export.openvino_ir import bf16_support, openvino_available
-
-    ok, why = openvino_available()
-    cases = []
-    for precision in OPENVINO_PRECISIONS:
-        can, reason = (ok, why) if precision == "fp32" or not ok else bf16_support()
-        for prefer_tile in (False, True):
-            art = openvino_artifact(info.artifacts, precision, prefer_tile)
-            if art is None or (art.fixed_shape is not None) != prefer_tile:
-                continue
-            mode = "whole" if art.fixed_shape is None else f"tiled {art.fixed_shape[0]}x{art.fixed_shape[1]}"
-            row = ParityRow("openvino", precision, mode)
-            if not can:
-                row.status = f"cannot run here: {reason}"
-                cases.append(_Case(row, None, None))
-                continue
-            runner = OpenVINORunner(art.path, precision, threads=threads,
-                                    name=f"openvino-{precision}-{art.mode}")
-            cases.append(_Case(row, runner, "auto" if art.fixed_shape else "none"))
-    return cases
 
 
 def _verdict(row: ParityRow) -> bool:
@@ -327,14 +308,14 @@ def check_parity(export_dir: str | Path, data_root: str | Path, *, split: str = 
                  checkpoint: str | Path | None = None, torch_precisions: Sequence[str] = ("fp16", "bf16"),
                  tile: tuple[int, int] | None = None, overlap: int | None = None,
                  device: str = "cpu", threads: int | None = None, progress: bool = True,
-                 verify: bool = True) -> ParityReport:
+                 verify: bool = True, reuse_memory: bool = False) -> ParityReport:
     """The ``parity`` command: verifies the export's files (sha256; ``verify=False`` skips it), then runs every
-    row on the split."""
+    row on the split. ``reuse_memory``: the PyTorch rows keep freed memory in the process (see ``TorchRunner``)."""
     info = read_export(export_dir, verify_files=verify)
     if checkpoint is not None:
         info.checkpoint, info.checkpoint_note = Path(checkpoint), ""
     ref, cases = parity_cases(info, torch_precisions=torch_precisions, tile=tile, device=device, threads=threads,
-                              verify=verify)
+                              verify=verify, reuse_memory=reuse_memory)
     failed: dict[str, str] = {}
     pairs, n = load_split(data_root, split, limit, failed)
     report = run_parity(ref, cases, pairs, overlap=overlap, progress=progress, total=n)

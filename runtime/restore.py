@@ -14,7 +14,7 @@ import torch
 from nafnet_core.errors import UserError
 from nafnet_core.images import Decoded, from_tensor, to_8bit, to_tensor
 
-from nafnet_core.config import padded_size
+from nafnet_core.config import DEFAULT_PAD_MULTIPLE, padded_size
 
 from .runners import Runner
 from .tiling import DEFAULT_TILE, TileSpec, default_overlap, restore_tensor
@@ -33,6 +33,11 @@ FS_TILING_NOTE = ("measured at 720p: 49-52 dB agreement with the whole image, ag
                   "model without it; BENCHMARKS.md, Input FFT")
 
 
+def pad_multiple(runner: Runner) -> int:
+    """The runner's padding multiple (anything with an ``infer`` may serve as a runner: the default there)."""
+    return getattr(runner, "pad_multiple", DEFAULT_PAD_MULTIPLE)
+
+
 def choose_tiling(runner: Runner, height: int, width: int, tile: str | int | tuple[int, int] = "auto",
                   overlap: int | None = None) -> TileSpec | None:
     """The TileSpec for one image (None = whole image).
@@ -44,7 +49,7 @@ def choose_tiling(runner: Runner, height: int, width: int, tile: str | int | tup
     """
     check_tile(runner, tile)
     whole_input = getattr(runner, "whole_image_input", False)
-    m = runner.pad_multiple
+    m = pad_multiple(runner)
     if runner.fixed_shape is not None:
         tile_hw = runner.fixed_shape
     elif tile in ("none", None):
@@ -90,7 +95,7 @@ def restore(runner: Runner, x: torch.Tensor, tile: str | int | tuple[int, int] =
 
     N > 1 only for same-sized video frames (one tiling for all of them)."""
     spec = choose_tiling(runner, x.shape[-2], x.shape[-1], tile, overlap)
-    return restore_tensor(runner.infer, x, spec, progress, runner.pad_multiple)
+    return restore_tensor(runner.infer, x, spec, progress, pad_multiple(runner))
 
 
 def restore_image(runner: Runner, image: Decoded, tile: str | int | tuple[int, int] = "auto",

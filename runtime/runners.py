@@ -29,9 +29,6 @@ from .errors import RunnerError  # re-exported: ``from runtime.runners import Ru
 
 ET_ERRORS = (ParseError, OSError, UnicodeDecodeError)
 
-#: Precisions a backend can run, keyed by backend name.
-PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "onnxrt": ("fp32", "fp16"), "trt": ("fp16",),
-              "openvino": ("fp32", "bf16")}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -52,11 +49,13 @@ class Runner:
     """
 
     backend = "base"
+    #: What the arithmetic can run in (the first: the default); empty: anything.
+    precisions: tuple[str, ...] = ()
 
     def __init__(self, precision: str = "fp32", name: str | None = None):
-        if precision not in PRECISIONS.get(self.backend, (precision,)):
+        if self.precisions and precision not in self.precisions:
             raise RunnerError(f"backend {self.backend} cannot run {precision}; choose one of "
-                              f"{', '.join(PRECISIONS[self.backend])}")
+                              f"{', '.join(self.precisions)}")
         self.precision = precision
         self.name = name or f"{self.backend}-{precision}"
         self.fixed_shape: tuple[int, int] | None = None
@@ -137,14 +136,17 @@ class TorchRunner(Runner):
         precision: ``fp32``, ``fp16`` or ``bf16``.
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available).
         reuse_memory: on CPU, keep freed memory in the process for the next tensors
-            (:func:`nafnet_core.process.keep_freed_memory`, process-wide): a width32 720x1280 frame took
-            10.2-14.7 s with it vs 21.9-22.6 s without, at 2.5-2.9 GB vs 1.9 GB peak (BENCHMARKS.md, "Runtime").
+            (:func:`nafnet_core.process.keep_freed_memory`). It changes the allocator of the whole process, so a
+            library user opts in; the command line (infer, parity, bench, serve, demo) does, where it was
+            measured to pay: a width32 720x1280 frame took 10.2-14.7 s with it vs 21.9-22.6 s without, at
+            2.5-2.9 GB vs 1.9 GB peak (BENCHMARKS.md, "PyTorch eager on CPU: heap reuse").
     """
 
     backend = "torch"
+    precisions = ("fp32", "fp16", "bf16")
 
     def __init__(self, model: nn.Module, precision: str = "fp32", device: str = "auto", name: str | None = None,
-                 reuse_memory: bool = True):
+                 reuse_memory: bool = False):
         super().__init__(precision, name)
         self.model = model
         self.device = device
@@ -270,6 +272,7 @@ class OnnxRuntimeRunner(Runner):
     """
 
     backend = "onnxrt"
+    precisions = ("fp32", "fp16")
 
     def __init__(self, path: str | Path, precision: str = "fp32", device: str = "auto", threads: int | None = None,
                  opt_level: str = "all", profile: bool = False, spin: bool = False, arena: bool = False,
@@ -362,6 +365,7 @@ class OpenVINORunner(Runner):
     """
 
     backend = "openvino"
+    precisions = ("fp32", "bf16")  # bf16: a compile-time hint with FP32 islands (export/openvino_ir.py)
 
     def __init__(self, path: str | Path, precision: str = "fp32", threads: int | None = None, shapes_kept: int = 2,
                  name: str | None = None):
@@ -455,6 +459,7 @@ class TensorRTRunner(Runner):
     """
 
     backend = "trt"
+    precisions = ("fp16",)
 
     def __init__(self, path: str | Path, precision: str = "fp16", fixed_shape: tuple[int, int] | None = None,
                  name: str | None = None, built_for: dict | None = None, verify: bool = True):

@@ -50,7 +50,7 @@ import torch
 
 from nafnet_core.errors import UserError, first_line
 
-from .restore import choose_tiling
+from .restore import choose_tiling, pad_multiple
 from .runners import Runner
 from .tiling import restore_tensor
 
@@ -173,7 +173,7 @@ class ImageModel:
         spec = choose_tiling(self.runner, h, w, self.tile, self.overlap)
         batch = torch.from_numpy(np.concatenate(xs) if len(xs) > 1 else xs[0])
         if spec is None:  # whole images: the batch in one call
-            y = restore_tensor(self.runner.infer, batch, None)
+            y = restore_tensor(self.runner.infer, batch, None, multiple=pad_multiple(self.runner))
         else:  # tiles: one image at a time (the tiled path bounds memory by the tile)
             y = torch.cat([restore_tensor(self.runner.infer, batch[j:j + 1], spec) for j in range(batch.shape[0])])
         out = np.ascontiguousarray(y.numpy(), dtype=np.float32)
