@@ -26,6 +26,13 @@ Process hygiene, measured with nvidia-pytriton 0.7.0 on a CPU-only Debian machin
 - a port in use made the new ``tritonserver`` fail while PyTriton talked to the *other* server on that
   port (a misleading 403), so every port is test-bound first (:func:`check_ports`).
 - open client connections make the stop wait for ``exit_timeout_secs`` (30 s by default): it is 3 s here.
+- the main process exits only after every process it started has ended and been waited for
+  (:class:`OwnProcesses`): measured before, the group still held a child when the main process had exited
+  (``[python] <defunct>``: this process's ``multiprocessing`` resource tracker, which ends only when the
+  process that started it has gone, and the stub's, orphaned and left to PID 1), so a supervisor that reaps
+  the main process and starts the next server saw the old one half-finished. The main process is a child
+  subreaper while it serves (orphaned descendants come back to it), stops its resource tracker, and waits
+  for and reaps its descendants (:data:`DESCENDANTS_WAIT_S` at most, then kills what is left).
 - SIGKILL cannot be caught: the children die with the process group (run it as a service that kills the
   group) and the next start removes shared-memory segments whose owner process is gone.
 """
@@ -33,10 +40,13 @@ Process hygiene, measured with nvidia-pytriton 0.7.0 on a CPU-only Debian machin
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
 import socket
+import sys
 import sysconfig
 import tempfile
 import threading
@@ -182,6 +192,138 @@ class ImageModel:
 
 
 # --------------------------------------------------------------------------------------------- process
+
+#: Seconds the main process waits, once the server has stopped, for the processes it started to end
+#: (resource trackers leave within milliseconds of their pipe closing); then it kills those left.
+DESCENDANTS_WAIT_S = 10.0
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # linux/prctl.h
+
+
+def process_table(proc: Path = Path("/proc")) -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state letter) of every process ``/proc`` lists (empty where there is no /proc)."""
+    table = {}
+    with contextlib.suppress(OSError):
+        for stat in proc.glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
+                table[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def descendants(pid: int, table: dict[int, tuple[int, str]], exclude: set[int] = frozenset()) -> list[int]:
+    """Every process below ``pid`` in ``table`` (children, their children, ...), skipping the subtrees of
+    the children in ``exclude``."""
+    children: dict[int, list[int]] = {}
+    for p, (parent, _) in table.items():
+        children.setdefault(parent, []).append(p)
+    found, stack = [], [c for c in children.get(pid, []) if c not in exclude]
+    while stack:
+        p = stack.pop()
+        found.append(p)
+        stack.extend(children.get(p, []))
+    return sorted(found)
+
+
+def _prctl(option: int, value: int = 0) -> int | None:
+    """``prctl(option, value)`` (Linux), or None where it is unavailable or fails."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    if option == PR_GET_CHILD_SUBREAPER:
+        flag = ctypes.c_int(0)
+        return int(flag.value) if libc.prctl(option, ctypes.byref(flag), 0, 0, 0) == 0 else None
+    return 0 if libc.prctl(option, value, 0, 0, 0) == 0 else None
+
+
+class OwnProcesses:
+    """Every process started inside the ``with`` block has ended, and been waited for, when it exits.
+
+    On entry this process becomes a child subreaper (Linux): a process it started whose parent ends (the
+    Python-backend stub's helpers when tritonserver stops) becomes its child, not PID 1's, so it can be
+    waited for. On exit it stops the ``multiprocessing`` resource tracker if one was started in the block
+    (it would end only after this process), then reaps its exited children and waits until no process
+    started in the block is left, for ``wait_s`` at most; what is still running then is killed and reaped.
+    Children that existed before the block are neither waited for nor killed. The subreaper setting is
+    restored.
+
+    Attributes:
+        killed: ``"pid command"`` of each process that had to be killed.
+    """
+
+    def __init__(self, wait_s: float = DESCENDANTS_WAIT_S, poll_s: float = 0.02):
+        self.wait_s = wait_s
+        self.poll_s = poll_s
+        self.killed: list[str] = []
+        self._before: set[int] = set()
+        self._previous: int | None = None
+
+    def __enter__(self) -> "OwnProcesses":
+        self._previous = _prctl(PR_GET_CHILD_SUBREAPER)
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+        self._before = set(descendants(os.getpid(), process_table()))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._stop_resource_tracker()
+            self.wait()
+        finally:
+            if self._previous is not None:
+                _prctl(PR_SET_CHILD_SUBREAPER, self._previous)
+
+    def left(self) -> list[int]:
+        """Processes started in the block that still exist (running, or exited and not yet waited for)."""
+        return descendants(os.getpid(), process_table(), exclude=self._before)
+
+    def wait(self) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            left = self._reap()
+            if not left:
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(self.poll_s)
+        for pid in left:
+            cmd = _command(pid)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                self.killed.append(f"{pid} {cmd}")
+                LOGGER.warning("killed process %d (%s): still running %.0f s after the server stopped", pid, cmd,
+                               self.wait_s)
+        deadline = time.monotonic() + 5.0  # SIGKILL'ed processes go within milliseconds; their parents reap them
+        while self._reap() and time.monotonic() < deadline:
+            time.sleep(self.poll_s)
+
+    def _reap(self) -> list[int]:
+        """Waits for this process's exited children among ``left()``; returns what is left after."""
+        me, table = os.getpid(), process_table()
+        left = descendants(me, table, exclude=self._before)
+        for pid in left:
+            if table[pid][0] == me:  # a child: collect its exit status if it has one (never blocks)
+                with contextlib.suppress(ChildProcessError, OSError):
+                    os.waitpid(pid, os.WNOHANG)
+        return self.left() if left else []
+
+    def _stop_resource_tracker(self) -> None:
+        from multiprocessing import resource_tracker
+
+        tracker = getattr(resource_tracker, "_resource_tracker", None)
+        pid = getattr(tracker, "_pid", None)
+        if pid is not None and pid not in self._before and hasattr(tracker, "_stop"):
+            with contextlib.suppress(Exception):  # it cleans up what was registered and ends; nothing to report
+                tracker._stop()
+
+
+def _command(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return (Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                or "?")[:120]
+    return "?"
+
 
 def library_path_fix(env: dict | None = None) -> str:
     """Puts the interpreter's LIBDIR first on LD_LIBRARY_PATH (in ``env``, default os.environ): the
@@ -335,8 +477,9 @@ def serve(runner: Runner, options: ServeOptions, echo: Callable[[str], None] = p
     check_ports(options.host, options.ports())  # a busy port: one line before the model loads
     early: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _f: early.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    processes = OwnProcesses()
     try:
-        with runner:
+        with processes, runner:
             server = start_server(runner, options)
             try:
                 echo(f"serving {options.model_name!r} ({runner.name}) after {server.started_s:.1f} s: "
@@ -359,7 +502,11 @@ def serve(runner: Runner, options: ServeOptions, echo: Callable[[str], None] = p
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if processes.killed:
+            echo(f"killed {len(processes.killed)} process(es) still running {processes.wait_s:.0f} s after the "
+                 f"server stopped: {'; '.join(processes.killed)}")
 
 
 __all__ = ["ServeOptions", "ServeError", "ImageModel", "check_request", "check_ports", "library_path_fix",
-           "remove_stale_shared_memory", "start_server", "serve_until_signal", "serve", "SERVE_MAX_PIXELS"]
+           "remove_stale_shared_memory", "OwnProcesses", "start_server", "serve_until_signal", "serve",
+           "SERVE_MAX_PIXELS"]

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +24,8 @@ from runtime.infer import infer_path
 from runtime.restore import restore
 from runtime.models import open_runner
 from runtime.remote import RemoteError, parse_server_url
-from runtime.serve import ERROR, INPUT, OUTPUT, ImageModel, ServeError, check_ports, check_request, \
-    library_path_fix, remove_stale_shared_memory
+from runtime.serve import ERROR, INPUT, OUTPUT, PR_GET_CHILD_SUBREAPER, ImageModel, OwnProcesses, ServeError, \
+    _prctl, check_ports, check_request, descendants, library_path_fix, process_table, remove_stale_shared_memory
 from tests.conftest import photo
 
 
@@ -114,6 +117,63 @@ def test_stale_shared_memory_of_dead_servers_only_is_removed(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     assert remove_stale_shared_memory(tmp_path) == [tmp_path / f"pytrtion{dead}-abc"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", f"pytrtion{os.getpid()}-abc"]
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="child subreapers and /proc are Linux's")
+
+
+def _orphan(seconds: float) -> int:
+    """Starts ``sleep seconds`` through a shell that exits at once (the sleep is orphaned); its pid."""
+    return int(subprocess.run(["sh", "-c", f"sleep {seconds} >/dev/null 2>&1 & echo $!"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def _gone(pid: int) -> bool:
+    """No such process: neither running nor a zombie nobody waited for."""
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_descendants_walk_the_process_tree():
+    table = {1: (0, "S"), 10: (1, "S"), 11: (10, "S"), 12: (11, "Z"), 20: (1, "S"), 21: (20, "S"), 30: (5, "S")}
+    assert descendants(1, table) == [10, 11, 12, 20, 21]
+    assert descendants(1, table, exclude={20}) == [10, 11, 12]
+    assert descendants(12, table) == []
+    me = process_table()[os.getpid()]
+    assert me[0] == os.getppid() and me[1] in "RS"
+
+
+@linux_only
+def test_own_processes_waits_for_an_orphaned_grandchild_and_reaps_it():
+    """An orphan of a process started in the block (as the stub's helpers when tritonserver stops) comes back
+    to this process, which waits for it to end and collects it: nothing is left, not even a zombie."""
+    subreaper = _prctl(PR_GET_CHILD_SUBREAPER)
+    start = time.monotonic()
+    with OwnProcesses(wait_s=10) as own:
+        pid = _orphan(0.5)
+        assert pid in own.left()
+    assert time.monotonic() - start >= 0.4 and _gone(pid) and own.killed == []
+    assert _prctl(PR_GET_CHILD_SUBREAPER) == subreaper
+
+
+@linux_only
+def test_own_processes_kills_what_outlives_the_wait():
+    with OwnProcesses(wait_s=0.3) as own:
+        pid = _orphan(60)
+    assert _gone(pid)
+    assert len(own.killed) == 1 and own.killed[0].startswith(f"{pid} sleep 60")
+
+
+@linux_only
+def test_own_processes_leaves_children_from_before_the_block_alone():
+    before = subprocess.Popen(["sleep", "60"])
+    try:
+        start = time.monotonic()
+        with OwnProcesses(wait_s=10) as own:
+            pass
+        assert time.monotonic() - start < 5 and before.poll() is None and own.killed == []
+    finally:
+        before.kill()
+        before.wait()
 
 
 @pytest.mark.parametrize("url, expect", [

@@ -69,14 +69,17 @@ def project_step(cfg: TrainConfig, device: str) -> Callable[[], None]:
     loss_fn = LOSS_FUNCTIONS[cfg.loss]
     blur, sharp = bench_inputs(cfg.batch, cfg.crop, device)
     blur = to_input(blur, plan)
+    scaler = torch.amp.GradScaler("cuda", enabled=plan.amp_dtype == torch.float16)  # as the loop: fp16 scales
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with autocast(plan, dev):
             out = net(blur, all_heads=True)  # as the loop: every output, the loss on the best one
-        loss_fn(best_output(out, sharp).float(), sharp).backward()
+        scaler.scale(loss_fn(best_output(out, sharp).float(), sharp)).backward()
+        scaler.unscale_(opt)
         clip_gradients(model, cfg.grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
 
     return step
 
