@@ -16,14 +16,13 @@ from typing import Any
 
 import click
 
+from export.commands import export
 from nafnet_core import __version__
 from nafnet_core.cli_common import Group
 from nafnet_core.commands import info
-from export.commands import export
 from nafnet_core.errors import UserError
 from runtime.commands import bench, infer, parity, serve
 from train.commands import compare_cmd, data, eval_cmd, train_cmd
-
 
 # ----------------------------------------------------------------------------------------------------
 # The demo: the whole job in one command on a CPU (synthetic data -> train -> export -> parity -> infer).
@@ -106,13 +105,12 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, seed: i
     """
     from export import export_model
     from nafnet_core.synth import ensure_synthetic
-    from train.config import build_config
-    from train.loop import train
-
     from runtime.infer import infer_path
     from runtime.models import open_runner
     from runtime.parity import check_parity
     from runtime.trt import tensorrt_available
+    from train.config import build_config
+    from train.loop import train
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable, Mapping
 
 import torch
 

@@ -24,14 +24,23 @@ import importlib
 import json
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from nafnet_core.errors import UserError
-from train.bench import OPTIONS, Side, bench_inputs, parse_options, project_step, rows_table, serve_worker, summarise, \
-    time_interleaved
+from train.bench import (
+    OPTIONS,
+    Side,
+    bench_inputs,
+    parse_options,
+    project_step,
+    rows_table,
+    serve_worker,
+    summarise,
+    time_interleaved,
+)
 from train.config import TrainConfig, build_config
 from train.speed import resolve
 

@@ -248,8 +248,8 @@ def _range_report(checkpoint: Path, preset, target: Path, images, size, half_siz
 
     from .api import prepare_model
     from .fp16_stream import STREAM_MARGIN, stage_of
-    from .ranges import FP16_MAX, FP16_MIN_NORMAL, fp16_range_report
     from .manifest import ManifestError, load_manifest
+    from .ranges import FP16_MAX, FP16_MIN_NORMAL, fp16_range_report
     from .samples import load_images, sample_photo
 
     try:

@@ -42,7 +42,7 @@ from nafnet_core.model import NAFNet
 from nafnet_core.tlc import LocalAvgPool2d, band_means, covers_map, window_means_t
 
 
-def _fold_affine_into_conv(norm: LayerNorm2d, conv: nn.Conv2d) -> "ChannelNorm":
+def _fold_affine_into_conv(norm: LayerNorm2d, conv: nn.Conv2d) -> ChannelNorm:
     """Moves ``norm``'s affine into the following 1x1 ``conv`` (in place on ``conv``); returns the bare norm."""
     if norm.weight is not None:
         w, b = norm.weight.double(), norm.bias.double()  # (C,)

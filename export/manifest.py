@@ -54,9 +54,10 @@ Every ONNX artifact carries the same facts in its ``metadata_props`` (keys ``naf
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from nafnet_core.errors import UserError
 from nafnet_core.fileio import atomic_write_text, sha256_file

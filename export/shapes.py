@@ -45,11 +45,11 @@ class ShapeSpec:
             raise ShapeError(f"batch must be >= 1, got {self.batch}")
 
     @classmethod
-    def dynamic(cls) -> "ShapeSpec":
+    def dynamic(cls) -> ShapeSpec:
         return cls()
 
     @classmethod
-    def tile(cls, height: int, width: int, batch: int = 1) -> "ShapeSpec":
+    def tile(cls, height: int, width: int, batch: int = 1) -> ShapeSpec:
         return cls(int(height), int(width), int(batch))
 
     @property
@@ -75,7 +75,7 @@ class ShapeSpec:
         return {"kind": "tile", "batch": self.batch, "height": self.height, "width": self.width}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ShapeSpec":
+    def from_dict(cls, d: dict) -> ShapeSpec:
         if d.get("kind") == "dynamic":
             return cls.dynamic()
         return cls.tile(d["height"], d["width"], d.get("batch", 1))

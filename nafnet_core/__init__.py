@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, read_checkpoint, save_checkpoint, save_official
+from .checkpoint import (
+    CheckpointError,
+    LoadedCheckpoint,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    save_official,
+)
 from .config import DEFAULT_BASE_RATIO, DEFAULT_TRAIN_SIZE, GATES, PRESET_PARAMS, PRESETS, ModelConfig, get_config
 from .errors import UserError
 from .flops import model_gflops

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
 
 from .errors import UserError
 from .images import ImageError, image_size, is_image_file, max_pixels_limit, read_rgb8

@@ -34,7 +34,7 @@ from .cgnet import cg_block
 from .config import ModelConfig
 from .dft import frequency_selection
 from .fnafnet import fnaf_block
-from .layers import BlockSite, GlobalAvgPool2d, NAFBlock
+from .layers import BlockSite, NAFBlock
 
 
 def naf_block(config: ModelConfig, c: int, site: BlockSite) -> NAFBlock:

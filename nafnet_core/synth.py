@@ -46,7 +46,6 @@ from .errors import UserError
 from .fileio import atomic_write_text
 from .images import read_rgb8, resize_bicubic, write_rgb8
 
-
 VERSION = 2  # 2: the camera path is centred on the sharp frame (module docstring)
 TRAIN_PHOTOS = ("astronaut.png", "rocket.jpg", "ihc.png", "hubble_deep_field.jpg", "retina.jpg",
                 "motorcycle_left.png", "motorcycle_right.png")

@@ -11,11 +11,11 @@
 TensorRT is imported only when an engine runs (runtime/trt.py).
 """
 
-from .infer import InferReport, infer_path
-from .restore import choose_tiling, restore, restore_image
 from .backends import BACKEND_CHOICES, BACKENDS, Backend
+from .infer import InferReport, infer_path
 from .models import open_runner, read_export
 from .parity import ParityReport, ParityRow, check_parity, run_parity
+from .restore import choose_tiling, restore, restore_image
 from .runners import OnnxRuntimeRunner, Runner, RunnerError, TensorRTRunner, TorchRunner
 from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileSpec, restore_tensor
 

@@ -15,9 +15,9 @@ records and nothing else, so a backend is added here once:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from nafnet_core.errors import UserError
 

@@ -13,9 +13,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -102,10 +102,10 @@ class BenchSpec:
 def measure(spec: BenchSpec) -> dict:
     """Runs one BenchSpec in this process: times (s) of each repeat, this process's peak RSS (MB) and the PSNR of
     the output against the sharp photo."""
-    from .restore import choose_tiling, restore
     from export.samples import sample_photo
 
     from .backends import BACKENDS, Artifact, OpenOptions
+    from .restore import choose_tiling, restore
 
     if spec.threads:
         torch.set_num_threads(spec.threads)

@@ -15,7 +15,6 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from nafnet_core.errors import UserError
 from nafnet_core.fileio import output_folder, remove_temporaries
@@ -23,6 +22,7 @@ from nafnet_core.images import ImageError, is_image_file, is_video_file, max_pix
 
 from .restore import check_tile, restore_image, side_by_side
 from .runners import Runner
+
 
 @dataclass
 class InferReport:

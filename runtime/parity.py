@@ -25,9 +25,9 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
@@ -37,9 +37,9 @@ from nafnet_core.errors import UserError, first_line
 from nafnet_core.fileio import atomic_write_text
 from nafnet_core.images import read_image, to_tensor
 
-from .restore import TilingWarning, restore
 from .backends import BACKENDS, Artifact, OpenOptions
 from .models import ExportInfo, describe_model, read_export
+from .restore import TilingWarning, restore
 from .runners import Runner, RunnerError
 from .tiling import DEFAULT_TILE
 

@@ -6,15 +6,14 @@ both stand on this.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from nafnet_core.config import DEFAULT_PAD_MULTIPLE, padded_size
 from nafnet_core.errors import UserError
 from nafnet_core.images import Decoded, from_tensor, to_8bit, to_tensor
-
-from nafnet_core.config import DEFAULT_PAD_MULTIPLE, padded_size
 
 from .runners import Runner
 from .tiling import DEFAULT_TILE, TileSpec, default_overlap, restore_tensor

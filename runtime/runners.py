@@ -67,7 +67,7 @@ class Runner:
         self.last_ms = 0.0
 
     # --- public interface
-    def activate(self) -> "Runner":
+    def activate(self) -> Runner:
         if not self.is_active:
             self._activate()
             self.is_active = True
@@ -105,7 +105,7 @@ class Runner:
             self._deactivate()
             self.is_active = False
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         return self.activate()
 
     def __exit__(self, *exc) -> None:

@@ -51,9 +51,9 @@ import sysconfig
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -260,7 +260,7 @@ class OwnProcesses:
         self._before: set[int] = set()
         self._previous: int | None = None
 
-    def __enter__(self) -> "OwnProcesses":
+    def __enter__(self) -> OwnProcesses:
         self._previous = _prctl(PR_GET_CHILD_SUBREAPER)
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
         self._before = set(descendants(os.getpid(), process_table()))

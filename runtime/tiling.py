@@ -19,8 +19,8 @@ were measured on 1280x720 photos (BENCHMARKS.md, "Runtime").
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

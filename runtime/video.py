@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+
 import numpy as np
 import torch
 

@@ -22,8 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -56,8 +56,16 @@ def bench_inputs(batch: int, crop: int, device: str, seed: int = 0) -> tuple[tor
 def project_step(cfg: TrainConfig, device: str) -> Callable[[], None]:
     """One training step of this project as the loop runs it (options of ``cfg`` resolved for ``device``)."""
     from .loop import build_model
-    from .speed import apply_process_settings, autocast, clip_gradients, compile_model, make_optimizer, \
-        prepare_model, resolve, to_input
+    from .speed import (
+        apply_process_settings,
+        autocast,
+        clip_gradients,
+        compile_model,
+        make_optimizer,
+        prepare_model,
+        resolve,
+        to_input,
+    )
 
     dev = torch.device(device)
     plan = resolve(cfg, dev)

@@ -67,7 +67,6 @@ def data_synth(out: Path, seed: int, count: int, size: str) -> None:
       python cli.py data synth data/synth --seed 1 --count 48
     """
     from nafnet_core.errors import UserError
-
     from nafnet_core.synth import synthesize
 
     try:

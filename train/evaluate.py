@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
+from nafnet_core.data import Pair
 from nafnet_core.errors import UserError
 from nafnet_core.fileio import atomic_write_text
 from nafnet_core.images import read_rgb8
@@ -27,7 +28,6 @@ from nafnet_core.metrics import SSIM_WINDOW, psnr, quantize, ssim
 from nafnet_core.model import NAFNet
 from nafnet_core.tlc import convert_to_tlc, is_tlc
 
-from nafnet_core.data import Pair
 from .data import to_chw
 from .report import csv_text
 
@@ -69,7 +69,7 @@ class EvalResult:
         means = self.head_means("psnr")
         return int(np.argmax(means)) if self.rows else self.head
 
-    def with_head(self, k: int) -> "EvalResult":
+    def with_head(self, k: int) -> EvalResult:
         """The same scores with output ``k`` in the ``psnr``/``ssim`` columns and the samples."""
         if k == self.head:
             return self
@@ -204,7 +204,6 @@ def evaluate_checkpoint(path: str | Path, *, preset: str | None = None, train_si
     synthetic set. Returns the result and a dict describing what was evaluated (for the JSON file).
     """
     from nafnet_core.checkpoint import load_checkpoint
-
     from nafnet_core.data import load_pairs
     from nafnet_core.synth import ensure_synthetic
 

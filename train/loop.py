@@ -25,29 +25,29 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from nafnet_core import create_model, read_checkpoint, save_checkpoint
+from nafnet_core.data import check_dataset, write_split_lists
 from nafnet_core.errors import UserError
 from nafnet_core.fileio import FolderBusyError, atomic_write_text, exclusive_folder
 from nafnet_core.model import NAFNet
+from nafnet_core.synth import ensure_synthetic
 
 from . import distributed as ddp
 from . import speed
 from .config import TrainConfig
 from .dashboard import Dashboard, summary_writer_class
-from nafnet_core.data import check_dataset, write_split_lists
 from .data import PairDataset, PairTransform, SampleStream, train_loader
 from .evaluate import evaluate
 from .objectives import LOSS_FUNCTIONS, best_output, lr_at
 from .report import MetricsLog, plot_curves, write_sample_grid
-from nafnet_core.synth import ensure_synthetic
 
 CACHE_LIMIT_BYTES = 2 << 30
 

@@ -17,7 +17,7 @@ the same gradient (the minimum routes it to the chosen output); a single-head mo
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from nafnet_core.fileio import atomic_path, atomic_write_text
-from nafnet_core.images import write_rgb8
-
-from nafnet_core.images import resize_bicubic
+from nafnet_core.images import resize_bicubic, write_rgb8
 
 METRIC_COLUMNS = ("step", "epoch", "kind", "lr", "loss", "train_psnr", "val_psnr", "val_ssim", "val_input_psnr",
                   "val_input_ssim", "images_per_s", "elapsed_s")
