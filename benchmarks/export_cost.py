@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         man = export_model(model, out / "folded", tiles=[(h, w)], dynamic=True, fp16=True, check=False)
         unf = export_model(model, out / "unfolded", tiles=[(h, w)], dynamic=False, fold=False, check=False)
     rows["artifacts"] = {k: {"bytes": r["bytes"], "export_seconds": r["export_seconds"]}
-                         for k, r in [*man.artifacts.items(), *(("unfolded " + k, r) for k, r in unf.artifacts.items())]}
+                         for k, r in [*man.artifacts.items(),
+                                      *(("unfolded " + k, r) for k, r in unf.artifacts.items())]}
     print(json.dumps(rows["artifacts"], indent=1), flush=True)
 
     # 2. onnxruntime CPU latency at the frame size: folded vs unfolded (static graph), and the dynamic graph.

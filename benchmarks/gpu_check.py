@@ -360,7 +360,7 @@ def inference_section(model: nc.NAFNet, sizes: dict, device: str, tiny: bool, bu
         module = precision_module(model, precision, device, photo_hw)
         xd = x.to(device, dtype)
 
-        def eager() -> torch.Tensor:
+        def eager(module: torch.nn.Module = module, xd: torch.Tensor = xd) -> torch.Tensor:
             with torch.inference_mode():
                 return module(xd)
 
@@ -376,7 +376,7 @@ def inference_section(model: nc.NAFNet, sizes: dict, device: str, tiny: bool, bu
         say(f"inference: compiling {precision}")
         compiled_module = torch.compile(module)
 
-        def compiled() -> torch.Tensor:
+        def compiled(compiled_module: torch.nn.Module = compiled_module, xd: torch.Tensor = xd) -> torch.Tensor:
             with torch.inference_mode():
                 return compiled_module(xd)
 

@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     from runtime.runners import default_threads
 
-    result = {"size": args.size, "threads": torch.get_num_threads(), "onnxrt_threads": args.threads or default_threads(),
-              "machine": machine(), "rows": []}
+    result = {"size": args.size, "threads": torch.get_num_threads(),
+              "onnxrt_threads": args.threads or default_threads(), "machine": machine(), "rows": []}
     print(json.dumps({"machine": result["machine"]}), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:

@@ -83,7 +83,8 @@ def decoded_frames(path: str | Path) -> list[np.ndarray]:
     import av
 
     with av.open(str(path)) as c:
-        return [f.to_ndarray(format="rgb24", src_color_range=f.color_range or None) for f in c.decode(c.streams.video[0])]
+        return [f.to_ndarray(format="rgb24", src_color_range=f.color_range or None)
+                for f in c.decode(c.streams.video[0])]
 
 
 def _run(args: list[str]) -> tuple[float, float]:

@@ -61,14 +61,17 @@ def _profile(ctx, param, value):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output directory. Default: exported/<checkpoint name>.")
 @click.option("--tile", "tiles", type=SIZE, multiple=True,
-              help=f"Fixed tile HxW, sides multiples of 16 (repeatable); TLC windows become constants. Default without --dynamic: "
-                   f"{DEFAULT_TILE[0]}x{DEFAULT_TILE[1]} plus the dynamic graph.")
+              help="Fixed tile HxW, sides multiples of 16 (repeatable); TLC windows become constants. "
+                   f"Default without --dynamic: {DEFAULT_TILE[0]}x{DEFAULT_TILE[1]} plus the dynamic graph.")
 @click.option("--dynamic", is_flag=True, help="Export the dynamic batch/height/width graph (default when no --tile).")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch of the fixed-tile graphs.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batch of the fixed-tile graphs.")
 @click.option("--fp16", is_flag=True, help=f"Also write onnx-fp16: {FORMATS['onnx-fp16'].description}.")
-@click.option("--trt", is_flag=True, help=f"Also build trt-fp16 (needs TensorRT and a GPU): {FORMATS['trt-fp16'].description}.")
+@click.option("--trt", is_flag=True,
+              help=f"Also build trt-fp16 (needs TensorRT and a GPU): {FORMATS['trt-fp16'].description}.")
 @click.option("--openvino", is_flag=True,
-              help=f"Also write openvino-fp32 (pip install -e \".[openvino]\"): {FORMATS['openvino-fp32'].description}.")
+              help="Also write openvino-fp32 (pip install -e \".[openvino]\"): "
+                   f"{FORMATS['openvino-fp32'].description}.")
 @click.option("--tlc/--no-tlc", default=True, show_default=True, help="TLC local pooling (kernels from --train-size).")
 @click.option("--fold/--no-fold", default=True, show_default=True,
               help="Deploy form: fold LayerNorm affine and beta/gamma into convs, split gates, TLC attention on the "
@@ -86,8 +89,8 @@ def _profile(ctx, param, value):
               help="TensorRT profile of the dynamic graph, e.g. 64x64:720x1280:1088x1920 (the default).")
 @click.option("--triton", "triton_repo", type=click.Path(file_okay=False, path_type=Path), default=None,
               metavar="REPO", help="Also write a Triton Inference Server model repository (see `export triton`).")
-def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, batch, fp16, trt, openvino, tlc, fold, opset,
-              check, workspace, opt_level, timing_cache, profile_hw, triton_repo) -> None:
+def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, batch, fp16, trt, openvino, tlc, fold,
+              opset, check, workspace, opt_level, timing_cache, profile_hw, triton_repo) -> None:
     """Export CHECKPOINT to ONNX fp32 (and fp16 / TensorRT) with TLC, writing DIR/manifest.json last.
 
     DIR/TENSORRT.md holds the trtexec and Polygraphy commands that build the same engines by hand,
@@ -269,7 +272,8 @@ def _range_report(checkpoint: Path, preset, target: Path, images, size, half_siz
         kept = stage_of(b.block) in fp32_stream
         flag = ("  <- stream kept FP32 by the export" if kept
                 else "  <- overflows FP16" if b.headroom < 1
-                else "  <- within the export's margin: re-export to keep it FP32" if b.max_stream > FP16_MAX / STREAM_MARGIN
+                else "  <- within the export's margin: re-export to keep it FP32"
+                if b.max_stream > FP16_MAX / STREAM_MARGIN
                 else "")
         click.echo(f"  {b.block:<22} {b.max_stream:>9.4g} {b.max_gate:>9.4g} {b.max_abs:>9.4g} {b.subnormal:>8.2%} "
                    f"{b.headroom:>8.1f}x{flag}")

@@ -4,8 +4,9 @@ Readiness (per ONNX file): ``onnx.checker``; every op in onnx-tensorrt's support
 no complex tensor anywhere (:func:`check_no_dft`: TensorRT has neither); axes of
 ReduceMean/CumSum/Pad/Slice/(Un)Squeeze are initializers; the opset within what every supported
 TensorRT parses; Pad modes constant/edge; DepthToSpace in PixelShuffle's CRD order; no INT64 constant
-beyond INT32 except clamped Slice bounds; a fixed-tile graph has no shape arithmetic; an FP16 graph keeps LayerNorm, pooling and CumSum in FP32 with FP32 I/O; onnxruntime
-loads it and runs it at concrete shapes with finite outputs of the input's shape. For a directory
+beyond INT32 except clamped Slice bounds; a fixed-tile graph has no shape arithmetic; an FP16 graph
+keeps LayerNorm, pooling and CumSum in FP32 with FP32 I/O; onnxruntime loads it and runs it at
+concrete shapes with finite outputs of the input's shape. For a directory
 the manifest's sha256 of every artifact is checked first.
 
 The FP16 range report that ``export lint --checkpoint`` adds is :mod:`export.ranges`.
@@ -180,7 +181,8 @@ def lint_openvino(path: str | Path) -> list[Finding]:
     kept = sum(v["fp32"] for v in report.values())
     bf16 = sum(v["bf16"] for v in report.values())
     problems = island_problems(model)
-    detail = "; ".join(problems) if problems else f"{kept} float ops kept FP32, {bf16} (convs, gates, stream) left to BF16"
+    detail = ("; ".join(problems) if problems
+              else f"{kept} float ops kept FP32, {bf16} (convs, gates, stream) left to BF16")
     return [Finding(path.name, "OpenVINO reads the IR", True),
             Finding(path.name, "BF16 FP32 islands (OpenVINO)", not problems, detail)]
 
@@ -194,7 +196,7 @@ def lint_path(path: str | Path, run: bool = True) -> list[Finding]:
         except ManifestError as e:
             return [Finding(MANIFEST_NAME, "manifest sha256", False, str(e))]
         findings = [Finding(MANIFEST_NAME, "manifest sha256", True, f"{len(manifest.artifacts)} artifacts")]
-        for name, rec in manifest.artifacts.items():
+        for rec in manifest.artifacts.values():
             if rec["file"].endswith(".onnx"):
                 findings += lint_onnx(manifest.directory / rec["file"], run=run)
             elif rec["file"].endswith(".xml"):

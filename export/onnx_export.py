@@ -77,7 +77,8 @@ def sample_input(spec: ShapeSpec, pad_multiple: int, channels: int = 3) -> torch
 
 
 def to_onnx_proto(model: NAFNet, spec: ShapeSpec, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """Exports ``model`` (already folded / TLC / half as wanted) at ``spec``; FP32 input ``input``, output ``output``."""
+    """Exports ``model`` (already folded / TLC / half as wanted) at ``spec``; FP32 input ``input``,
+    output ``output``."""
     model = model.eval()
     x = sample_input(spec, model.config.pad_multiple, model.config.img_channel)
     dynamic_shapes = None

@@ -143,7 +143,8 @@ def island_report(model) -> dict[str, dict[str, int]]:
     """Per op type of a loaded ``ov.Model``: {"fp32": n marked, "bf16": n unmarked} over float ops."""
     out: dict[str, dict[str, int]] = {}
     for op in model.get_ordered_ops():
-        if not any(o.get_element_type().is_real() for o in op.outputs()) or op.get_type_name() in ("Constant", "Result"):
+        if (not any(o.get_element_type().is_real() for o in op.outputs())
+                or op.get_type_name() in ("Constant", "Result")):
             continue
         kept = any(k.startswith("DisablePrecisionConversion") for k in op.get_rt_info().keys())
         slot = out.setdefault(op.get_type_name(), {"fp32": 0, "bf16": 0})

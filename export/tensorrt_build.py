@@ -43,7 +43,8 @@ def gpu_info() -> tuple[str, str]:
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: Profile, input_name: str,
                  options: TrtOptions, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Builds ``engine_path`` from ``onnx_path`` as written (strongly typed); returns the manifest's ``tensorrt`` record."""
+    """Builds ``engine_path`` from ``onnx_path`` as written (strongly typed); returns the manifest's
+    ``tensorrt`` record."""
     trt = import_tensorrt(out_dir)
     gpu, cc = gpu_info()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -132,7 +133,8 @@ def _save_timing_cache(config: Any, cache_path: Path) -> None:
               "build will time its layers again")
 
 
-def run_engine(engine_path: str | Path, x: np.ndarray, input_name: str = "input", output_name: str = "output") -> np.ndarray:
+def run_engine(engine_path: str | Path, x: np.ndarray, input_name: str = "input",
+               output_name: str = "output") -> np.ndarray:
     """Runs a built engine once on NCHW float32 ``x`` (CUDA via torch); returns float32 NCHW. For tests and checks."""
     import torch
 

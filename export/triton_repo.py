@@ -172,7 +172,8 @@ def _warmup(inp: TensorSpec, opt_nchw) -> str:
     """One zero-filled request at the profile's opt shape: TensorRT builds its engine at load time."""
     dims = opt_nchw[1:] if inp.shape[0] == -1 else opt_nchw
     return (f'model_warmup [\n  {{\n    name: "opt_shape"\n    batch_size: 1\n    inputs {{\n      key: "{inp.name}"\n'
-            f'      value {{\n        data_type: {inp.data_type}\n        dims: {_dims(dims)}\n        zero_data: true\n'
+            f'      value {{\n        data_type: {inp.data_type}\n        dims: {_dims(dims)}\n'
+            '        zero_data: true\n'
             f"      }}\n    }}\n  }}\n]")
 
 
@@ -205,7 +206,8 @@ def engine_model(engine_path: Path, onnx_path: Path, artifact: str, trt_record: 
     return TritonModel(name, cfg, engine_path, "model.plan", artifact)
 
 
-def plan_repository(export_dir: str | Path, opts: RepoOptions = RepoOptions(), verify: bool = True) -> list[TritonModel]:
+def plan_repository(export_dir: str | Path, opts: RepoOptions = RepoOptions(),
+                    verify: bool = True) -> list[TritonModel]:
     """The models an export becomes: the FP32 dynamic graph (else an FP32 tile graph) for onnxruntime, and
     the dynamic (else a tile) engine for TensorRT where one exists. Reads the manifest and graph headers;
     ``verify`` first checks every file used against the manifest's sha256."""

@@ -70,7 +70,8 @@ def _slug(text: str) -> str:
 
 
 def default_timing_cache(trt_version: str, gpu_name: str, compute_capability: str) -> Path:
-    """Per TensorRT version and GPU (a cache is only valid for both): ``~/.cache/.../trt-10.13.0-nvidia-l4-sm89.cache``."""
+    """Per TensorRT version and GPU (a cache is only valid for both):
+    ``~/.cache/.../trt-10.13.0-nvidia-l4-sm89.cache``."""
     sm = compute_capability.replace(".", "")
     return cache_dir() / f"trt-{_slug(trt_version)}-{_slug(gpu_name)}-sm{sm}.cache"
 
@@ -194,7 +195,8 @@ def build_commands(data: dict) -> str:
         "- TensorRT 11.x: every network is strongly typed (`--stronglyTyped` is a deprecated no-op) and `--fp16`",
         "  no longer exists.",
         "- Polygraphy compares the engine with the FP32 graph run in onnxruntime (max |diff| on outputs in [0, 1]:",
-        f"  {POLYGRAPHY_ATOL['fp16']} for FP16, {POLYGRAPHY_ATOL['fp32']} for FP32); `python cli.py parity` gives the PSNR figures.",
+        f"  {POLYGRAPHY_ATOL['fp16']} for FP16, {POLYGRAPHY_ATOL['fp32']} for FP32); "
+        "`python cli.py parity` gives the PSNR figures.",
         "- Tile graphs have fixed shapes: no shape flags. The dynamic graph needs the profile below",
         "  (`--profile` of the export).",
         "",

@@ -32,8 +32,9 @@ Sizes (where this departs from the official code):
   not padded, so every input the official code accepts gives its output.
 * Nearest upsampling uses the index PyTorch's ``interpolate(mode='nearest')`` uses, ``floor(o * (in/out))``
   in FP32, not the exact rational ``o * in // out`` (they differ at 37 (input size, level) pairs of the
-  multiples of 16 up to 4200 px, e.g. a 592-px side at level 0), written as a gather along H and W so that every backend computes exactly the
-  same index (ONNX ``Resize`` implementations round their own way). For a fixed shape the indices are
+  multiples of 16 up to 4200 px, e.g. a 592-px side at level 0), written as a gather along H and W so
+  that every backend computes exactly the same index (ONNX ``Resize`` implementations round their own
+  way). For a fixed shape the indices are
   constants; for symbolic shapes they are computed in the graph (FP32 Range/Div/Mul/Floor).
 
 TLC: the SCA pooling is a :class:`~nafnet_core.layers.GlobalAvgPool2d`, which ``convert_to_tlc`` swaps in

@@ -123,7 +123,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                 "(only tensors and plain containers are accepted). Re-save it with save_checkpoint from a "
                 "trusted environment."
             ) from None
-        detail = next((l.strip() for l in str(e).splitlines() if l.strip().startswith("Unsupported")),
+        detail = next((line.strip() for line in str(e).splitlines() if line.strip().startswith("Unsupported")),
                       "not a pickle of tensors" if "Weights only" in first else first)
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt, truncated or another format): "
                               f"{detail[:200]}") from None
@@ -223,7 +223,8 @@ def _load_state(model: NAFNet, state_dict: dict[str, Any], path: Path, what: str
         if wrong:
             parts.append("shape mismatch: " + show([f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
                                                     for k in wrong]))
-        raise CheckpointError(f"{path}: weights do not fit {what}; " + "; ".join(parts) + f". Hint: {_suggest(state_dict)}.")
+        raise CheckpointError(f"{path}: weights do not fit {what}; " + "; ".join(parts)
+                              + f". Hint: {_suggest(state_dict)}.")
     model.load_state_dict(state_dict, strict=True)
 
 

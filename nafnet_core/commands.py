@@ -32,7 +32,8 @@ def info(model: str, preset: str | None, train_size: int | None) -> None:
         net = NAFNet(config)
     else:
         ckpt = load_checkpoint(model, preset=preset)
-        config, name, source, stored_size = ckpt.config, ckpt.preset, f"{ckpt.source} checkpoint {model}", ckpt.train_size
+        config, name, stored_size = ckpt.config, ckpt.preset, ckpt.train_size
+        source = f"{ckpt.source} checkpoint {model}"
         net = ckpt.model
     n_params = count_parameters(net)
     train_size = train_size or stored_size

@@ -169,8 +169,10 @@ def _check_types(cfg: ModelConfig) -> None:
 # The table of presets. Parameter counts are asserted exactly in tests.
 PRESETS: dict[str, ModelConfig] = {
     # Official NAFNet-GoPro models (megvii-research/NAFNet options/test/GoPro/*.yml).
-    "nafnet-gopro-width32": ModelConfig(width=32, enc_blk_nums=(1, 1, 1, 28), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1)),
-    "nafnet-gopro-width64": ModelConfig(width=64, enc_blk_nums=(1, 1, 1, 28), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1)),
+    "nafnet-gopro-width32": ModelConfig(width=32, enc_blk_nums=(1, 1, 1, 28), middle_blk_num=1,
+                                        dec_blk_nums=(1, 1, 1, 1)),
+    "nafnet-gopro-width64": ModelConfig(width=64, enc_blk_nums=(1, 1, 1, 28), middle_blk_num=1,
+                                        dec_blk_nums=(1, 1, 1, 1)),
     # The seed experiments' variants.
     "seed-v1": ModelConfig(width=32, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1)),
     "seed-v3": ModelConfig(width=32, enc_blk_nums=(2, 2, 4, 8), middle_blk_num=12, dec_blk_nums=(2, 2, 2, 2)),

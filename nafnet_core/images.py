@@ -134,7 +134,8 @@ def _split(path: Path, a: np.ndarray, gray: bool, icc: bytes | None = None) -> D
         color = np.repeat(color, 3, axis=2)
     if a.dtype.kind == "f":
         if not np.isfinite(a).all():
-            raise ImageError(f"{path}: float image contains NaN or Inf values; only finite values in [0, 1] are supported")
+            raise ImageError(f"{path}: float image contains NaN or Inf values; "
+                             "only finite values in [0, 1] are supported")
         a_min, a_max = float(a.min()), float(a.max())
         if a_min < 0.0 or a_max > 1.0:
             raise ImageError(f"{path}: float image has values in [{a_min:g}, {a_max:g}]; only [0, 1] is supported")
@@ -192,7 +193,8 @@ class _PillowFallback(Exception):
 
 
 def _open_unlimited(path: Path) -> Image.Image:
-    """``Image.open`` without Pillow's own pixel limit: callers apply ours (``_check_pixels``), which is configurable."""
+    """``Image.open`` without Pillow's own pixel limit: callers apply ours (``_check_pixels``), which is
+    configurable."""
     with _PIL_LOCK:  # Image.MAX_IMAGE_PIXELS is process-global
         limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
@@ -255,7 +257,8 @@ _FILE_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError, Unidentif
 def _file_error(path: Path, e: Exception) -> ImageError:
     """The one-line error for a file that cannot be opened as an image at all (one of ``_FILE_ERRORS``)."""
     reason = {FileNotFoundError: "no such file", IsADirectoryError: "is a directory, not an image",
-              PermissionError: "permission denied"}.get(type(e), "not a readable image (unknown format or not an image file)")
+              PermissionError: "permission denied"}.get(
+        type(e), "not a readable image (unknown format or not an image file)")
     return ImageError(f"{path}: {reason}")
 
 

@@ -166,7 +166,8 @@ class NAFBlock(nn.Module):
         gate: gate kind (see :class:`Gate`).
     """
 
-    def __init__(self, c: int, dw_expand: int = 2, ffn_expand: int = 2, drop_out_rate: float = 0.0, gate: str = "simple"):
+    def __init__(self, c: int, dw_expand: int = 2, ffn_expand: int = 2, drop_out_rate: float = 0.0,
+                 gate: str = "simple"):
         super().__init__()
         dw = c * dw_expand
         self.conv1 = nn.Conv2d(c, dw, 1)

@@ -29,7 +29,8 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return (x.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
 
 
-def _prepare(pred: torch.Tensor, target: torch.Tensor, data_range: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _prepare(pred: torch.Tensor, target: torch.Tensor,
+             data_range: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
     if pred.shape != target.shape:
         raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
     if pred.dim() == 3:

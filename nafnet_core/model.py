@@ -105,7 +105,8 @@ class NAFNet(nn.Module):
         output, (N, n_outputs, C, H, W) (training and evaluation of multi-head models)."""
         h, w = inp.shape[-2:]
         inp = self.pad_input(inp)
-        x = self.intro(self.intro_input(inp).to(self.intro.weight.dtype))  # FP32 input into a half model: cast after padding
+        # FP32 input into a half model: cast after padding
+        x = self.intro(self.intro_input(inp).to(self.intro.weight.dtype))
         skips = []
         for encoder, down in zip(self.encoders, self.downs):
             x = encoder(x)

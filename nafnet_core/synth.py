@@ -120,7 +120,8 @@ def draw_params(rng: np.random.Generator, photo: np.ndarray, name: str, size: tu
         scale = float(rng.uniform(min_scale, min(1.0, 2 * min_scale)))
         sh, sw = round(ph * scale), round(pw * scale)
         top, left = int(rng.integers(0, sh - rh + 1)), int(rng.integers(0, sw - rw + 1))
-        score = _texture(photo[int(top / scale):int((top + rh) / scale):4, int(left / scale):int((left + rw) / scale):4])
+        score = _texture(photo[int(top / scale):int((top + rh) / scale):4,
+                               int(left / scale):int((left + rw) / scale):4])
         if best is None or score > best[0]:
             best = (score, scale, top, left)
     _, scale, top, left = best

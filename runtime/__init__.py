@@ -20,7 +20,8 @@ from .runners import OnnxRuntimeRunner, Runner, RunnerError, TensorRTRunner, Tor
 from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileSpec, restore_tensor
 
 __all__ = [
-    "Runner", "TorchRunner", "OnnxRuntimeRunner", "TensorRTRunner", "RunnerError", "BACKENDS", "BACKEND_CHOICES", "Backend", "open_runner",
+    "Runner", "TorchRunner", "OnnxRuntimeRunner", "TensorRTRunner", "RunnerError", "BACKENDS", "BACKEND_CHOICES",
+    "Backend", "open_runner",
     "read_export", "TileSpec", "DEFAULT_TILE", "DEFAULT_OVERLAP", "restore_tensor", "choose_tiling", "restore",
     "restore_image", "infer_path", "InferReport", "check_parity", "run_parity", "ParityReport", "ParityRow",
 ]

@@ -91,7 +91,8 @@ class Backend:
         files at the file's precision, unless the record says otherwise."""
         if self.targets is not None:
             return self.targets(artifacts)
-        arts = sorted((a for a in artifacts if a.backend == self.name), key=lambda a: (a.precision, a.fixed_shape is not None))
+        arts = sorted((a for a in artifacts if a.backend == self.name),
+                      key=lambda a: (a.precision, a.fixed_shape is not None))
         return [(a.precision, a) for a in arts]
 
     @property
@@ -196,7 +197,8 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".ckpt")
 
 #: Every backend, in the order tables list them.
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
-    Backend("torch", None, TorchRunner, CHECKPOINT_SUFFIXES, "a checkpoint", 3, _always, _pick_checkpoint, _build_torch),
+    Backend("torch", None, TorchRunner, CHECKPOINT_SUFFIXES, "a checkpoint", 3, _always, _pick_checkpoint,
+            _build_torch),
     Backend("onnxrt", "onnxruntime", OnnxRuntimeRunner, (".onnx",), "an .onnx file", 2, _always,
             _pick_file("onnxrt", "no matching ONNX graph in the export"), _build_onnxrt),
     # Not in auto's unmeasured order: on a 2-core AVX2 machine it was not faster than onnxruntime (BENCHMARKS.md,

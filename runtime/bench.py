@@ -153,7 +153,7 @@ def bench_rows(specs: list[tuple[BenchRow, BenchSpec]], gflop: float, roof: floa
     failed: dict[int, str] = {}
     with tqdm(total=len(specs) * rounds, desc="bench", unit="run", disable=not progress) as bar:
         for _ in range(rounds):
-            for i, (row, spec) in enumerate(specs):
+            for i, (_row, spec) in enumerate(specs):
                 if i not in failed:
                     try:
                         results[i].append(measure_in_subprocess(spec))
@@ -161,7 +161,7 @@ def bench_rows(specs: list[tuple[BenchRow, BenchSpec]], gflop: float, roof: floa
                         failed[i] = f"failed: {e}"
                 bar.update()
     rows = []
-    for i, (row, spec) in enumerate(specs):
+    for i, (row, _spec) in enumerate(specs):
         if i in failed:
             row.status = failed[i]
             rows.append(row)
@@ -289,8 +289,9 @@ def bench_table(result: dict) -> str:
             "% roof", "vs torch", "ΔPSNR", "status"]
     lines = []
     for r in result["rows"]:
-        lines.append([r["backend"], r["precision"], r["mode"], r["size"], fmt(r["median_ms"], ".0f"), fmt(r["min_ms"], ".0f"),
-                      fmt(r["max_ms"], ".0f"), fmt(r["images_per_s"], ".3f"), fmt(r["peak_rss_mb"], ".0f"),
+        lines.append([r["backend"], r["precision"], r["mode"], r["size"], fmt(r["median_ms"], ".0f"),
+                      fmt(r["min_ms"], ".0f"), fmt(r["max_ms"], ".0f"), fmt(r["images_per_s"], ".3f"),
+                      fmt(r["peak_rss_mb"], ".0f"),
                       fmt(r["gflops_per_s"], ".1f"),
                       "-" if r["fraction_of_matmul_roof"] is None else f"{100 * r['fraction_of_matmul_roof']:.1f}",
                       fmt(r["vs_torch"], ".2f"), fmt(r.get("delta_psnr"), "+.4f"), r["status"]])

@@ -37,7 +37,8 @@ class TileParam(click.ParamType):
 
 
 backend_option = click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
-                              help="Runtime; auto = the fastest this machine measured (`bench` on the export), else trt > onnxrt > torch.")
+                              help="Runtime; auto = the fastest this machine measured (`bench` on the export), "
+                                   "else trt > onnxrt > torch.")
 precision_option = click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
                                 help="Arithmetic precision. Default: fp32 (fp16 for TensorRT).")
 verify_option = click.option(
@@ -66,8 +67,10 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--tile", type=TileParam(), default="auto", show_default=True,
               help="auto: whole image up to ~1280x720 on dynamic graphs, tiles above; none: whole image; N or HxW.")
 @click.option("--overlap", type=click.IntRange(0), default=None,
-              help="Tile overlap in pixels, blended with a raised-cosine ramp. Default: 128 (a quarter of smaller tiles).")
-@click.option("--overwrite", is_flag=True, help="Re-process images whose output exists (default: skip, so re-runs resume).")
+              help="Tile overlap in pixels, blended with a raised-cosine ramp. "
+                   "Default: 128 (a quarter of smaller tiles).")
+@click.option("--overwrite", is_flag=True,
+              help="Re-process images whose output exists (default: skip, so re-runs resume).")
 @click.option("--compare", is_flag=True, help="Also write input|output side-by-side images to OUT_compare/.")
 @click.option("--tlc/--no-tlc", default=True, show_default=True,
               help="Apply TLC to checkpoints (exports carry their own setting).")
@@ -140,7 +143,7 @@ def infer(input_path: Path, model: Path | None, server: str | None, model_name: 
         click.echo("  (existing outputs were kept; --overwrite re-processes them)")
     if report.failed:
         click.echo("failed:", err=True)
-        for src, why in report.failed.items():
+        for why in report.failed.values():
             click.echo(f"  {why}", err=True)
         sys.exit(1)
     if not n and not report.skipped:
@@ -236,7 +239,8 @@ def _record_in_export(export_dir: Path, name: str, text: str) -> None:
 @click.option("--fp16", "include_fp16", is_flag=True, help="Also time the FP16 ONNX graphs (fp32 math on CPU).")
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch eager baseline.")
 @click.option("--big", callback=_hw, default=None,
-              help="Also run one image of this size (e.g. 2160x3840) tiled on the fastest fp32 onnxruntime/OpenVINO row, for its time and peak memory.")
+              help="Also run one image of this size (e.g. 2160x3840) tiled on the fastest fp32 "
+                   "onnxruntime/OpenVINO row, for its time and peak memory.")
 @click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
               help="Interleaved rounds: every backend once per round, medians over all (for a loaded machine).")
 @click.option("--no-openvino", is_flag=True, help="Skip the OpenVINO fp32/bf16 rows.")

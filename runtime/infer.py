@@ -64,7 +64,8 @@ def collect_inputs(input_path: Path, exclude: list[Path] = ()) -> list[tuple[Pat
     found = []
     for p in sorted(input_path.rglob("*")):
         rel = p.relative_to(input_path)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file() or not (is_image_file(p) or is_video_file(p)):
+        if (any(part.startswith(".") for part in rel.parts) or not p.is_file()
+                or not (is_image_file(p) or is_video_file(p))):
             continue
         if any(p.resolve().is_relative_to(e) for e in excluded):
             continue

@@ -100,11 +100,13 @@ class ParityReport:
         return atomic_write_text(path, self.json_text())
 
     def table(self) -> str:
-        head = ["backend", "precision", "mode", "PSNR", "SSIM", "ΔPSNR", "vs ref dB", "max|Δ|", "ms/img", "pass", "status"]
+        head = ["backend", "precision", "mode", "PSNR", "SSIM", "ΔPSNR", "vs ref dB", "max|Δ|", "ms/img", "pass",
+                "status"]
 
         lines = []
         for r in self.rows:
-            vs_ref = "identical" if r.psnr_vs_reference is None and r.max_abs_diff == 0 else fmt(r.psnr_vs_reference, ".1f")
+            vs_ref = ("identical" if r.psnr_vs_reference is None and r.max_abs_diff == 0
+                      else fmt(r.psnr_vs_reference, ".1f"))
             verdict = {True: "PASS", False: "FAIL", None: "-"}[r.passed]
             lines.append([r.backend, r.precision, r.mode, fmt(r.psnr, ".3f"), fmt(r.ssim, ".4f"),
                           fmt(r.delta_psnr, "+.4f"), vs_ref, fmt(r.max_abs_diff, ".2e"), fmt(r.ms_per_image, ".0f"),
@@ -134,7 +136,8 @@ class _Case:
 
 def parity_cases(info: ExportInfo, *, torch_precisions: Sequence[str] = ("fp16", "bf16"),
                  tile: tuple[int, int] | None = None, device: str = "cpu",
-                 threads: int | None = None, verify: bool = True, reuse_memory: bool = False) -> tuple[Runner, list[_Case]]:
+                 threads: int | None = None, verify: bool = True,
+                 reuse_memory: bool = False) -> tuple[Runner, list[_Case]]:
     """(reference runner, the rows) for an export: torch fp16/bf16 whole, torch fp32 tiled (``tile``, default
     the export's own tile, else DEFAULT_TILE), then every other backend's rows (:meth:`Backend.rows`: each ONNX
     graph and engine, OpenVINO fp32/bf16), whole for dynamic graphs and tiled for fixed tiles. A backend that

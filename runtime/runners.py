@@ -227,7 +227,9 @@ def ort_providers(device: str = "auto") -> list:
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers() and cuda_device_count() > 0
     if device == "cuda" and not has_cuda:
         raise RunnerError("onnxrt: CUDA requested but no CUDA GPU / CUDA execution provider here; use --device cpu")
-    return [("CUDAExecutionProvider", CUDA_EP_OPTIONS), "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
+    if has_cuda:
+        return [("CUDAExecutionProvider", CUDA_EP_OPTIONS), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 def onnx_input_info(path: str | Path) -> tuple[tuple[int, int] | None, str, int | None]:

@@ -71,7 +71,8 @@ def tile_starts(length: int, tile: int, overlap: int, multiple: int = DEFAULT_PA
 
     The fewest tiles that satisfy the overlap, spread evenly from 0 to ``length - tile`` and rounded
     down to multiples of ``multiple`` where possible (so tile-local pixel grids align with the image's
-    stride structure: the model's padding multiple). ``length <= tile`` gives one tile at 0 (the caller pads the image to the tile).
+    stride structure: the model's padding multiple). ``length <= tile`` gives one tile at 0 (the caller
+    pads the image to the tile).
     """
     if length <= tile:
         return [0]
@@ -119,7 +120,8 @@ def weight_sum(length: int, starts: list[int], weights: list[torch.Tensor]) -> t
 
 def run_tiled(infer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, spec: TileSpec,
               progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Runs ``infer`` on tiles of ``x`` (N, C, H, W; H, W multiples of ``spec.multiple``) and blends them; same shape out.
+    """Runs ``infer`` on tiles of ``x`` (N, C, H, W; H, W multiples of ``spec.multiple``) and blends them;
+    same shape out.
 
     A batch of N same-sized images (video frames) is cut on one grid: each call gets one tile position of
     all N images. An image smaller than the tile along an axis is replicate-padded to the tile there and

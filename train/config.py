@@ -193,7 +193,8 @@ def _check_types(cfg: TrainConfig) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         hint = hints[f.name]
-        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, __import__("types").UnionType) else (hint,)
+        is_union = typing.get_origin(hint) in (typing.Union, __import__("types").UnionType)
+        allowed = typing.get_args(hint) if is_union else (hint,)
         ok = False
         for t in allowed:
             if t is type(None):

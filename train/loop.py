@@ -128,7 +128,7 @@ def resolve_data(cfg: TrainConfig, info: ddp.DistInfo, progress: bool) -> Path:
     if cfg.data:
         return Path(cfg.data)
     if info.is_main:
-        root = ensure_synthetic(cfg.synth_seed, cfg.synth_count, progress=progress, shake=cfg.synth_shake)
+        ensure_synthetic(cfg.synth_seed, cfg.synth_count, progress=progress, shake=cfg.synth_shake)
     ddp.barrier(info)
     return ensure_synthetic(cfg.synth_seed, cfg.synth_count, progress=False, shake=cfg.synth_shake)
 

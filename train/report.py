@@ -40,7 +40,8 @@ class MetricsLog:
     def load(self, up_to_step: int) -> None:
         if self.path.exists():
             with open(self.path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= up_to_step]
+                self.rows = [r for r in csv.DictReader(f)
+                             if r.get("step", "").isdigit() and int(r["step"]) <= up_to_step]
 
     def add(self, **row) -> dict:
         """Appends a row (missing columns empty) and returns it as stored."""
