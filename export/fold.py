@@ -21,8 +21,8 @@ Each NAFBlock (eval mode, dropout inactive) becomes a :class:`DeployBlock`:
   On the small maps of the deep levels the window means are two MatMuls by band matrices (:data:`BAND_MAX_MACS`).
 
 Measured on ``nafnet-gopro-width32`` with TLC at 720x1280 (onnxruntime CPU, 2 threads, one process, min of 3;
-BENCHMARKS.md, "Export"): 7.60 s folded only, 6.65 s with the attention on the grid, 5.51 s with
-split gates, 4.88 s with MatMul channel means, 4.63 s with band means on the deep levels.
+BENCHMARKS.md, "Export"; time relative to folded only): 0.875 with the attention on the grid, 0.725 with
+split gates, 0.642 with MatMul channel means, 0.609 with band means on the deep levels.
 
 The folding arithmetic is done in float64 and rounded once; the rest only reorders FP32 operations, so the
 deploy model equals the original to FP32 rounding (tests: <= 1e-5). In a half model the window means are
@@ -128,7 +128,7 @@ class GatedConv(nn.Module):
 
 #: Band-matrix window means (two MatMuls) replace the cumulative sums where they cost at most this many
 #: multiply-adds per element: on a 720x1280 frame the two deepest levels (90x160 -> 97, 45x80 -> 50) but not
-#: 180x320 (191, no faster in onnxruntime). Measured with width32: 4.88 s -> 4.63 s (BENCHMARKS.md, "Export").
+#: 180x320 (191, no faster in onnxruntime). Measured with width32: 5 % off the frame time (BENCHMARKS.md, "Export").
 BAND_MAX_MACS = 120
 
 
