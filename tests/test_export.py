@@ -21,7 +21,7 @@ from export import fold, graph
 from export.api import prepare_model
 from export.onnx_export import read_metadata
 from nafnet_core.fileio import sha256_file
-from tests.conftest import make_nontrivial, photo, small_model
+from tests.helpers import make_nontrivial, photo, small_model
 
 TRAIN = 16
 TILE = (48, 64)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import nafnet_core as nc
 from cli import main
-from tests.conftest import make_nontrivial, small_model
+from tests.helpers import make_nontrivial, small_model
 
 
 @pytest.fixture(scope="module")

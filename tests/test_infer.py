@@ -14,8 +14,7 @@ from nafnet_core.images import read_image, to_tensor, to_uint8
 from runtime.infer import collect_inputs
 from runtime.restore import AUTO_WHOLE_MAX_PIXELS, choose_tiling
 from runtime.runners import TorchRunner
-from tests.conftest import photo
-from tests.test_runtime_fixtures import TILE
+from tests.helpers import TILE, photo
 
 
 def u8(h, w, index=0):

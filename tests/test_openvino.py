@@ -15,8 +15,7 @@ from click.testing import CliRunner
 
 from cli import main
 from export.openvino_ir import OpenVINOUnavailable, island_layers, openvino_available
-from tests.conftest import photo
-from tests.test_runtime_fixtures import TILE
+from tests.helpers import TILE, photo
 
 HAVE_OV, WHY_NOT = openvino_available()
 needs_ov = pytest.mark.skipif(not HAVE_OV, reason=f"openvino is not installed ({WHY_NOT})")

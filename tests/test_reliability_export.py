@@ -26,7 +26,7 @@ from click.testing import CliRunner
 import nafnet_core as nc
 from cli import main
 from export import ManifestError, engine_mismatch, export_model, load_manifest, verify, verify_artifact, verify_file
-from tests.conftest import small_model
+from tests.helpers import small_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

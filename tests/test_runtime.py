@@ -11,8 +11,7 @@ from runtime.restore import restore
 from runtime.models import open_runner
 from runtime.runners import OnnxRuntimeRunner, RunnerError, TensorRTRunner, TorchRunner, cuda_device_count, ort_providers
 from runtime.trt import tensorrt_available
-from tests.conftest import photo
-from tests.test_runtime_fixtures import TILE
+from tests.helpers import TILE, photo
 
 
 def test_torch_runner_lifecycle_and_precisions(tiny_tlc):
@@ -39,7 +38,7 @@ def test_torch_runner_lifecycle_and_precisions(tiny_tlc):
 def test_torch_runner_on_cpu_keeps_freed_memory_for_the_next_tensors():
     """TorchRunner(reuse_memory=True), the default: eager inference on CPU reuses heap memory instead of fresh
     zeroed mappings for every large activation (2x faster at 720p); reuse_memory=False leaves glibc as it is."""
-    from conftest import mmapped_bytes_of_a_64mb_tensor
+    from tests.helpers import mmapped_bytes_of_a_64mb_tensor
 
     setup = "import nafnet_core as nc; from runtime.runners import TorchRunner; " \
             "TorchRunner(nc.create_model('tiny'), device='cpu', reuse_memory={}).activate()"

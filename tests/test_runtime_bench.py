@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from cli import main
 from runtime.bench import BenchSpec, matmul_gflops, measure
-from tests.test_runtime_fixtures import TILE
+from tests.helpers import TILE
 
 
 def test_matmul_roof_is_measured():

@@ -10,8 +10,7 @@ from click.testing import CliRunner
 import nafnet_core as nc
 from cli import main
 from runtime.parity import LIMITS, ParityRow, _verdict, check_parity
-from tests.conftest import make_nontrivial
-from tests.test_runtime_fixtures import MINI, TILE
+from tests.helpers import MINI, TILE, make_nontrivial
 
 
 def test_verdict_limits_pinned():

@@ -38,7 +38,7 @@ from runtime.restore import restore  # noqa: E402
 from runtime.models import open_runner  # noqa: E402
 from runtime.remote import RemoteError, RemoteRunner  # noqa: E402
 from runtime.serve import remove_stale_shared_memory  # noqa: E402
-from tests.conftest import photo  # noqa: E402
+from tests.helpers import photo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_PIXELS = 20_000  # the test server refuses images above ~141x141

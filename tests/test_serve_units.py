@@ -23,7 +23,7 @@ from runtime.models import open_runner
 from runtime.remote import RemoteError, parse_server_url
 from runtime.serve import ERROR, INPUT, OUTPUT, ImageModel, ServeError, check_ports, check_request, \
     library_path_fix, remove_stale_shared_memory
-from tests.conftest import photo
+from tests.helpers import photo
 
 
 @pytest.fixture(scope="module")
