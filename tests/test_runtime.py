@@ -88,10 +88,10 @@ def test_wide_1x1_convs_run_as_matmul_on_the_cpu_provider(tiny_onnx, monkeypatch
                 torch.testing.assert_close(mm.infer(x), conv.infer(x), atol=1e-5, rtol=0)
 
 
-def test_onnxruntime_fixed_tile_graph_is_always_tiled(tiny_tlc, tiny_onnx):
+def test_onnxruntime_fixed_tile_graph_is_always_tiled(tiny_tlc, tiny_tile_onnx):
     _, model = tiny_tlc
     x = photo(100, 150)
-    with OnnxRuntimeRunner(tiny_onnx["tile"], device="cpu") as r:
+    with OnnxRuntimeRunner(tiny_tile_onnx, device="cpu") as r:
         assert r.fixed_shape == (TILE, TILE)
         with pytest.raises(ValueError, match="tiling"):
             r.infer(photo(96, 96))

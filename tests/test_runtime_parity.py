@@ -59,8 +59,8 @@ def test_parity_fails_against_another_model(tiny_export, synth_root, tmp_path):
     assert row.passed is False and row.psnr_vs_reference < 40
 
 
-def test_parity_reports_rows_that_cannot_run(tiny_export, synth_root):
-    report = check_parity(tiny_export, synth_root, torch_precisions=(), progress=False, limit=1)
+def test_parity_reports_rows_that_cannot_run(tiny_tile_export, synth_root):
+    report = check_parity(tiny_tile_export, synth_root, torch_precisions=(), progress=False, limit=1)
     table = report.table()
     assert "torch" in table and "onnxrt" in table
     trt = [r for r in report.rows if r.backend == "trt"]
@@ -70,7 +70,7 @@ def test_parity_reports_rows_that_cannot_run(tiny_export, synth_root):
         assert report.passed  # a row that cannot run does not fail the report
 
 
-def test_a_row_that_fails_on_an_image_fails_the_report(tiny_export, synth_root, monkeypatch):
+def test_a_row_that_fails_on_an_image_fails_the_report(tiny_tile_export, synth_root, monkeypatch):
     """A backend that raises on a test image (here: every onnxruntime run) is a failed row, not a skipped one."""
     from runtime.runners import OnnxRuntimeRunner
 
@@ -78,7 +78,7 @@ def test_a_row_that_fails_on_an_image_fails_the_report(tiny_export, synth_root, 
         raise RuntimeError("simulated failure inside the backend")
 
     monkeypatch.setattr(OnnxRuntimeRunner, "_infer", broken)
-    report = check_parity(tiny_export, synth_root, torch_precisions=(), progress=False, limit=1)
+    report = check_parity(tiny_tile_export, synth_root, torch_precisions=(), progress=False, limit=1)
     ort_rows = [r for r in report.rows if r.backend == "onnxrt"]
     assert ort_rows and all(r.passed is False and r.status.startswith("failed on ") for r in ort_rows)
     assert not report.passed and "FAIL" in report.table()
