@@ -26,8 +26,8 @@ from tests.helpers import MINI, TILE, TRAIN_SIZE, make_nontrivial  # noqa: E402
 #: Fixtures whose build takes tens of seconds to minutes; every test that uses one (directly or through another
 #: fixture) is marked ``slow``. Exports with a dynamic graph: the dynamo exporter's symbolic-shape tracing takes
 #: tens of seconds per dynamic graph even for these tiny models (fixed-tile exports take a few seconds and stay in
-#: the fast lane: ``tiny_tile_export``, test_export.py's ``fp16_export`` and ``plain_tile_export``). Training runs
-#: of more than a few seconds.
+#: the fast lane: ``tiny_tile_export``, test_export.py's ``fp16_export`` and ``plain_tile_export``), and the larger
+#: fixed-tile exports of the 9-block ``tiny`` preset. Training runs of more than a few seconds.
 SLOW_FIXTURES = frozenset({
     # dynamic-shape exports
     "tiny_export",  # conftest: the tiny TLC model, fp32 + FP16, dynamic and 64x64
@@ -36,9 +36,12 @@ SLOW_FIXTURES = frozenset({
     "plain_dynamic_export",  # test_export.py: fp32, no TLC, not folded, dynamic
     "fnaf_export",  # test_fnafnet.py: tiny-fnaf, 48x64 fp32 + FP16 and the dynamic fp32 graph
     "fs_export",  # test_input_fft.py: tiny-fft, 64x64 fp32 + FP16 and the dynamic fp32 graph
+    # fixed-tile exports of the 9-block tiny preset through the command line (10-15 s)
+    "hot_export",  # test_export_fp16_stream.py: the checkpoint whose residual stream overflows FP16
     # training runs
     "tiny_run",  # test_train.py: 300 steps of the tiny preset
     "fp32_short_run",  # test_train.py: the fp32 reference run of the speed options
+    "trained_runs",  # test_compare.py: two short runs, evaluated, exported and benchmarked
 })
 
 

@@ -267,6 +267,7 @@ def test_best_output_loss_is_the_official_multi_head_psnr_loss():
     assert torch.equal(best_output(outs[:, :1], sharp), outs[:, 0]) and torch.equal(best_output(outs), outs[:, 0])
 
 
+@pytest.mark.slow
 def test_tiny_cg_trains_resumes_exactly_and_records_the_head(cache_dir, tmp_path):
     from nafnet_core.data import load_pairs
     from train.evaluate import evaluate
@@ -320,6 +321,7 @@ def test_eval_cli_reports_every_head_and_the_recorded_one(cache_dir, tmp_path):
 
 # --- export ---
 
+@pytest.mark.slow
 def test_tiny_cg_checkpoint_exports_fp32_fp16_dynamic_and_tile_with_tlc(tmp_path, synth_root):
     """fp32 + FP16 for a 48x64 tile and the dynamic fp32 graph, with TLC and the recorded head. The dynamic FP16
     graph is left out: its export alone took 146 s here (the dynamo exporter's symbolic-shape tracing of four

@@ -56,6 +56,7 @@ def test_export_then_lint(checkpoints, tmp_path):
     assert "MatMul" in placement and "ReduceMean" not in placement and "Pow" not in placement  # ops in the graph
 
 
+@pytest.mark.slow  # exports the tiny preset (9 blocks), fp32 + FP16, through the command line
 def test_official_pth_with_preset_and_missing_tensorrt(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     res = CliRunner().invoke(main, ["export", str(checkpoints / "official.pth"), "--preset", "tiny", "--tile", "32x32",

@@ -240,6 +240,7 @@ def test_charfreq_loss_is_charbonnier_plus_a_hundredth_of_the_spectrum_l1():
     assert abs(LOSS_FUNCTIONS["charfreq"](pred, gt).item() - expected) < 1e-6
 
 
+@pytest.mark.slow
 def test_tiny_fnaf_trains_and_resumes_exactly(cache_dir, tmp_path):
     """The resume test of tests/test_train.py on tiny-fnaf with the official Charbonnier + frequency loss."""
     cfg = short_cfg(model="tiny-fnaf", loss="charfreq", steps=8)

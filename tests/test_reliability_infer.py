@@ -184,6 +184,7 @@ def test_malicious_checkpoint_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- kill -9
 
+@pytest.mark.slow
 def test_kill9_mid_folder_then_rerun(tmp_path, tiny_checkpoint):
     """While infer runs, and after kill -9 at a seeded-random moment, every file under a final name in the
     output folder decodes; the re-run skips those and writes the rest."""

@@ -44,6 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_PIXELS = 20_000  # the test server refuses images above ~141x141
 SHM = Path("/dev/shm")
 
+#: Every test here starts a real server or talks to one: the full suite runs them, the fast lane leaves them out.
+pytestmark = pytest.mark.slow
+
 
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]

@@ -218,6 +218,7 @@ def _wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float
     raise AssertionError(f"no checkpoint at step >= {step} after {timeout} s")
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigkill_then_resume_finishes_all_steps(cache_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, str(ROOT / "cli.py"), "train", "--runs", str(tmp_path), "--name", "k", "--no-progress"]
@@ -333,6 +334,7 @@ def _train_two_ranks(cfg, tmp_path, cache_dir) -> tuple[dict, dict]:
     return r0, r1
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_match_one_process(cache_dir, tmp_path):
     from train.loop import build_model, train
 
@@ -440,6 +442,7 @@ def test_speed_option_resumes_exactly_and_matches_fp32_psnr(option, fp32_short_r
     assert abs(full.last_val["psnr"] - fp32_short_run.last_val["psnr"]) <= 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile_", ["off", pytest.param("on", marks=needs_compile_time)])
 def test_ddp_with_speed_options_ranks_agree(compile_, cache_dir, tmp_path):
     from train.loop import train
@@ -455,6 +458,7 @@ def test_ddp_with_speed_options_ranks_agree(compile_, cache_dir, tmp_path):
     assert diff < 1e-3, diff
 
 
+@pytest.mark.slow
 def test_bench_rows_come_from_a_process_per_side_with_its_own_peak_memory(tmp_path):
     from nafnet_core.errors import UserError
     from train.bench import Side, bench_options, parse_options, rows_table, time_interleaved
