@@ -1,9 +1,10 @@
 """Fixtures and hooks of the test suite (plain helpers and constants are in tests/helpers.py).
 
 Session fixtures are built once per test process (once per pytest-xdist worker) and shared by every test module
-that asks for them: the tiny TLC model, its checkpoint and exports, the embedded synthetic data set. Tests only
-read what a shared fixture holds; a test that changes an export or a data set copies it into its own ``tmp_path``
-first.
+that asks for them: the tiny TLC model, its checkpoint and exports, the embedded synthetic data set; the tiny
+checkpoint and its exports are built once per run and shared by the workers too (``_once_per_run``). Tests only
+read what a shared fixture holds; a test that changes an export or a data set, or runs a command that records
+its result in the export (``parity``, ``bench``), copies it into its own ``tmp_path`` first.
 
 Two lanes: the full suite (the README's test command) and the fast lane ``-m "not slow"``. A test is ``slow`` when
 it is marked so itself (a real server, a subprocess killed at a random moment, DDP, a long training run, the demo
@@ -12,9 +13,12 @@ end to end) or when it uses a fixture of ``SLOW_FIXTURES`` (below).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import warnings
+from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -101,29 +105,67 @@ def tiny_tlc():
     return model, nc.convert_to_tlc(model, TRAIN_SIZE)
 
 
+def _once_per_run(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """A directory filled by ``build(directory)`` once per test run. Under pytest-xdist the workers share it: the
+    first worker to ask builds it while the others wait on a lock, and later ones find it built (without xdist it
+    is built in this session's temporary directory). Tests only read it, as every shared fixture."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        path = tmp_path_factory.mktemp(name)
+        build(path)
+        return path
+    root = tmp_path_factory.getbasetemp().parent  # the run's temporary directory, above every worker's own
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a crashed worker exits
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # what a worker that failed mid-build left
+            path.mkdir()
+            build(path)
+            done.touch()
+    return path
+
+
+def _listing(directory: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(directory).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _read_only(directory: Path):
+    """Yields ``directory`` and, at the end of the session, fails naming what a test added, removed or changed in
+    it (a shared fixture is read by every test that asks for it: one that changes it works on a copy)."""
+    before = _listing(directory)
+    yield directory
+    after = _listing(directory)
+    changed = sorted(set(before) ^ set(after) | {k for k in before.keys() & after.keys() if before[k] != after[k]})
+    assert not changed, f"a test changed the shared {directory} (copy it first): {', '.join(changed)}"
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_tlc):
     import nafnet_core as nc
 
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    nc.save_checkpoint(path, tiny_tlc[0], train_size=TRAIN_SIZE)
-    return path
+    directory = _once_per_run(tmp_path_factory, "tiny_ckpt",
+                              lambda d: nc.save_checkpoint(d / "tiny.pt", tiny_tlc[0], train_size=TRAIN_SIZE))
+    return directory / "tiny.pt"
 
 
-def _export(checkpoint, out, **kwargs):
+def _export(tmp_path_factory, name, checkpoint, **kwargs) -> Path:
     from export import export_model
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_model(checkpoint, out, check=False, **kwargs)
-    return out
+    def build(out):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_model(checkpoint, out, check=False, **kwargs)
+
+    return _once_per_run(tmp_path_factory, name, build)
 
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory, tiny_checkpoint):
     """An export directory (export package) of the TLC model: ONNX fp32 + FP16, dynamic and TILE x TILE (slow: two
-    dynamic graphs)."""
-    return _export(tiny_checkpoint, tmp_path_factory.mktemp("export"), tiles=[(TILE, TILE)], dynamic=True, fp16=True)
+    dynamic graphs; built once per run, shared by the xdist workers)."""
+    yield from _read_only(_export(tmp_path_factory, "tiny_export", tiny_checkpoint, tiles=[(TILE, TILE)],
+                                  dynamic=True, fp16=True))
 
 
 @pytest.fixture(scope="session")
@@ -139,8 +181,8 @@ def tiny_onnx(tiny_export):
 def tiny_tile_export(tmp_path_factory, tiny_checkpoint):
     """The same model exported for the TILE x TILE tile only (fp32 + FP16, no dynamic graph: a few seconds), for
     the tests whose assertions hold for a fixed-tile graph."""
-    return _export(tiny_checkpoint, tmp_path_factory.mktemp("tile_export"), tiles=[(TILE, TILE)], dynamic=False,
-                   fp16=True)
+    yield from _read_only(_export(tmp_path_factory, "tiny_tile_export", tiny_checkpoint, tiles=[(TILE, TILE)],
+                                  dynamic=False, fp16=True))
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +201,7 @@ def synth_root():
     """The embedded synthetic data set (nafnet_core.synth; generated once into the user's cache)."""
     from nafnet_core.synth import ensure_synthetic
 
-    return ensure_synthetic(progress=False)
+    yield from _read_only(ensure_synthetic(progress=False))
 
 
 @pytest.fixture(scope="session")

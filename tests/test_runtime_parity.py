@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import torch
 from click.testing import CliRunner
@@ -26,8 +27,10 @@ def test_verdict_limits_pinned():
 
 
 def test_parity_passes_on_synthetic_test_split(tiny_export, synth_root, tmp_path):
+    export = tmp_path / "export"  # a copy: the command records its result in the export (read by --backend auto)
+    shutil.copytree(tiny_export, export)
     out = tmp_path / "parity.json"
-    res = CliRunner().invoke(main, ["parity", str(tiny_export), "--data", str(synth_root), "--json", str(out), "-q",
+    res = CliRunner().invoke(main, ["parity", str(export), "--data", str(synth_root), "--json", str(out), "-q",
                                     "--limit", "2"])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
