@@ -17,8 +17,8 @@ import fcntl
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -108,7 +108,7 @@ def tiny_tlc():
 def _once_per_run(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
     """A directory filled by ``build(directory)`` once per test run. Under pytest-xdist the workers share it: the
     first worker to ask builds it while the others wait on a lock, and later ones find it built (without xdist it
-    is built in this session's temporary directory). Tests only read it, as every shared fixture."""
+    is built in this test process's temporary directory). Tests only read it, as every shared fixture."""
     if "PYTEST_XDIST_WORKER" not in os.environ:
         path = tmp_path_factory.mktemp(name)
         build(path)

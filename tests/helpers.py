@@ -50,8 +50,9 @@ def mmapped_bytes_of_a_64mb_tensor(setup: str) -> int:
     script = f"""
 import ctypes, json, torch
 {setup}
+FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
 class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    _fields_ = [(n, ctypes.c_size_t) for n in FIELDS]
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Info
 x = torch.empty(64 * 2**20 // 4)
