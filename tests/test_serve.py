@@ -347,7 +347,7 @@ def test_sigterm_stops_cleanly_with_nothing_left(tiny_export, tmp_path):
         assert any("tritonserver" in cmd for _, _, cmd in group_members(pid))
         start = time.monotonic()
         os.kill(pid, signal.SIGTERM)  # what a supervisor sends (systemd, docker stop, kubernetes)
-        code = s.proc.wait(timeout=20)  # the issue asks for 10 s; 20 bounds the test on a loaded machine
+        code = s.proc.wait(timeout=20)  # docker stop waits 10 s before SIGKILL; 20 bounds the test on a loaded machine
         took = time.monotonic() - start
         assert code == 0, s.output()
         assert "SIGTERM received, stopping" in s.output()

@@ -1,4 +1,4 @@
-"""`infer` on video files (issue #15): timing, audio, rotation and frames kept; the frames equal image inference;
+"""`infer` on video files: timing, audio, rotation and frames kept; the frames equal image inference;
 batches; folders; faults (truncated, corrupt, no video stream, kill -9)."""
 
 from __future__ import annotations
