@@ -120,11 +120,27 @@ def test_tensorrt_missing_is_one_clear_error(tmp_path):
 
 
 @pytest.mark.trt
-def test_tensorrt_engine_runs(tmp_path):
+@pytest.mark.gpu
+def test_tensorrt_engine_runs(tmp_path, tiny_checkpoint, tiny_tlc):
+    """The runner of the export's TensorRT engine (fixed tile, FP16 inside, FP32 out): tiled like the onnxruntime
+    tile graph, within the FP16 parity limit of PyTorch fp32 on the same tiles."""
     ok, why = tensorrt_available()
     if not ok:
         pytest.skip(f"needs TensorRT and a GPU: {why}")
-    pytest.skip("engine building belongs to the export package; covered by parity on GPU machines")
+    from export import export_model
+
+    export = tmp_path / "export"
+    export_model(tiny_checkpoint, export, tiles=[(TILE, TILE)], dynamic=False, trt=True, check=False)
+    runner = open_runner(export, "trt")
+    assert isinstance(runner, TensorRTRunner) and runner.precision == "fp16"
+    x = photo(100, 150)
+    with runner:
+        assert runner.fixed_shape == (TILE, TILE)
+        y = restore(runner, x, overlap=16)
+    with torch.inference_mode():
+        ref = restore(TorchRunner(tiny_tlc[1], device="cpu").activate(), x, tile=TILE, overlap=16)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert nc.psnr(y.clamp(0, 1), ref.clamp(0, 1), data_range=1.0).item() > 45
 
 
 def test_open_runner_from_export_dir(tiny_export):
