@@ -27,7 +27,7 @@ pytest.register_assert_rewrite("tests.helpers")
 
 from tests.helpers import MINI, TILE, TRAIN_SIZE, make_nontrivial  # noqa: E402
 
-#: Fixtures whose build takes tens of seconds to minutes; every test that uses one (directly or through another
+#: Fixtures whose build takes ten seconds to minutes; every test that uses one (directly or through another
 #: fixture) is marked ``slow``. Exports with a dynamic graph: the dynamo exporter's symbolic-shape tracing takes
 #: tens of seconds per dynamic graph even for these tiny models (fixed-tile exports take a few seconds and stay in
 #: the fast lane: ``tiny_tile_export``, test_export.py's ``fp16_export`` and ``plain_tile_export``), and the larger
