@@ -10,13 +10,12 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 import nafnet_core as nc
-from conftest import make_nontrivial, photo
 from nafnet_core.checkpoint import CheckpointError
 from nafnet_core.cgnet import CascadedGazeBlock
 from nafnet_core.layers import GlobalAvgPool2d, NAFBlock
 from nafnet_core.tlc import LocalAvgPool2d
+from tests.helpers import make_nontrivial, photo, short_cfg
 from test_tlc import reference_local_mean
-from test_train import _short_cfg, cache_dir  # noqa: F401 - the synthetic set fixture, shared
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per module
@@ -268,12 +267,13 @@ def test_best_output_loss_is_the_official_multi_head_psnr_loss():
     assert torch.equal(best_output(outs[:, :1], sharp), outs[:, 0]) and torch.equal(best_output(outs), outs[:, 0])
 
 
+@pytest.mark.slow
 def test_tiny_cg_trains_resumes_exactly_and_records_the_head(cache_dir, tmp_path):
     from nafnet_core.data import load_pairs
     from train.evaluate import evaluate
     from train.loop import train
 
-    cfg = _short_cfg(model="tiny-cg", steps=4, val_every=2, save_every=2, amp="bf16")  # EMA, dropout, TLC val
+    cfg = short_cfg(model="tiny-cg", steps=4, val_every=2, save_every=2, amp="bf16")  # EMA, dropout, TLC val
     full = train(cfg, tmp_path / "full", progress=False)
     part = train(cfg, tmp_path / "part", progress=False, stop_at=3)
     resumed = train(cfg, tmp_path / "part", progress=False, resume=True)
@@ -321,6 +321,7 @@ def test_eval_cli_reports_every_head_and_the_recorded_one(cache_dir, tmp_path):
 
 # --- export ---
 
+@pytest.mark.slow
 def test_tiny_cg_checkpoint_exports_fp32_fp16_dynamic_and_tile_with_tlc(tmp_path, synth_root):
     """fp32 + FP16 for a 48x64 tile and the dynamic fp32 graph, with TLC and the recorded head. The dynamic FP16
     graph is left out: its export alone took 146 s here (the dynamo exporter's symbolic-shape tracing of four

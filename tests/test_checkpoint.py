@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nafnet_core as nc
-from conftest import make_nontrivial, photo
+from tests.helpers import make_nontrivial, photo
 from nafnet_core.checkpoint import CheckpointError, infer_config
 
 

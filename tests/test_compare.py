@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thr
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, synth_root):
+def trained_runs(tmp_path_factory, synth_root):
     """Two real 3-step tiny runs that differ in the gate and the learning rate; the first is evaluated on the
     test split, exported into its run folder and benchmarked at 720x1280."""
     from export import export_model
@@ -48,8 +48,8 @@ def runs(tmp_path_factory, synth_root):
     return a, b, result.summary(), bench
 
 
-def test_table_reads_every_source(runs):
-    a, b, test_summary, bench = runs
+def test_table_reads_every_source(trained_runs):
+    a, b, test_summary, bench = trained_runs
     rows = summarize_runs([a, b])
     ra, rb = rows
     assert (ra.run, rb.run) == ("simple", "swiglu")
@@ -78,16 +78,16 @@ def test_table_reads_every_source(runs):
     assert f"{ra.test_psnr:.2f} / {ra.test_ssim:.4f}" in table
 
 
-def test_export_of_another_checkpoint_is_not_attributed(runs, tmp_path):
-    a, b, _, _ = runs
+def test_export_of_another_checkpoint_is_not_attributed(trained_runs, tmp_path):
+    a, b, _, _ = trained_runs
     c = tmp_path / "copy"
     shutil.copytree(b, c)
     shutil.copytree(a / "export", c / "export")  # an export whose source is a's best.pt, not c's
     assert summarize_runs([c])[0].export is None
 
 
-def test_an_old_run_with_only_config_and_metrics_compares(runs, tmp_path):
-    a, _, _, _ = runs
+def test_an_old_run_with_only_config_and_metrics_compares(trained_runs, tmp_path):
+    a, _, _, _ = trained_runs
     old = tmp_path / "old"
     old.mkdir()
     shutil.copy(a / "config.json", old)
@@ -97,10 +97,10 @@ def test_an_old_run_with_only_config_and_metrics_compares(runs, tmp_path):
     assert "-" in compare_table([row])
 
 
-def test_runs_from_before_new_keys_differ_only_where_they_did(runs, tmp_path):
+def test_runs_from_before_new_keys_differ_only_where_they_did(trained_runs, tmp_path):
     # An old run: config.json without the training keys and model options added since (they default), and a
     # variant run (input FFT) made by changing only the preset
-    a, _, _, _ = runs
+    a, _, _, _ = trained_runs
     config = json.loads((a / "config.json").read_text())
     old, variant = tmp_path / "old", tmp_path / "fft"
     for d, cfg in ((old, {k: v for k, v in config.items() if k not in ("ema", "compile", "tensorboard", "model_args")}),
@@ -122,10 +122,10 @@ def test_not_a_run_is_one_line(tmp_path):
         summarize_runs([tmp_path / "missing"])
 
 
-def test_cli_json_and_csv(runs, tmp_path):
+def test_cli_json_and_csv(trained_runs, tmp_path):
     from cli import main
 
-    a, b, _, _ = runs
+    a, b, _, _ = trained_runs
     out = CliRunner().invoke(main, ["compare", str(a), str(b), "--json", str(tmp_path / "t.json"),
                                     "--csv", str(tmp_path / "t.csv")])
     assert out.exit_code == 0, out.output

@@ -50,7 +50,7 @@ class _FrequencySelection(torch.nn.Module):
         return dft.irfft2(torch.relu(re), torch.relu(im), tuple(x.shape[-2:]))
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("dynamic", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_exports_without_dft_and_matches_in_onnxruntime(tmp_path, dynamic):
     import warnings
 

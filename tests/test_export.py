@@ -21,7 +21,7 @@ from export import fold, graph
 from export.api import prepare_model
 from export.onnx_export import read_metadata
 from nafnet_core.fileio import sha256_file
-from tests.conftest import make_nontrivial, photo, small_model
+from tests.helpers import make_nontrivial, photo, small_model
 
 TRAIN = 16
 TILE = (48, 64)
@@ -39,10 +39,17 @@ def tlc_export(model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def plain_export(model, tmp_path_factory):
-    """fp32, no TLC, not folded: dynamic + one tile."""
-    return export_model(model, tmp_path_factory.mktemp("plain"), tiles=[TILE], dynamic=True, tlc=False, fold=False,
+def plain_tile_export(model, tmp_path_factory):
+    """fp32, no TLC, not folded: one tile."""
+    return export_model(model, tmp_path_factory.mktemp("plain"), tiles=[TILE], dynamic=False, tlc=False, fold=False,
                         train_size=TRAIN, check=False)
+
+
+@pytest.fixture(scope="session")
+def plain_dynamic_export(model, tmp_path_factory):
+    """fp32, no TLC, not folded: dynamic."""
+    return export_model(model, tmp_path_factory.mktemp("plain_dynamic"), tiles=None, dynamic=True, tlc=False,
+                        fold=False, train_size=TRAIN, check=False)
 
 
 @pytest.fixture(scope="session")
@@ -95,18 +102,18 @@ def test_tile_tlc_graph_matches_torch_and_is_static(model, tlc_export):
 
 
 @pytest.mark.parametrize("shape", [(1, 37, 53), (1, 30, 70)])
-def test_dynamic_graph_without_tlc_matches_torch(model, plain_export, shape):
+def test_dynamic_graph_without_tlc_matches_torch(model, plain_dynamic_export, shape):
     x = batch_of_photos(*shape)
-    out = run_ort(plain_export.path("onnx-fp32-dynamic"), x)
+    out = run_ort(plain_dynamic_export.path("onnx-fp32-dynamic"), x)
     assert (out - torch_ref(model, x, tlc=False)).abs().max().item() <= 1e-4
 
 
-def test_tile_graph_without_tlc_matches_torch(model, plain_export):
+def test_tile_graph_without_tlc_matches_torch(model, plain_tile_export):
     x = photo(*TILE)
-    path = plain_export.path(f"onnx-fp32-{TILE[0]}x{TILE[1]}")
+    path = plain_tile_export.path(f"onnx-fp32-{TILE[0]}x{TILE[1]}")
     assert (run_ort(path, x) - torch_ref(model, x, tlc=False)).abs().max().item() <= 1e-4
     assert graph.op_counts(onnx.load(str(path)))["CumSum"] == 0
-    assert plain_export.data["tlc"]["enabled"] is False and plain_export.data["folded"] is False
+    assert plain_tile_export.data["tlc"]["enabled"] is False and plain_tile_export.data["folded"] is False
 
 
 def test_export_check_is_recorded(tlc_export):
@@ -244,10 +251,10 @@ def test_fp16_graph_places_cumulative_sums_in_fp32(model, monkeypatch):
     assert graph.fp16_placement_problems(m) == []
 
 
-def test_folded_graph_has_the_deploy_form(tlc_export, plain_export):
-    tag = f"onnx-fp32-{TILE[0]}x{TILE[1]}"
-    folded = graph.op_counts(onnx.load(str(tlc_export.path(tag))))
-    unfolded = graph.op_counts(onnx.load(str(plain_export.path(tag))))
+def test_folded_graph_has_the_deploy_form(fp16_export, plain_tile_export):
+    tag = f"onnx-fp32-{TILE[0]}x{TILE[1]}"  # the fp32 tile graph of the TLC, folded export
+    folded = graph.op_counts(onnx.load(str(fp16_export.path(tag))))
+    unfolded = graph.op_counts(onnx.load(str(plain_tile_export.path(tag))))
     blocks = 5  # 2 encoders + middle + 2 decoders
     # norm1/norm2 scale, beta, gamma gone; the variance's square is a Mul instead of a Pow (2 norms per block).
     assert unfolded["Mul"] - folded["Mul"] == 4 * blocks - 2 * blocks
@@ -275,11 +282,11 @@ def test_manifest_hashes_and_metadata(tlc_export, model):
     assert verify(tlc_export.directory).artifacts.keys() == data["artifacts"].keys()
 
 
-def test_verify_names_a_modified_file(tmp_path, tlc_export):
+def test_verify_names_a_modified_file(tmp_path, fp16_export):
     import shutil
 
     d = tmp_path / "copy"
-    shutil.copytree(tlc_export.directory, d)
+    shutil.copytree(fp16_export.directory, d)
     name = f"model-fp32-{TILE[0]}x{TILE[1]}.onnx"
     with open(d / name, "r+b") as f:
         f.seek(100)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import nafnet_core as nc
 from cli import main
-from tests.conftest import make_nontrivial, small_model
+from tests.helpers import make_nontrivial, small_model
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,7 @@ def test_export_then_lint(checkpoints, tmp_path):
     assert "MatMul" in placement and "ReduceMean" not in placement and "Pow" not in placement  # ops in the graph
 
 
+@pytest.mark.slow  # exports the tiny preset (9 blocks), fp32 + FP16, through the command line
 def test_official_pth_with_preset_and_missing_tensorrt(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     res = CliRunner().invoke(main, ["export", str(checkpoints / "official.pth"), "--preset", "tiny", "--tile", "32x32",
@@ -72,10 +73,12 @@ def test_bad_input_is_one_line(checkpoints, tmp_path):
     assert res.exit_code == 1 and "pass --preset" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, ["export", str(checkpoints / "small.pt"), "--tile", "0x4"])
     assert res.exit_code == 2 and "HEIGHTxWIDTH" in res.output
-    # a tile the runtime could never feed (it pads every image to 16) is refused before anything is written
+    # a tile the runtime could never feed (it pads every image to the model's multiple: 4 for this two-level
+    # model) is refused before anything is written
     out = tmp_path / "odd"
-    res = CliRunner().invoke(main, ["export", str(checkpoints / "small.pt"), "--tile", "40x56", "--out", str(out)])
-    assert res.exit_code == 1 and "--tile 40x56" in res.output and "--tile 48x64" in res.output, res.output
+    res = CliRunner().invoke(main, ["export", str(checkpoints / "small.pt"), "--tile", "42x58", "--out", str(out)])
+    assert res.exit_code == 1 and "--tile 42x58" in res.output and "--tile 44x60" in res.output, res.output
+    assert "multiples of 4" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not out.exists()
     res = CliRunner().invoke(main, ["export", "lint", str(tmp_path)])
     assert res.exit_code == 1 and "manifest" in res.output

@@ -23,7 +23,7 @@ from export import fp16_stream, graph
 from export.api import prepare_model
 from export.lint import lint_path
 from nafnet_core.metrics import psnr
-from tests.conftest import make_nontrivial, photo
+from tests.helpers import make_nontrivial, photo
 
 SCALE = 6e4
 TILE = (32, 48)

@@ -16,7 +16,7 @@ from export.lint import lint_onnx
 from export.ranges import fp16_range_report
 from export.shapes import ShapeError
 from export.trt_plan import default_timing_cache, missing_message
-from tests.conftest import make_nontrivial, photo
+from tests.helpers import make_nontrivial, photo
 
 
 def test_parse_hw_and_profile():

@@ -13,14 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_nontrivial, photo
-from test_train import cache_dir  # noqa: F401  (the synthetic set fixture)
 from nafnet_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_official
 from nafnet_core.config import PRESET_PARAMS, get_config
 from nafnet_core.fnafnet import FNAFBlock, window_merge, window_partition
 from nafnet_core.layers import GlobalAvgPool2d
 from nafnet_core.model import NAFNet, count_parameters
 from nafnet_core.tlc import LocalAvgPool2d, convert_to_tlc
+from tests.helpers import assert_resume_is_exact, make_nontrivial, photo, short_cfg
 
 
 def fnaf_model(seed: int = 0, preset: str = "tiny-fnaf", **overrides) -> NAFNet:
@@ -241,11 +240,10 @@ def test_charfreq_loss_is_charbonnier_plus_a_hundredth_of_the_spectrum_l1():
     assert abs(LOSS_FUNCTIONS["charfreq"](pred, gt).item() - expected) < 1e-6
 
 
+@pytest.mark.slow
 def test_tiny_fnaf_trains_and_resumes_exactly(cache_dir, tmp_path):
     """The resume test of tests/test_train.py on tiny-fnaf with the official Charbonnier + frequency loss."""
-    from test_train import _short_cfg, assert_resume_is_exact
-
-    cfg = _short_cfg(model="tiny-fnaf", loss="charfreq", steps=8)
+    cfg = short_cfg(model="tiny-fnaf", loss="charfreq", steps=8)
     assert_resume_is_exact(cfg, tmp_path)
     from train.config import build_config
 

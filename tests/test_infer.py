@@ -14,8 +14,7 @@ from nafnet_core.images import read_image, to_tensor, to_uint8
 from runtime.infer import collect_inputs
 from runtime.restore import AUTO_WHOLE_MAX_PIXELS, choose_tiling
 from runtime.runners import TorchRunner
-from tests.conftest import photo
-from tests.test_runtime_fixtures import TILE
+from tests.helpers import TILE, photo
 
 
 def u8(h, w, index=0):
@@ -71,8 +70,8 @@ def test_infer_folder_end_to_end(tree, tmp_path, tiny_checkpoint, tiny_tlc):
     assert res.exit_code == 0 and "wrote 1, skipped 0" in res.output
 
 
-def test_infer_onnx_tile_graph_matches_torch(tree, tmp_path, tiny_onnx, tiny_checkpoint):
-    for name, model in [("ort", tiny_onnx["tile"]), ("torch", tiny_checkpoint)]:
+def test_infer_onnx_tile_graph_matches_torch(tree, tmp_path, tiny_tile_onnx, tiny_checkpoint):
+    for name, model in [("ort", tiny_tile_onnx), ("torch", tiny_checkpoint)]:
         res = CliRunner().invoke(main, ["infer", str(tree / "a.png"), "-m", str(model), "--out", str(tmp_path / name),
                                         "--tile", str(TILE), "--overlap", "16", "-q"])
         assert res.exit_code == 0, res.output
@@ -80,7 +79,7 @@ def test_infer_onnx_tile_graph_matches_torch(tree, tmp_path, tiny_onnx, tiny_che
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
-def test_infer_errors_are_one_line(tmp_path, tiny_checkpoint, tiny_onnx):
+def test_infer_errors_are_one_line(tmp_path, tiny_checkpoint, tiny_tile_onnx):
     (tmp_path / "empty").mkdir()
     cli = CliRunner()
     res = cli.invoke(main, ["infer", str(tmp_path / "empty"), "-m", str(tiny_checkpoint), "-q"])
@@ -89,7 +88,7 @@ def test_infer_errors_are_one_line(tmp_path, tiny_checkpoint, tiny_onnx):
     assert res.exit_code == 1 and "Error:" in res.output and "Traceback" not in res.output
     res = cli.invoke(main, ["infer", str(tmp_path), "-m", str(tiny_checkpoint), "--tile", "100"])
     assert res.exit_code == 2 and "multiples of 16" in res.output
-    res = cli.invoke(main, ["infer", str(tmp_path), "-m", str(tiny_onnx["tile"]), "--tile", "128"])
+    res = cli.invoke(main, ["infer", str(tmp_path), "-m", str(tiny_tile_onnx), "--tile", "128"])
     assert res.exit_code == 1 and f"{TILE}x{TILE} tiles only" in res.output
 
 

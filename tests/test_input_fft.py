@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 import nafnet_core as nc
-from conftest import make_nontrivial, photo
+from tests.helpers import make_nontrivial, photo
 from nafnet_core import dft
 from nafnet_core.config import ModelConfig, get_config
 from test_model import reference_nafnet

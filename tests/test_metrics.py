@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import nafnet_core as nc
-from conftest import photo
+from tests.helpers import photo
 
 
 def _u8(x):

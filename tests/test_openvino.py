@@ -15,8 +15,7 @@ from click.testing import CliRunner
 
 from cli import main
 from export.openvino_ir import OpenVINOUnavailable, island_layers, openvino_available
-from tests.conftest import photo
-from tests.test_runtime_fixtures import TILE
+from tests.helpers import TILE, photo
 
 HAVE_OV, WHY_NOT = openvino_available()
 needs_ov = pytest.mark.skipif(not HAVE_OV, reason=f"openvino is not installed ({WHY_NOT})")
@@ -171,12 +170,12 @@ def test_modified_ir_weights_are_refused(ov_export, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_missing_openvino_is_one_line(monkeypatch, tiny_onnx, tiny_checkpoint, tmp_path):
+def test_missing_openvino_is_one_line(monkeypatch, tiny_tile_onnx, tiny_checkpoint, tmp_path):
     from runtime.models import open_runner
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
     with pytest.raises(OpenVINOUnavailable, match=r'pip install -e "\.\[openvino\]"'):
-        open_runner(tiny_onnx["tile"], "openvino").activate()
+        open_runner(tiny_tile_onnx, "openvino").activate()
     res = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "--tile", "64x64", "--openvino", "--no-check",
                                     "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "pip install" in res.output

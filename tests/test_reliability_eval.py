@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 import nafnet_core as nc
 from cli import main
-from tests.conftest import small_model
+from tests.helpers import small_model
 from tests.reliability_cases import CASES, deny_read, make_dataset, one_line_naming, unreadable_paths
 
 # Too small for the 11x11 SSIM window: eval cannot score them (every other entry point processes them).

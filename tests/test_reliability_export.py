@@ -26,7 +26,7 @@ from click.testing import CliRunner
 import nafnet_core as nc
 from cli import main
 from export import ManifestError, engine_mismatch, export_model, load_manifest, verify, verify_artifact, verify_file
-from tests.conftest import small_model
+from tests.helpers import small_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,6 +209,7 @@ def test_engine_from_another_setup_is_refused_with_the_reason(built, reason):
 
 # ----------------------------------------------------------------------------------------------- kill -9
 
+@pytest.mark.slow
 def test_kill9_mid_export_leaves_no_valid_manifest(checkpoint, tmp_path):
     """kill -9 at a seeded-random moment of an export over an older one: at every moment checked (while it
     runs and after the kill) the folder either has no manifest or one whose every hash matches; a re-run

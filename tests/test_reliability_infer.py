@@ -22,6 +22,7 @@ from PIL import Image
 
 from cli import main
 from nafnet_core.images import read_image
+from tests.helpers import TILE
 from tests.reliability_cases import tamper_weights, CASES, SIZE, deny_read, one_line_naming, pixels, unreadable_paths, write_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,11 +118,11 @@ def test_outputs_never_escape_out(tmp_path, tiny_checkpoint):
 
 # ----------------------------------------------------------------------------------------- tamper, trust
 
-def test_modified_export_is_refused_unless_no_verify(tmp_path, tiny_export):
+def test_modified_export_is_refused_unless_no_verify(tmp_path, tiny_tile_export):
     d = tmp_path / "exp"
-    shutil.copytree(tiny_export, d)
+    shutil.copytree(tiny_tile_export, d)
     Image.fromarray(pixels()).save(tmp_path / "a.png")
-    onnx = d / "model-fp32-dynamic.onnx"
+    onnx = d / f"model-fp32-{TILE}x{TILE}.onnx"
     tamper_weights(onnx)
     for model in (d, onnx):
         res = _infer(tmp_path / "a.png", "--model", model, "--backend", "onnxrt", "--out", tmp_path / "o")
@@ -183,6 +184,7 @@ def test_malicious_checkpoint_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- kill -9
 
+@pytest.mark.slow
 def test_kill9_mid_folder_then_rerun(tmp_path, tiny_checkpoint):
     """While infer runs, and after kill -9 at a seeded-random moment, every file under a final name in the
     output folder decodes; the re-run skips those and writes the rest."""
@@ -293,9 +295,9 @@ def test_onnx_external_data_outside_its_folder_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["zero_byte", "text", "truncated"])
-def test_bad_onnx_file_is_one_line(tmp_path, tiny_onnx, kind):
+def test_bad_onnx_file_is_one_line(tmp_path, tiny_tile_onnx, kind):
     onnx_path = tmp_path / "m.onnx"
-    data = tiny_onnx["tile"].read_bytes()
+    data = tiny_tile_onnx.read_bytes()
     onnx_path.write_bytes({"zero_byte": b"", "text": b"not a graph\n", "truncated": data[: len(data) // 2]}[kind])
     Image.fromarray(pixels(16, 16)).save(tmp_path / "a.png")
     res = _infer(tmp_path / "a.png", "--model", onnx_path, "--backend", "onnxrt", "--out", tmp_path / "o")

@@ -26,11 +26,13 @@ def _parity(export_dir, data, *extra):
 
 
 @pytest.fixture(scope="module")
-def table(tmp_path_factory, tiny_export):
+def table(tmp_path_factory, tiny_tile_export):
     tmp = tmp_path_factory.mktemp("parity")
+    export = tmp / "export"  # a copy: the command records its result in the export (read by --backend auto)
+    shutil.copytree(tiny_tile_export, export)
     root = make_dataset(tmp / "ds", CASES, train=False, n_good=len(CASES) + 2)  # test half: a18 + every case
     with deny_read(unreadable_paths(root)):
-        res = _parity(tiny_export, root, "--json", tmp / "p.json")
+        res = _parity(export, root, "--json", tmp / "p.json")
     return root, res, json.loads((tmp / "p.json").read_text())
 
 

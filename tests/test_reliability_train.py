@@ -123,6 +123,7 @@ def _run_until(proc: subprocess.Popen, run_dir: Path, min_step: int, timeout: fl
     raise AssertionError(f"last.pt did not reach step {min_step} in {timeout} s")
 
 
+@pytest.mark.slow
 def test_kill9_at_random_points_then_resume(tmp_path):
     """SIGINT once, then SIGKILL at 3 seeded-random moments (checkpoints are written every step, so some
     kills land mid-write); after each, every checkpoint on disk loads; the final resume ends at the right
@@ -186,6 +187,7 @@ def procs():
         p.communicate(timeout=30)
 
 
+@pytest.mark.slow
 def test_second_trainer_on_a_held_run_dir_stops_and_a_dead_holders_lock_is_taken_over(tmp_path, procs):
     """A live ``train`` holds its run directory: a second one (``--resume`` or a fresh start) stops before
     any work with one line naming the holder's PID, and the holder trains on undisturbed. After a

@@ -11,8 +11,7 @@ from runtime.restore import restore
 from runtime.models import open_runner
 from runtime.runners import OnnxRuntimeRunner, RunnerError, TensorRTRunner, TorchRunner, cuda_device_count, ort_providers
 from runtime.trt import tensorrt_available
-from tests.conftest import photo
-from tests.test_runtime_fixtures import TILE
+from tests.helpers import TILE, photo
 
 
 def test_torch_runner_lifecycle_and_precisions(tiny_tlc):
@@ -39,7 +38,7 @@ def test_torch_runner_lifecycle_and_precisions(tiny_tlc):
 def test_torch_runner_on_cpu_keeps_freed_memory_for_the_next_tensors():
     """TorchRunner(reuse_memory=True), the default: eager inference on CPU reuses heap memory instead of fresh
     zeroed mappings for every large activation (2x faster at 720p); reuse_memory=False leaves glibc as it is."""
-    from conftest import mmapped_bytes_of_a_64mb_tensor
+    from tests.helpers import mmapped_bytes_of_a_64mb_tensor
 
     setup = "import nafnet_core as nc; from runtime.runners import TorchRunner; " \
             "TorchRunner(nc.create_model('tiny'), device='cpu', reuse_memory={}).activate()"
@@ -89,10 +88,10 @@ def test_wide_1x1_convs_run_as_matmul_on_the_cpu_provider(tiny_onnx, monkeypatch
                 torch.testing.assert_close(mm.infer(x), conv.infer(x), atol=1e-5, rtol=0)
 
 
-def test_onnxruntime_fixed_tile_graph_is_always_tiled(tiny_tlc, tiny_onnx):
+def test_onnxruntime_fixed_tile_graph_is_always_tiled(tiny_tlc, tiny_tile_onnx):
     _, model = tiny_tlc
     x = photo(100, 150)
-    with OnnxRuntimeRunner(tiny_onnx["tile"], device="cpu") as r:
+    with OnnxRuntimeRunner(tiny_tile_onnx, device="cpu") as r:
         assert r.fixed_shape == (TILE, TILE)
         with pytest.raises(ValueError, match="tiling"):
             r.infer(photo(96, 96))
@@ -121,11 +120,27 @@ def test_tensorrt_missing_is_one_clear_error(tmp_path):
 
 
 @pytest.mark.trt
-def test_tensorrt_engine_runs(tmp_path):
+@pytest.mark.gpu
+def test_tensorrt_engine_runs(tmp_path, tiny_checkpoint, tiny_tlc):
+    """The runner of the export's TensorRT engine (fixed tile, FP16 inside, FP32 out): tiled like the onnxruntime
+    tile graph, within the FP16 parity limit of PyTorch fp32 on the same tiles."""
     ok, why = tensorrt_available()
     if not ok:
         pytest.skip(f"needs TensorRT and a GPU: {why}")
-    pytest.skip("engine building belongs to the export package; covered by parity on GPU machines")
+    from export import export_model
+
+    export = tmp_path / "export"
+    export_model(tiny_checkpoint, export, tiles=[(TILE, TILE)], dynamic=False, trt=True, check=False)
+    runner = open_runner(export, "trt")
+    assert isinstance(runner, TensorRTRunner) and runner.precision == "fp16"
+    x = photo(100, 150)
+    with runner:
+        assert runner.fixed_shape == (TILE, TILE)
+        y = restore(runner, x, overlap=16)
+    with torch.inference_mode():
+        ref = restore(TorchRunner(tiny_tlc[1], device="cpu").activate(), x, tile=TILE, overlap=16)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert nc.psnr(y.clamp(0, 1), ref.clamp(0, 1), data_range=1.0).item() > 45
 
 
 def test_open_runner_from_export_dir(tiny_export):

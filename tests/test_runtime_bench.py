@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from cli import main
 from runtime.bench import BenchSpec, matmul_gflops, measure
-from tests.test_runtime_fixtures import TILE
+from tests.helpers import TILE
 
 
 def test_matmul_roof_is_measured():
@@ -17,8 +17,8 @@ def test_matmul_roof_is_measured():
     assert 0.1 < g < 1e5
 
 
-def test_measure_counts_tiles_and_memory(tiny_onnx):
-    r = measure(BenchSpec("onnxrt", str(tiny_onnx["tile"]), "fp32", "auto", 100, 150, repeats=2, warmup=1))
+def test_measure_counts_tiles_and_memory(tiny_tile_onnx):
+    r = measure(BenchSpec("onnxrt", str(tiny_tile_onnx), "fp32", "auto", 100, 150, repeats=2, warmup=1))
     assert len(r["times"]) == 2 and all(t > 0 for t in r["times"])
     assert r["tile"] == [TILE, TILE] and r["tiles"] >= 6  # 112x160 padded, 64 tiles with overlap
     assert r["peak_rss_mb"] > 50

@@ -93,6 +93,7 @@ def test_missing_deblurred_file_is_named(small_synth, tmp_path):
         score_test_split(small_synth, blur_dir, tmp_path / "deblurred")
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_small(tmp_path, monkeypatch):
     """The whole chain on a small override (6 train pairs, 4 steps): a tile-only export, parity, the test
     gain of the deblurred files and the comparison image that the last lines name."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import torch
 from click.testing import CliRunner
@@ -10,8 +11,7 @@ from click.testing import CliRunner
 import nafnet_core as nc
 from cli import main
 from runtime.parity import LIMITS, ParityRow, _verdict, check_parity
-from tests.conftest import make_nontrivial
-from tests.test_runtime_fixtures import MINI, TILE
+from tests.helpers import MINI, TILE, make_nontrivial
 
 
 def test_verdict_limits_pinned():
@@ -27,8 +27,10 @@ def test_verdict_limits_pinned():
 
 
 def test_parity_passes_on_synthetic_test_split(tiny_export, synth_root, tmp_path):
+    export = tmp_path / "export"  # a copy: the command records its result in the export (read by --backend auto)
+    shutil.copytree(tiny_export, export)
     out = tmp_path / "parity.json"
-    res = CliRunner().invoke(main, ["parity", str(tiny_export), "--data", str(synth_root), "--json", str(out), "-q",
+    res = CliRunner().invoke(main, ["parity", str(export), "--data", str(synth_root), "--json", str(out), "-q",
                                     "--limit", "2"])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
@@ -60,8 +62,8 @@ def test_parity_fails_against_another_model(tiny_export, synth_root, tmp_path):
     assert row.passed is False and row.psnr_vs_reference < 40
 
 
-def test_parity_reports_rows_that_cannot_run(tiny_export, synth_root):
-    report = check_parity(tiny_export, synth_root, torch_precisions=(), progress=False, limit=1)
+def test_parity_reports_rows_that_cannot_run(tiny_tile_export, synth_root):
+    report = check_parity(tiny_tile_export, synth_root, torch_precisions=(), progress=False, limit=1)
     table = report.table()
     assert "torch" in table and "onnxrt" in table
     trt = [r for r in report.rows if r.backend == "trt"]
@@ -71,7 +73,7 @@ def test_parity_reports_rows_that_cannot_run(tiny_export, synth_root):
         assert report.passed  # a row that cannot run does not fail the report
 
 
-def test_a_row_that_fails_on_an_image_fails_the_report(tiny_export, synth_root, monkeypatch):
+def test_a_row_that_fails_on_an_image_fails_the_report(tiny_tile_export, synth_root, monkeypatch):
     """A backend that raises on a test image (here: every onnxruntime run) is a failed row, not a skipped one."""
     from runtime.runners import OnnxRuntimeRunner
 
@@ -79,7 +81,7 @@ def test_a_row_that_fails_on_an_image_fails_the_report(tiny_export, synth_root, 
         raise RuntimeError("simulated failure inside the backend")
 
     monkeypatch.setattr(OnnxRuntimeRunner, "_infer", broken)
-    report = check_parity(tiny_export, synth_root, torch_precisions=(), progress=False, limit=1)
+    report = check_parity(tiny_tile_export, synth_root, torch_precisions=(), progress=False, limit=1)
     ort_rows = [r for r in report.rows if r.backend == "onnxrt"]
     assert ort_rows and all(r.passed is False and r.status.startswith("failed on ") for r in ort_rows)
     assert not report.passed and "FAIL" in report.table()

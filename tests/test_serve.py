@@ -38,11 +38,14 @@ from runtime.restore import restore  # noqa: E402
 from runtime.models import open_runner  # noqa: E402
 from runtime.remote import RemoteError, RemoteRunner  # noqa: E402
 from runtime.serve import remove_stale_shared_memory  # noqa: E402
-from tests.conftest import photo  # noqa: E402
+from tests.helpers import photo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_PIXELS = 20_000  # the test server refuses images above ~141x141
 SHM = Path("/dev/shm")
+
+#: Every test here starts a real server or talks to one: the full suite runs them, the fast lane leaves them out.
+pytestmark = pytest.mark.slow
 
 
 def free_ports(n: int) -> list[int]:
@@ -346,7 +349,7 @@ def test_sigterm_stops_cleanly_with_nothing_left(tiny_export, tmp_path):
         assert any("tritonserver" in cmd for _, _, cmd in group_members(pid))
         start = time.monotonic()
         os.kill(pid, signal.SIGTERM)  # what a supervisor sends (systemd, docker stop, kubernetes)
-        code = s.proc.wait(timeout=20)  # a supervisor waits 10 s; 20 bounds the test on a loaded machine
+        code = s.proc.wait(timeout=20)  # docker stop waits 10 s before SIGKILL; 20 bounds the test on a loaded machine
         took = time.monotonic() - start
         assert code == 0, s.output()
         assert "SIGTERM received, stopping" in s.output()

@@ -26,7 +26,7 @@ from runtime.models import open_runner
 from runtime.remote import RemoteError, parse_server_url
 from runtime.serve import ERROR, INPUT, OUTPUT, PR_GET_CHILD_SUBREAPER, ImageModel, OwnProcesses, ServeError, \
     _prctl, check_ports, check_request, descendants, library_path_fix, process_table, remove_stale_shared_memory
-from tests.conftest import photo
+from tests.helpers import photo
 
 
 @pytest.fixture(scope="module")

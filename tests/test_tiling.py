@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import nafnet_core as nc
 from runtime.tiling import (TileSpec, blend_ramp, count_tiles, pad_to_multiple, restore_tensor, run_tiled,
                             tile_starts, tile_weights, weight_sum)
-from tests.conftest import make_nontrivial, photo
+from tests.helpers import make_nontrivial, photo
 
 
 @given(length=st.integers(1, 3000), tile=st.sampled_from([64, 128, 256, 512]), frac=st.floats(0, 0.49))

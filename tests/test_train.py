@@ -20,6 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from nafnet_core import load_checkpoint, read_checkpoint
+from tests.helpers import assert_resume_is_exact, short_cfg
 from train.config import ConfigError, PRESETS, TrainConfig, build_config, parse_sets
 from train.objectives import charbonnier_loss, l1_loss, lr_at
 
@@ -31,22 +32,6 @@ QUALITY_SETS = {"steps": QUALITY_STEPS, "crop": 64, "val_every": QUALITY_STEPS, 
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per module
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """The default synthetic set, generated once into a temporary cache for every test here."""
-    from nafnet_core.synth import ensure_synthetic
-
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("NAFNET_CACHE_DIR")
-    os.environ["NAFNET_CACHE_DIR"] = str(path)
-    ensure_synthetic(progress=False)
-    yield path
-    if old is None:
-        os.environ.pop("NAFNET_CACHE_DIR", None)
-    else:
-        os.environ["NAFNET_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")
@@ -192,35 +177,8 @@ def test_eval_accepts_official_pth(tiny_run, tmp_path):
 # Resume
 
 
-def _short_cfg(**kw):
-    sets = {"steps": 12, "crop": 32, "batch": 4, "val_every": 6, "save_every": 3, "log_every": 1, "dropout": 0.1,
-            "val_max": 1, "ema": 0.9}
-    return build_config("tiny", sets={**sets, **kw})
-
-
 def test_resume_is_exact(cache_dir, tmp_path):
-    assert_resume_is_exact(_short_cfg(), tmp_path)
-
-
-def assert_resume_is_exact(cfg, tmp_path) -> None:
-    """Trains ``cfg`` uninterrupted and stopped at step 5 then resumed: identical weights, EMA, best and log."""
-    from train.loop import train
-
-    full = train(cfg, tmp_path / "full", progress=False)
-    part = train(cfg, tmp_path / "part", progress=False, stop_at=5)
-    assert part.status == "stopped_at" and part.step == 5
-    resumed = train(cfg, tmp_path / "part", progress=False, resume=True)
-    assert resumed.step == full.step == cfg.steps
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
-    ea, eb = (read_checkpoint(p / "last.pt")["extra"] for p in (tmp_path / "full", tmp_path / "part"))
-    assert all(torch.equal(ea["ema"][k], eb["ema"][k]) for k in ea["ema"])
-    assert ea["best_psnr"] == eb["best_psnr"] and ea["best_step"] == eb["best_step"]
-    # metrics.csv: identical except the timing columns (images_per_s, elapsed_s).
-    rows = lambda p: [r.split(",")[:-2] for r in (p / "metrics.csv").read_text().splitlines()]  # noqa: E731
-    assert rows(tmp_path / "full") == rows(tmp_path / "part")
-    with pytest.raises(Exception, match="already holds a run"):
-        train(cfg, tmp_path / "full", progress=False)
+    assert_resume_is_exact(short_cfg(), tmp_path)
 
 
 def test_a_variant_overrides_a_hook_not_the_loop(cache_dir, tmp_path):
@@ -237,9 +195,9 @@ def test_a_variant_overrides_a_hook_not_the_loop(cache_dir, tmp_path):
             calls.append(self.step)
             return l1_loss(self.prediction(out).float(), sharp)
 
-    cfg = _short_cfg(steps=3, val_every=3, save_every=3, accum=2)
+    cfg = short_cfg(steps=3, val_every=3, save_every=3, accum=2)
     variant = L1Variant(cfg, tmp_path / "variant", ddp.setup("cpu"), progress=False).run()
-    builtin = train(_short_cfg(steps=3, val_every=3, save_every=3, accum=2, loss="l1"), tmp_path / "l1",
+    builtin = train(short_cfg(steps=3, val_every=3, save_every=3, accum=2, loss="l1"), tmp_path / "l1",
                     progress=False)
     assert calls == [0, 0, 1, 1, 2, 2]  # once per micro-batch
     a, b = variant.model.state_dict(), builtin.model.state_dict()
@@ -260,6 +218,7 @@ def _wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float
     raise AssertionError(f"no checkpoint at step >= {step} after {timeout} s")
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigkill_then_resume_finishes_all_steps(cache_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, str(ROOT / "cli.py"), "train", "--runs", str(tmp_path), "--name", "k", "--no-progress"]
@@ -314,7 +273,7 @@ def test_bad_data_fails_before_any_step(cache_dir, tmp_path):
     (root / "train/sharp/a.png").write_bytes(b"\x89PNG garbage")
     t0 = time.time()
     with pytest.raises(DataError) as e:
-        train(_short_cfg(data=str(root)), tmp_path / "run", progress=False)
+        train(short_cfg(data=str(root)), tmp_path / "run", progress=False)
     assert time.time() - t0 < 10
     assert f"{root / 'train/blur/b.png'}: missing partner" in str(e.value)
     assert f"{root / 'train/sharp/a.png'}: not a readable image" in str(e.value)
@@ -338,7 +297,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_pat
 
     monkeypatch.setitem(loop.LOSS_FUNCTIONS, "psnr", flaky)
     with pytest.raises(TrainingError, match=r"non-finite at step 8 .*Last good checkpoint: .*last.pt \(step 6\)"):
-        train(_short_cfg(), tmp_path / "nan", progress=False)
+        train(short_cfg(), tmp_path / "nan", progress=False)
     last = load_checkpoint(tmp_path / "nan" / "last.pt")
     assert last.extra["step"] == 6 and all(torch.isfinite(v).all() for v in last.model.state_dict().values())
 
@@ -375,10 +334,11 @@ def _train_two_ranks(cfg, tmp_path, cache_dir) -> tuple[dict, dict]:
     return r0, r1
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_match_one_process(cache_dir, tmp_path):
     from train.loop import build_model, train
 
-    cfg = _short_cfg(steps=6, batch=4, dropout=0.0, ema=0.0, val_every=6, save_every=6)
+    cfg = short_cfg(steps=6, batch=4, dropout=0.0, ema=0.0, val_every=6, save_every=6)
     r0, r1 = _train_two_ranks(cfg, tmp_path, cache_dir)
     single = train(cfg, tmp_path / "single", progress=False).model.state_dict()
     torch.manual_seed(cfg.seed)
@@ -458,7 +418,7 @@ def test_fused_adamw_matches_the_for_loop_kernel():
 def fp32_short_run(cache_dir, tmp_path_factory):
     from train.loop import train
 
-    return train(_short_cfg(amp="off", channels_last="off", compile="off", **SPEED_MODEL),
+    return train(short_cfg(amp="off", channels_last="off", compile="off", **SPEED_MODEL),
                  tmp_path_factory.mktemp("fp32") / "r", progress=False)
 
 
@@ -470,7 +430,7 @@ def test_speed_option_resumes_exactly_and_matches_fp32_psnr(option, fp32_short_r
     # throughput side is measured at real size in BENCHMARKS.md.
     from train.loop import train
 
-    cfg = _short_cfg(**SPEED_OPTIONS[option], **SPEED_MODEL)
+    cfg = short_cfg(**SPEED_OPTIONS[option], **SPEED_MODEL)
     full = train(cfg, tmp_path / "full", progress=False)
     train(cfg, tmp_path / "part", progress=False, stop_at=5)
     resumed = train(cfg, tmp_path / "part", progress=False, resume=True)
@@ -482,11 +442,12 @@ def test_speed_option_resumes_exactly_and_matches_fp32_psnr(option, fp32_short_r
     assert abs(full.last_val["psnr"] - fp32_short_run.last_val["psnr"]) <= 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile_", ["off", pytest.param("on", marks=needs_compile_time)])
 def test_ddp_with_speed_options_ranks_agree(compile_, cache_dir, tmp_path):
     from train.loop import train
 
-    cfg = _short_cfg(steps=4, batch=4, dropout=0.0, ema=0.0, val_every=4, save_every=4, channels_last="on",
+    cfg = short_cfg(steps=4, batch=4, dropout=0.0, ema=0.0, val_every=4, save_every=4, channels_last="on",
                      compile=compile_, amp="bf16", **SPEED_MODEL)
     r0, r1 = _train_two_ranks(cfg, tmp_path, cache_dir)
     single = train(cfg, tmp_path / "single", progress=False).model.state_dict()
@@ -497,6 +458,7 @@ def test_ddp_with_speed_options_ranks_agree(compile_, cache_dir, tmp_path):
     assert diff < 1e-3, diff
 
 
+@pytest.mark.slow
 def test_bench_rows_come_from_a_process_per_side_with_its_own_peak_memory(tmp_path):
     from nafnet_core.errors import UserError
     from train.bench import Side, bench_options, parse_options, rows_table, time_interleaved
@@ -524,7 +486,7 @@ def test_bench_rows_come_from_a_process_per_side_with_its_own_peak_memory(tmp_pa
 
 def test_reuse_memory_keeps_large_tensors_in_the_heap():
     """``reuse_memory``: a 64 MB tensor comes from the heap instead of a fresh mapping of its own."""
-    from conftest import mmapped_bytes_of_a_64mb_tensor
+    from tests.helpers import mmapped_bytes_of_a_64mb_tensor
 
     assert mmapped_bytes_of_a_64mb_tensor("") >= 64 * 2**20  # glibc's default: a mapping of its own
     setup = "from train.speed import apply_process_settings, resolve; from train.config import build_config; " \

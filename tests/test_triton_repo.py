@@ -83,10 +83,10 @@ def test_repository_from_an_export_with_an_engine(tmp_path, export_with_engine):
     assert not list(repo.rglob("*.part"))
 
 
-def test_cpu_instances_and_fixed_tile_graphs(tmp_path, tiny_export):
+def test_cpu_instances_and_fixed_tile_graphs(tmp_path, tiny_tile_export):
     """KIND_CPU gets no GPU accelerator; an export with only a fixed tile gives fixed dims."""
     d = tmp_path / "export"
-    shutil.copytree(tiny_export, d)
+    shutil.copytree(tiny_tile_export, d)
     data = load_manifest(d).data
     data["artifacts"] = {k: v for k, v in data["artifacts"].items() if v["shape"]["kind"] == "tile"}
     write_manifest(d, data)
@@ -120,11 +120,11 @@ def test_cli_writes_refuses_to_clobber_and_checks_the_export(tmp_path, tiny_expo
     assert not (tmp_path / "r2" / "nafnet" / "config.pbtxt").exists()
 
 
-def test_bad_names_and_exports_without_fp32_graphs_are_one_line(tmp_path, tiny_export):
+def test_bad_names_and_exports_without_fp32_graphs_are_one_line(tmp_path, tiny_tile_export):
     with pytest.raises(RepositoryError, match="model name 'a/b'"):
         RepoOptions(name="a/b")
     d = tmp_path / "export"
-    shutil.copytree(tiny_export, d)
+    shutil.copytree(tiny_tile_export, d)
     data = json.loads((d / "manifest.json").read_text())
     data["artifacts"] = {k: v for k, v in data["artifacts"].items() if v["precision"] != "fp32"}
     write_manifest(d, data)

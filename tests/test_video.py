@@ -223,6 +223,7 @@ def test_codec_options_that_cannot_work_are_refused(clip, tmp_path, tiny_checkpo
     assert res.exit_code == 1 and "has no quality setting; drop --crf" in res.output
 
 
+@pytest.mark.slow
 def test_kill9_mid_video_then_rerun(tmp_path, tiny_checkpoint):
     """kill -9 while a video is being written: no file under the final name; the re-run removes the temporary
     and writes the whole video."""
