@@ -8,15 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from test_tlc import reference_local_mean
 
 import nafnet_core as nc
-from nafnet_core.checkpoint import CheckpointError
 from nafnet_core.cgnet import CascadedGazeBlock
+from nafnet_core.checkpoint import CheckpointError
 from nafnet_core.layers import GlobalAvgPool2d, NAFBlock
 from nafnet_core.tlc import LocalAvgPool2d
 from tests.helpers import make_nontrivial, photo, short_cfg
-from test_tlc import reference_local_mean
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per module
 

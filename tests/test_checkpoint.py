@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import nafnet_core as nc
-from tests.helpers import make_nontrivial, photo
 from nafnet_core.checkpoint import CheckpointError, infer_config
+from tests.helpers import make_nontrivial, photo
 
 
 @pytest.fixture

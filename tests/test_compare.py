@@ -9,7 +9,6 @@ import shutil
 import warnings
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import nafnet_core as nc

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from nafnet_core.images import read_rgb8, write_rgb8
 from nafnet_core.data import DataError, check_dataset, detect_layout, scan, split_val_test
+from nafnet_core.images import read_rgb8, write_rgb8
 from train.data import PairDataset, PairTransform, SampleStream
 
 
@@ -216,9 +216,10 @@ def _tree_hash(root: Path) -> str:
 
 
 def test_synth_is_deterministic_and_gopro_like(tmp_path):
+    import torch
+
     from nafnet_core.metrics import psnr
     from nafnet_core.synth import synthesize
-    import torch
 
     a = synthesize(tmp_path / "a", seed=5, count=3, size=(64, 96), progress=False)
     b = synthesize(tmp_path / "b", seed=5, count=3, size=(64, 96), progress=False)
@@ -291,8 +292,8 @@ def test_synth_shake_scales_the_camera_path_from_the_same_draws():
     import torch
 
     from nafnet_core.metrics import psnr
-    from train.config import ConfigError, build_config
     from nafnet_core.synth import default_root, draw_params, load_photo, render_pair
+    from train.config import ConfigError, build_config
 
     photo = load_photo("rocket.jpg")
     params = {b: draw_params(np.random.default_rng([7, 0, 1]), photo, "rocket.jpg", (64, 96), b) for b in (0.5, 1.0, 2.0)}

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 import nafnet_core as nc
-from export import ManifestError, export_model, fold_for_deploy, is_folded, load_manifest, verify
-from export import fold, graph
+from export import ManifestError, export_model, fold, fold_for_deploy, graph, is_folded, load_manifest, verify
 from export.api import prepare_model
 from export.onnx_export import read_metadata
 from nafnet_core.fileio import sha256_file

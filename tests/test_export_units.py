@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-
 import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
 
 import nafnet_core as nc
-from export import FORMATS, ShapeSpec, TrtOptions, make_profile, parse_hw, parse_profile
-from export import graph
+from export import FORMATS, ShapeSpec, TrtOptions, graph, make_profile, parse_hw, parse_profile
 from export.formats import formats_for
 from export.lint import lint_onnx
 from export.ranges import fp16_range_report

@@ -9,8 +9,17 @@ import tifffile
 import torch
 from PIL import Image
 
-from nafnet_core.images import (Decoded, ImageError, from_tensor, read_image, read_rgb8, to_tensor, to_uint8,
-                                write_image, write_rgb8)
+from nafnet_core.images import (
+    Decoded,
+    ImageError,
+    from_tensor,
+    read_image,
+    read_rgb8,
+    to_tensor,
+    to_uint8,
+    write_image,
+    write_rgb8,
+)
 
 RNG = np.random.default_rng(0)
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from test_model import reference_nafnet
 
 import nafnet_core as nc
-from tests.helpers import make_nontrivial, photo
 from nafnet_core import dft
 from nafnet_core.config import ModelConfig, get_config
-from test_model import reference_nafnet
+from tests.helpers import make_nontrivial, photo
 
 
 def reference_fs(x: torch.Tensor) -> torch.Tensor:
@@ -276,8 +276,8 @@ def test_official_file_of_the_wrong_input_names_the_preset(tmp_path):
 
 
 def test_tiler_runs_fs_models_whole_and_warns_about_tiles(tmp_path):
-    from runtime.restore import AUTO_WHOLE_MAX_PIXELS, TilingWarning, choose_tiling
     from runtime.models import open_runner
+    from runtime.restore import AUTO_WHOLE_MAX_PIXELS, TilingWarning, choose_tiling
     from runtime.runners import TorchRunner
 
     fs, plain = TorchRunner(nc.create_model("tiny-fft")), TorchRunner(nc.create_model("tiny"))

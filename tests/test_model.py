@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import nafnet_core as nc
-from tests.helpers import make_nontrivial, photo
 from nafnet_core.config import ModelConfig, get_config
 from nafnet_core.layers import LayerNorm2d
 from nafnet_core.model import NAFNet
+from tests.helpers import make_nontrivial, photo
 
 
 @pytest.mark.parametrize("preset", sorted(nc.PRESET_PARAMS))

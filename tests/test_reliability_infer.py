@@ -23,7 +23,16 @@ from PIL import Image
 from cli import main
 from nafnet_core.images import read_image
 from tests.helpers import TILE
-from tests.reliability_cases import tamper_weights, CASES, SIZE, deny_read, one_line_naming, pixels, unreadable_paths, write_case
+from tests.reliability_cases import (
+    CASES,
+    SIZE,
+    deny_read,
+    one_line_naming,
+    pixels,
+    tamper_weights,
+    unreadable_paths,
+    write_case,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,7 +278,6 @@ def test_overwrite_replaces_a_bad_existing_output(tmp_path, tiny_checkpoint):
 def test_onnx_external_data_outside_its_folder_is_refused(tmp_path):
     """A lone .onnx whose weights point at a file outside its folder (../) is refused by onnxruntime."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     (tmp_path / "sub").mkdir()

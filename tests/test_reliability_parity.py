@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from tests.reliability_cases import tamper_weights, CASES, deny_read, make_dataset, one_line_naming, unreadable_paths
+from tests.reliability_cases import CASES, deny_read, make_dataset, one_line_naming, tamper_weights, unreadable_paths
 
 UNSCORABLE = {"one_by_one", "one_by_n"}  # below the 11x11 SSIM window
 

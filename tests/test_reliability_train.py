@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from nafnet_core import load_checkpoint, read_checkpoint
+from nafnet_core import load_checkpoint
 from tests.reliability_cases import CASES, OK, deny_read, make_dataset, one_line_naming, unreadable_paths
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,9 +7,16 @@ import pytest
 import torch
 
 import nafnet_core as nc
-from runtime.restore import restore
 from runtime.models import open_runner
-from runtime.runners import OnnxRuntimeRunner, RunnerError, TensorRTRunner, TorchRunner, cuda_device_count, ort_providers
+from runtime.restore import restore
+from runtime.runners import (
+    OnnxRuntimeRunner,
+    RunnerError,
+    TensorRTRunner,
+    TorchRunner,
+    cuda_device_count,
+    ort_providers,
+)
 from runtime.trt import tensorrt_available
 from tests.helpers import TILE, photo
 

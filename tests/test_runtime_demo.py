@@ -47,8 +47,8 @@ def small_synth(tmp_path_factory):
 
 
 def test_test_gain_and_comparison_image_from_the_deblurred_files(small_synth, tmp_path):
-    from nafnet_core.images import read_rgb8
     from cli import DemoResult, score_test_split, write_comparison
+    from nafnet_core.images import read_rgb8
 
     blur_dir = _stand_in_outputs(small_synth, tmp_path / "deblurred")
     test = score_test_split(small_synth, blur_dir, tmp_path / "deblurred")
@@ -84,8 +84,8 @@ def test_test_gain_and_comparison_image_from_the_deblurred_files(small_synth, tm
 
 
 def test_missing_deblurred_file_is_named(small_synth, tmp_path):
-    from nafnet_core.errors import UserError
     from cli import score_test_split
+    from nafnet_core.errors import UserError
 
     blur_dir = _stand_in_outputs(small_synth, tmp_path / "deblurred")
     (tmp_path / "deblurred" / "0003.png").unlink()
@@ -99,8 +99,8 @@ def test_demo_end_to_end_small(tmp_path, monkeypatch):
     gain of the deblurred files and the comparison image that the last lines name."""
     import json
 
-    from nafnet_core.images import read_rgb8
     from cli import score_test_split
+    from nafnet_core.images import read_rgb8
 
     monkeypatch.setenv("NAFNET_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "demo"

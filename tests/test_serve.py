@@ -34,9 +34,9 @@ from cli import main  # noqa: E402
 from nafnet_core.images import read_image, to_uint8  # noqa: E402
 from nafnet_core.metrics import psnr  # noqa: E402
 from runtime.infer import infer_path  # noqa: E402
-from runtime.restore import restore  # noqa: E402
 from runtime.models import open_runner  # noqa: E402
 from runtime.remote import RemoteError, RemoteRunner  # noqa: E402
+from runtime.restore import restore  # noqa: E402
 from runtime.serve import remove_stale_shared_memory  # noqa: E402
 from tests.helpers import photo  # noqa: E402
 

@@ -21,11 +21,25 @@ from PIL import Image
 
 from nafnet_core.images import read_image, to_uint8
 from runtime.infer import infer_path
-from runtime.restore import restore
 from runtime.models import open_runner
 from runtime.remote import RemoteError, parse_server_url
-from runtime.serve import ERROR, INPUT, OUTPUT, PR_GET_CHILD_SUBREAPER, ImageModel, OwnProcesses, ServeError, \
-    _prctl, check_ports, check_request, descendants, library_path_fix, process_table, remove_stale_shared_memory
+from runtime.restore import restore
+from runtime.serve import (
+    ERROR,
+    INPUT,
+    OUTPUT,
+    PR_GET_CHILD_SUBREAPER,
+    ImageModel,
+    OwnProcesses,
+    ServeError,
+    _prctl,
+    check_ports,
+    check_request,
+    descendants,
+    library_path_fix,
+    process_table,
+    remove_stale_shared_memory,
+)
 from tests.helpers import photo
 
 

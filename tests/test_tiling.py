@@ -8,8 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nafnet_core as nc
-from runtime.tiling import (TileSpec, blend_ramp, count_tiles, pad_to_multiple, restore_tensor, run_tiled,
-                            tile_starts, tile_weights, weight_sum)
+from runtime.tiling import (
+    TileSpec,
+    blend_ramp,
+    count_tiles,
+    pad_to_multiple,
+    restore_tensor,
+    run_tiled,
+    tile_starts,
+    tile_weights,
+    weight_sum,
+)
 from tests.helpers import make_nontrivial, photo
 
 

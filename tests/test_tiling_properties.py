@@ -21,8 +21,7 @@ from hypothesis import strategies as st
 import nafnet_core as nc
 from nafnet_core.config import DEFAULT_PAD_MULTIPLE as PAD_MULTIPLE
 from nafnet_core.config import padded_size
-from runtime.tiling import (TileSpec, restore_tensor, run_tiled, tile_starts, tile_weights,
-                            weight_sum)
+from runtime.tiling import TileSpec, restore_tensor, run_tiled, tile_starts, tile_weights, weight_sum
 
 SETTINGS = settings(max_examples=150, deadline=None)
 

@@ -8,9 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nafnet_core as nc
-from tests.helpers import make_nontrivial, photo
 from nafnet_core.layers import GlobalAvgPool2d
 from nafnet_core.tlc import LocalAvgPool2d, band_means, local_mean, tlc_kernels, window_means_t
+from tests.helpers import make_nontrivial, photo
 
 
 def reference_local_mean(x, kernel):

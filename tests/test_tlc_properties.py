@@ -8,9 +8,9 @@ import functools
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_tlc import reference_local_mean
 
 from nafnet_core.tlc import local_mean
-from test_tlc import reference_local_mean
 
 
 @settings(max_examples=60, deadline=None)
@@ -22,7 +22,7 @@ def test_local_mean_equals_direct_form(h, w, kh, kw, c, seed):
     torch.testing.assert_close(out.expand_as(x), reference_local_mean(x, (kh, kw)), atol=1e-5, rtol=0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _exported(k: int):
     """local_mean exported once with symbolic H and W (as the dynamic ONNX export traces it)."""
 

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from nafnet_core import load_checkpoint, read_checkpoint
 from tests.helpers import assert_resume_is_exact, short_cfg
-from train.config import ConfigError, PRESETS, TrainConfig, build_config, parse_sets
+from train.config import PRESETS, ConfigError, TrainConfig, build_config, parse_sets
 from train.objectives import charbonnier_loss, l1_loss, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,10 +259,11 @@ def test_sigterm_then_sigkill_then_resume_finishes_all_steps(cache_dir, tmp_path
 
 
 def test_bad_data_fails_before_any_step(cache_dir, tmp_path):
-    from nafnet_core.images import write_rgb8
-    from nafnet_core.data import DataError
-    from train.loop import train
     import numpy as np
+
+    from nafnet_core.data import DataError
+    from nafnet_core.images import write_rgb8
+    from train.loop import train
 
     root = tmp_path / "bad"
     img = np.zeros((64, 64, 3), np.uint8)

@@ -21,7 +21,7 @@ text_format = pytest.importorskip("google.protobuf.text_format")
 ONNX_TYPES = {onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.FLOAT16: mc.TYPE_FP16}
 
 
-def parse(path) -> "mc.ModelConfig":
+def parse(path) -> mc.ModelConfig:
     return text_format.Parse(path.read_text(), mc.ModelConfig())  # raises on any field Triton does not know
 
 
