@@ -13,7 +13,7 @@ bounded by the tile, not the image.
 TLC and tiles: a fixed-tile graph carries the TLC kernels of the training size as constants, so
 inside a tile the SCA statistics are local means over the same windows as on the whole image; only
 windows that would cross the tile border differ, and the overlap + blending hides them. Defaults
-were measured on 1280x720 photos (BENCHMARKS.md, "Runtime").
+were measured on 1280x720 photos (BENCHMARKS.md, "Tiling vs whole-image TLC").
 """
 
 from __future__ import annotations
