@@ -181,7 +181,7 @@ _PLANS: dict[int, tuple[nc.NAFNet, dict]] = {}
 def placement(model: nc.NAFNet, photo_hw: tuple[int, int] | None) -> dict:
     """``export.fp16_stream.plan`` of ``model`` (once per model): measured on its default sample photos, or
     on two bundled photos of ``photo_hw`` (``--tiny``: the tiny model's stream needs no 256x256 photos)."""
-    from export.fp16_stream import plan
+    from export.ranges import plan
     from export.samples import sample_photo
 
     if id(model) not in _PLANS:

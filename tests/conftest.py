@@ -64,12 +64,23 @@ def _share_the_cores_between_workers() -> None:
 _share_the_cores_between_workers()
 
 
+#: Files whose own exports or training runs take one to three minutes on 2 cores (``--durations``: the dynamic
+#: exports of the variants, the training and kill tests). Under ``--dist loadfile`` the workers take whole files
+#: in collection order, so these go first and every worker ends on short files (longest first: the workers
+#: finish together instead of one running a three-minute file while the other idles).
+LONGEST_FILES = ("test_cgnet.py", "test_fnafnet.py", "test_input_fft.py", "test_export.py", "test_train.py",
+                 "test_reliability_train.py", "test_serve.py")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Marks ``slow`` every test that uses a fixture of ``SLOW_FIXTURES`` (before ``-m`` selects)."""
+    """Marks ``slow`` every test that uses a fixture of ``SLOW_FIXTURES`` (before ``-m`` selects), and puts the
+    files of ``LONGEST_FILES`` first (each file's tests keep their order)."""
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
 
 
 @pytest.fixture(scope="module")
