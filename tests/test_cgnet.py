@@ -161,7 +161,8 @@ def test_official_semantics_at_multiples_of_16(gate):
     assert out.shape == (2, 10, 3, 64, 96)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # the check can fail: the CG blocks do change the result
-    no_cg = {k: (torch.zeros_like(v) if k.startswith("encoders.0.0.beta") else v) for k, v in model.state_dict().items()}
+    no_cg = {k: (torch.zeros_like(v) if k.startswith("encoders.0.0.beta") else v)
+             for k, v in model.state_dict().items()}
     assert (reference_cgnet(no_cg, model.config, x, official=True) - ref).abs().max() > 1e-3
 
 

@@ -132,6 +132,7 @@ def test_cli_json_and_csv(trained_runs, tmp_path):
     rows = json.loads((tmp_path / "t.json").read_text())
     assert [r["run"] for r in rows] == ["simple", "swiglu"]
     table = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))
-    assert table[1]["differs"] == "lr=0.002 model.gate=swiglu" and float(table[0]["parameters"]) == rows[0]["parameters"]
+    assert (table[1]["differs"] == "lr=0.002 model.gate=swiglu"
+            and float(table[0]["parameters"]) == rows[0]["parameters"])
     bad = CliRunner().invoke(main, ["compare", str(tmp_path)])
     assert bad.exit_code == 1 and "not a training run" in bad.output

@@ -296,7 +296,8 @@ def test_synth_shake_scales_the_camera_path_from_the_same_draws():
     from train.config import ConfigError, build_config
 
     photo = load_photo("rocket.jpg")
-    params = {b: draw_params(np.random.default_rng([7, 0, 1]), photo, "rocket.jpg", (64, 96), b) for b in (0.5, 1.0, 2.0)}
+    params = {b: draw_params(np.random.default_rng([7, 0, 1]), photo, "rocket.jpg", (64, 96), b)
+              for b in (0.5, 1.0, 2.0)}
     assert params[1.0] == draw_params(np.random.default_rng([7, 0, 1]), photo, "rocket.jpg", (64, 96))
     assert (params[0.5].top, params[0.5].scale) == (params[1.0].top, params[1.0].scale)  # same scene window
     np.testing.assert_allclose(np.array(params[0.5].translation) * 2, params[1.0].translation)

@@ -61,7 +61,8 @@ def test_exports_without_dft_and_matches_in_onnxruntime(tmp_path, dynamic):
     x = torch.rand(1, 3, 24, 36)
     kwargs = {}
     if dynamic:
-        kwargs["dynamic_shapes"] = ({2: torch.export.Dim("h", min=2, max=4096), 3: torch.export.Dim("w", min=2, max=4096)},)
+        kwargs["dynamic_shapes"] = ({2: torch.export.Dim("h", min=2, max=4096),
+                                     3: torch.export.Dim("w", min=2, max=4096)},)
     path = tmp_path / "fs.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -165,7 +165,8 @@ def _check_sections(where: str, refs: str, sections: dict[int, str]) -> list[str
     for number, title in _REF_ITEM.findall(refs):
         n = int(number)
         if n not in sections:
-            out.append(f"{where}: {DESIGN} has no section {SECTION}{n} (it has {SECTION}1-{SECTION}{max(sections, default=0)})")
+            out.append(f"{where}: {DESIGN} has no section {SECTION}{n} "
+                       f"(it has {SECTION}1-{SECTION}{max(sections, default=0)})")
         elif title and title[:1].isupper() and not sections[n].startswith(_norm_title(title)):
             out.append(f"{where}: {DESIGN} {SECTION}{n} is titled \"{sections[n]}\", not \"{title}\"")
     return out

@@ -270,7 +270,7 @@ def test_folded_graph_has_the_deploy_form(fp16_export, plain_tile_export):
 def test_manifest_hashes_and_metadata(tlc_export, model):
     data = json.loads((tlc_export.directory / "manifest.json").read_text())
     assert data["tlc"]["kernels"] == [list(k) for k in nc.tlc_kernels(model.config, TRAIN)]
-    for name, rec in data["artifacts"].items():
+    for rec in data["artifacts"].values():
         path = tlc_export.directory / rec["file"]
         assert sha256_file(path) == rec["sha256"] and path.stat().st_size == rec["bytes"]
         meta = read_metadata(path)

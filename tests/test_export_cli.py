@@ -37,7 +37,8 @@ def test_help_explains_both_forms():
 def test_export_then_lint(checkpoints, tmp_path):
     runner = CliRunner()
     out_dir = tmp_path / "exp"
-    res = runner.invoke(main, ["export", str(checkpoints / "small.pt"), "--tile", "32x48", "--fp16", "--out", str(out_dir)])
+    res = runner.invoke(main, ["export", str(checkpoints / "small.pt"), "--tile", "32x48", "--fp16",
+                               "--out", str(out_dir)])
     assert res.exit_code == 0, res.output
     data = json.loads((out_dir / "manifest.json").read_text())
     assert set(data["artifacts"]) == {"onnx-fp32-32x48", "onnx-fp16-32x48"}

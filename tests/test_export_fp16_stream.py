@@ -47,7 +47,8 @@ def hot_model() -> nc.NAFNet:
 
 
 def test_stage_plan_is_pure():
-    assert fp16_stream.stage_of("encoders.2.7") == "encoders.2" and fp16_stream.stage_of("middle_blks.3") == "middle_blks"
+    assert (fp16_stream.stage_of("encoders.2.7") == "encoders.2"
+            and fp16_stream.stage_of("middle_blks.3") == "middle_blks")
     limit = fp16_stream.FP16_MAX / fp16_stream.STREAM_MARGIN
     stream = {"encoders.0.0": limit * 1.01, "encoders.1.0": limit * 0.99, "middle_blks.0": 3 * limit}
     stages = fp16_stream.fp32_stream_stages(stream, levels=4)
@@ -77,7 +78,8 @@ def test_overflowing_stream_is_kept_fp32_and_matches(hot_export):
 
     data = json.loads((out_dir / "manifest.json").read_text())
     rec = data["fp16"]
-    assert rec["fp32_stream"] == ["encoders.0", "decoders.3"] and rec["fp32_convs"] == ["intro", "downs.0", "ups.3.0", "ending"]
+    assert (rec["fp32_stream"] == ["encoders.0", "decoders.3"]
+            and rec["fp32_convs"] == ["intro", "downs.0", "ups.3.0", "ending"])
     assert rec["max_stream"] > fp16_stream.FP16_MAX and rec["gate_overflow"] == []
     [line] = [ln for ln in output.splitlines() if "residual stream" in ln]  # said once, in one line
     assert "encoders.0, decoders.3" in line and "FP32" in line
@@ -104,7 +106,8 @@ def test_lint_accepts_the_fp32_stream_readers(hot_export):
     model = onnx.load(str(out_dir / "model-fp16-32x48.onnx"))
     assert graph.fp16_placement_problems(model, 4) == []
     assert len(graph.fp16_placement_problems(model, 0)) == 4  # undeclared FP32 convs are still caught
-    assert graph.fp16_placement_problems(model, 5)[-1] == "5 FP32 convs (around an FP32 residual stream) expected, 4 found"
+    assert (graph.fp16_placement_problems(model, 5)[-1]
+            == "5 FP32 convs (around an FP32 residual stream) expected, 4 found")
 
 
 def test_torch_fp16_runner_keeps_the_overflowing_stream_fp32():

@@ -178,7 +178,8 @@ def _ref_block(sd, p, x, gate):
     def ln(name, t):
         mu = t.mean(1, keepdim=True)
         var = ((t - mu) ** 2).mean(1, keepdim=True)
-        return (t - mu) / torch.sqrt(var + 1e-6) * sd[p + name + ".weight"][None, :, None, None] + sd[p + name + ".bias"][None, :, None, None]
+        return ((t - mu) / torch.sqrt(var + 1e-6) * sd[p + name + ".weight"][None, :, None, None]
+                + sd[p + name + ".bias"][None, :, None, None])
 
     act = {"simple": lambda a: a, "reglu": F.relu, "geglu": F.gelu, "swiglu": F.silu}[gate]
 

@@ -180,7 +180,8 @@ def test_manifest_pointing_outside_its_folder_is_refused(exported, tmp_path, fil
         load_manifest(d)
 
 
-@pytest.mark.parametrize("text", ["", "{not json", '{"format": "other"}', "[]"], ids=["empty", "syntax", "foreign", "list"])
+@pytest.mark.parametrize("text", ["", "{not json", '{"format": "other"}', "[]"],
+                         ids=["empty", "syntax", "foreign", "list"])
 def test_broken_manifest_is_one_clear_error(exported, tmp_path, text):
     d = _copy(exported, tmp_path)
     (d / "manifest.json").write_text(text)

@@ -82,9 +82,9 @@ def test_decompression_bomb_limit_is_configurable(tmp_path, tiny_checkpoint):
     res = _infer(tmp_path / "a.png", "--model", tiny_checkpoint, "--backend", "torch", "--out", tmp_path / "o",
                  "--max-pixels", 1000)
     assert res.exit_code == 1
-    assert one_line_naming(res.stderr, tmp_path / "a.png", f"{SIZE[1]}x{SIZE[0]} = 1,920 pixels exceeds the limit of "
-                                                           "1,000 (possible decompression bomb); if the image is genuine raise the "
-                                                           "limit with --max-pixels")
+    assert one_line_naming(res.stderr, tmp_path / "a.png",
+                           f"{SIZE[1]}x{SIZE[0]} = 1,920 pixels exceeds the limit of 1,000 (possible decompression "
+                           "bomb); if the image is genuine raise the limit with --max-pixels")
     res = _infer(tmp_path / "a.png", "--model", tiny_checkpoint, "--backend", "torch", "--out", tmp_path / "o",
                  "--max-pixels", 1920)
     assert res.exit_code == 0 and (tmp_path / "o" / "a.png").is_file()
@@ -100,7 +100,7 @@ def test_unwritable_out_is_one_line(tmp_path, tiny_checkpoint, where):
     out = blocker if where == "out_is_a_file" else blocker / "sub"
     res = _infer(tmp_path / "a.png", "--model", tiny_checkpoint, "--backend", "torch", "--out", out)
     assert res.exit_code in (1, 2) and "Traceback" not in res.output, res.output
-    errors = [l for l in res.output.splitlines() if "Error" in l]
+    errors = [line for line in res.output.splitlines() if "Error" in line]
     assert len(errors) == 1 and (str(out) in errors[0] or str(blocker) in errors[0]), res.output
     assert blocker.read_text() == "x"
 
@@ -245,8 +245,9 @@ def test_rerun_removes_temporary_files_of_a_killed_run_only(tmp_path, tiny_check
     stale = [out / ".a.png.k3x_9q1z.png.part", out / ".a.png.abcdefgh.png.part"]
     # Not temporaries of this run's output a.png: user files, another file's (a checkpoint being written, an
     # output of a nested run), temporaries in subfolders this run does not write.
-    keep = [out / ".notes.part", out / "x.png.part", out / ".a.png.part", out / ".hidden", out / ".b.png.abcdefgh.png.part",
-            out / ".last.pth.1pv0rmpv.pth.part", out / "sub" / ".a.png.abcdefgh.png.part", out / ".a.png.toolongxx.png.part"]
+    keep = [out / ".notes.part", out / "x.png.part", out / ".a.png.part", out / ".hidden",
+            out / ".b.png.abcdefgh.png.part", out / ".last.pth.1pv0rmpv.pth.part",
+            out / "sub" / ".a.png.abcdefgh.png.part", out / ".a.png.toolongxx.png.part"]
     for f in stale + keep:
         f.write_bytes(b"partial")
     fd = os.open(out, os.O_RDONLY)

@@ -60,7 +60,7 @@ def test_file_bad_past_its_header_stops_with_last_saved(tmp_path, case):
     res = CliRunner().invoke(main, ["train", "--preset", "tiny", "--data", str(root), "--runs", str(runs),
                                     "--no-progress", *SETS, *_sets(steps=50, cache="off")])
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
-    lines = [l for l in res.output.splitlines() if l.startswith("Error: ")]
+    lines = [line for line in res.output.splitlines() if line.startswith("Error: ")]
     assert len(lines) == 1, res.output
     assert any(str(root / "train" / kind / case.file_name) in lines[0] for kind in ("blur", "sharp")), res.output
     assert case.message in lines[0] and "then --resume" in lines[0]
@@ -168,7 +168,7 @@ def test_kill9_at_random_points_then_resume(tmp_path):
     assert r.stdout.startswith(f"done: step {total}/{total}")
     steps = _checkpoints_all_load(run_dir)
     assert steps["last.pt"] == total and "best.pt" in steps
-    rows = [l.split(",") for l in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    rows = [line.split(",") for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
     assert [int(r[0]) for r in rows if r[2] == "train"] == list(range(1, total + 1)), kills
     assert [int(r[0]) for r in rows if r[2] == "val"] == list(range(15, total + 1, 15))
     assert not list(run_dir.glob(".*.part"))  # resume removed what the kills left behind
@@ -210,7 +210,7 @@ def test_second_trainer_on_a_held_run_dir_stops_and_a_dead_holders_lock_is_taken
         procs.append(second)
         out, err = second.communicate(timeout=120)
         assert second.returncode == 1, (extra, out, err[-2000:])
-        lines = [l for l in (out + err).splitlines() if l.strip()]
+        lines = [line for line in (out + err).splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith(f"Error: {run_dir}: in use by another running process "
                                                         f"(PID {holder.pid}); two trainers"), (extra, lines)
     _run_until(holder, run_dir, _checkpoints_all_load(run_dir)["last.pt"] + 1)  # the holder trains on
@@ -242,7 +242,8 @@ def test_train_refuses_a_run_dir_held_in_this_process(tmp_path):
 
     run_dir = tmp_path / "run"
     with exclusive_folder(run_dir, advice="x"):
-        with pytest.raises(FolderBusyError, match=rf"{run_dir}: in use by another running process \(PID {os.getpid()}\)"):
+        busy = rf"{run_dir}: in use by another running process \(PID {os.getpid()}\)"
+        with pytest.raises(FolderBusyError, match=busy):
             train(build_config("tiny", sets={"data": str(tmp_path / "nowhere")}), run_dir, progress=False)
         assert sorted(p.name for p in run_dir.iterdir()) == [".holder.pid"]
         t0 = time.monotonic()

@@ -186,8 +186,10 @@ def test_auto_picks_the_fastest_measured_backend_that_passed_parity(tiny_export,
     assert isinstance(open_runner(export), OpenVINORunner)  # what auto picks, and why it says so
     assert "by measurement" in open_runner(export).auto_note
     # a backend that failed parity is passed over
-    (export / PARITY_RECORD).write_text(json.dumps({"rows": [{"backend": "openvino", "precision": "fp32", "pass": False},
-                                                               {"backend": "trt", "precision": "fp16", "pass": False}]}))
+    (export / PARITY_RECORD).write_text(json.dumps({"rows": [
+        {"backend": "openvino", "precision": "fp32", "pass": False},
+        {"backend": "trt", "precision": "fp16", "pass": False},
+    ]}))
     assert "trt" not in [b for b, _ in auto_order(export)[0]]  # untimed, but failed parity at its default fp16
     runner = open_runner(export)
     assert isinstance(runner, OnnxRuntimeRunner) and "parity.json failed" in runner.auto_note

@@ -187,7 +187,8 @@ def test_eight_clients_twenty_requests_each_match_local_inference(server, local)
         r.deactivate()
     assert not any(t.is_alive() for t in threads)
     assert failures == [] and mismatches == []
-    served, executions = metric(server, "nv_inference_count") - count0, metric(server, "nv_inference_exec_count") - exec0
+    served = metric(server, "nv_inference_count") - count0
+    executions = metric(server, "nv_inference_exec_count") - exec0
     assert served == 160 and executions < served  # the dynamic batcher grouped requests
 
 
@@ -201,7 +202,7 @@ def test_a_poisoned_request_in_a_concurrent_burst_fails_alone(server, local):
         count0, exec0 = metric(server, "nv_inference_count"), metric(server, "nv_inference_exec_count")
         barrier, results = threading.Barrier(8), {}
 
-        def client(i: int) -> None:
+        def client(i: int, barrier: threading.Barrier = barrier, results: dict = results) -> None:
             barrier.wait(timeout=60)
             try:
                 results[i] = runner.infer(poisoned if i == 3 else inputs[i])

@@ -14,7 +14,8 @@ from tests.helpers import make_nontrivial, photo
 
 
 def reference_local_mean(x, kernel):
-    """docs/DESIGN.md §4 (TLC) written directly: avg_pool2d over the clamped window, then replicate pad (d//2, (d+1)//2)."""
+    """docs/DESIGN.md §4 (TLC) written directly: avg_pool2d over the clamped window, then replicate pad
+    (d//2, (d+1)//2)."""
     h, w = x.shape[-2:]
     k1, k2 = min(h, kernel[0]), min(w, kernel[1])
     out = F.avg_pool2d(x.double(), (k1, k2), stride=1)
@@ -23,7 +24,8 @@ def reference_local_mean(x, kernel):
 
 
 def test_kernels_width32_train256():
-    assert tlc_kernels(nc.get_config("nafnet-gopro-width32"), 256) == [(384, 384), (192, 192), (96, 96), (48, 48), (24, 24)]
+    assert tlc_kernels(nc.get_config("nafnet-gopro-width32"), 256) == [(384, 384), (192, 192), (96, 96), (48, 48),
+                                                                        (24, 24)]
 
 
 def test_kernels_follow_official_integer_arithmetic():

@@ -132,7 +132,7 @@ def test_run_directory_contents(tiny_run):
     assert not list(d.glob(".*.part"))
     lines = (d / "metrics.csv").read_text().splitlines()
     assert lines[0] == ",".join(METRIC_COLUMNS)
-    train_steps = [int(l.split(",")[0]) for l in lines[1:] if ",train," in l]
+    train_steps = [int(line.split(",")[0]) for line in lines[1:] if ",train," in line]
     assert train_steps == list(range(cfg.log_every, QUALITY_STEPS + 1, cfg.log_every))
     assert (d / "splits/val.txt").read_text().count("\n") == 1 + 4  # header + 4 pairs
     best = load_checkpoint(d / "best.pt")
@@ -242,14 +242,14 @@ def test_sigterm_then_sigkill_then_resume_finishes_all_steps(cache_dir, tmp_path
     killed_at = read_checkpoint(last)["extra"]["step"]  # loads: never half-written
     assert killed_at >= stopped + 10
     # 3) Resume to the end: the step count continues and the run ends with all 150 steps.
-    r = subprocess.run(args + ["--resume"], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    r = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True,
                        cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resumed {last} at step {killed_at}/150" in r.stderr
     assert r.stdout.startswith("done: step 150/150")
     assert read_checkpoint(last)["extra"]["step"] == 150
-    steps = [int(l.split(",")[0]) for l in (tmp_path / "k/metrics.csv").read_text().splitlines()[1:]
-             if ",train," in l]
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "k/metrics.csv").read_text().splitlines()[1:]
+             if ",train," in line]
     assert steps == list(range(5, 151, 5))  # continuous, no duplicates from the killed stretch
     assert not list((tmp_path / "k").glob(".*.part"))
 

@@ -178,7 +178,7 @@ def test_truncated_video_keeps_the_frames_before_the_fault(clip, tmp_path, tiny_
     out = tmp_path / "out"
     res = _infer(src, "--model", tiny_checkpoint, "--out", out)
     assert res.exit_code == 1
-    lines = [l for l in res.output.splitlines() if "cut.mp4" in l and "frame" in l]
+    lines = [line for line in res.output.splitlines() if "cut.mp4" in line and "frame" in line]
     assert len(lines) == 1, res.output
     k = int(lines[0].split("at frame ")[1].split()[0])
     assert 1 < k <= N and "partial" in lines[0]
@@ -202,7 +202,7 @@ def test_unreadable_and_audio_only_files_are_refused_in_one_line(tmp_path, tiny_
                       ("nomoov.mp4", "cannot open as a video")]:
         res = _infer(tmp_path / name, "--model", tiny_checkpoint, "--out", tmp_path / "out")
         assert res.exit_code == 1 and "Traceback" not in res.output
-        lines = [l for l in res.output.splitlines() if name in l and why in l]
+        lines = [line for line in res.output.splitlines() if name in line and why in line]
         assert len(lines) == 1, res.output
         assert not list((tmp_path / "out").iterdir())
 
