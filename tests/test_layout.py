@@ -15,11 +15,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Words of the development process, not of the product. (A pytest or onnxruntime "session" is fine; a
-#: numbered one, or one that did the work, is not.)
+#: numbered one, or one that did the work, is not.) Spaces are written ``\s`` so that this file's own text holds
+#: none of the phrases and the tree scan below covers it too.
 PROCESS_WORDS = re.compile(
-    r"\bsessions? ?-?[0-9]+\b|\b(this|previous|earlier|next|last) session\b|\bissues? ?#?[0-9]+\b|\bthe lead\b"
-    r"|\bhelper sessions?\b|\bthe issue asks\b|\bwork items?\b",
+    r"\bsessions?\s?-?[0-9]+\b|\b(this|previous|earlier|next|last)\ssession\b|\bissues?\s?#?[0-9]+\b"
+    r"|\bthe\slead\b|\bhelper\ssessions?\b|\bthe\sissue\sasks\b|\bwork\sitems?\b",
     re.IGNORECASE)
+#: Phrases the scan must find, as word tuples (joined with spaces by the test) for the same reason.
+PROCESS_EXAMPLES = [("fixed", "in", "session", "7"), ("see", "issue", "#6"), ("as", "the", "lead", "measured"),
+                    ("(issue", "12)"), ("the", "issue", "asks", "for", "10", "s"), ("this", "session's", "figures"),
+                    ("a", "helper", "session", "ran", "it")]
 
 
 def process_words(text: str) -> list[str]:
@@ -27,9 +32,9 @@ def process_words(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if PROCESS_WORDS.search(line)]
 
 
-@pytest.mark.parametrize("text", ["fixed in session 7", "see issue #6", "as the lead measured", "(issue 12)",
-                                  "the issue asks for 10 s", "this session's figures", "a helper session ran it"])
-def test_process_words_are_found(text: str):
+@pytest.mark.parametrize("words", PROCESS_EXAMPLES)
+def test_process_words_are_found(words: tuple[str, ...]):
+    text = " ".join(words)
     assert process_words(text) == [text]
 
 
@@ -54,8 +59,6 @@ def _tracked_text_files() -> list[Path]:
 def test_no_development_process_words_in_the_tree():
     hits = []
     for path in _tracked_text_files():
-        if path == Path(__file__).resolve():
-            continue
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
