@@ -7,7 +7,7 @@ the backends for ``--backend auto`` and opens the runner the records describe.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nafnet_core.config import pad_multiple_of
@@ -114,10 +114,9 @@ def open_runner(model: str | Path, backend: str = "auto", precision: str | None 
                           tlc=tlc, train_size=train_size)
     if path.is_dir():
         info = read_export(path)
-        runner = _runner_of_export(info, path, backend, precision, tiled_graph,
-                                   OpenOptions(device=device, threads=threads, verify=verify,
-                                               reuse_memory=reuse_memory, preset=info.preset, tlc=info.tlc,
-                                               train_size=info.train_size))
+        # an export's checkpoint is described by its manifest, not by the caller's preset/tlc/train_size
+        export_options = replace(options, preset=info.preset, tlc=info.tlc, train_size=info.train_size)
+        runner = _runner_of_export(info, path, backend, precision, tiled_graph, export_options)
         return describe_model(runner, info.config)
     rec = file_backend(path, backend)
     art = lone_artifact(path, rec, precision)
