@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 
 from nafnet_core import __version__
@@ -23,6 +24,7 @@ from nafnet_core.tlc import convert_to_tlc, is_tlc, tlc_kernels
 from . import ranges
 from .fold import fold_for_deploy
 from .formats import FORMATS, Format, formats_for
+from .int8 import Int8BudgetError, Int8Options
 from .manifest import FORMAT as MANIFEST_FORMAT
 from .manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, file_record, onnx_metadata, write_manifest
 from .onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, save_onnx, set_metadata, to_onnx_proto, with_precision
@@ -89,7 +91,7 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
                  batch: int = 1, fp16: bool = False, trt: bool = False, tlc: bool = True, fold: bool = True,
                  opset: int = DEFAULT_OPSET, train_size: int | None = None, base_ratio: float = DEFAULT_BASE_RATIO,
                  trt_options: TrtOptions | None = None, check: bool = True, progress: bool = False,
-                 openvino: bool = False) -> Manifest:
+                 openvino: bool = False, int8: bool = False, int8_options: Int8Options | None = None) -> Manifest:
     """Exports a NAFNet into ``out_dir``; returns the manifest (written last, atomically).
 
     Besides the graphs it writes ``TENSORRT.md``: the trtexec/Polygraphy commands that build the same
@@ -116,13 +118,19 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
         progress: show a progress bar on stderr.
         openvino: also convert every fp32 ONNX graph to an OpenVINO IR with its BF16 FP32 islands marked
             (``model-fp32-<shape>.xml`` + ``.bin``, both hashed in the manifest; needs the openvino extra).
+        int8: also write the INT8 Q/DQ graph of every shape (and its cpu form where faster; with ``trt``, its
+            engine): convs quantized, the worst returned to float until the val |ΔPSNR| is within the budget
+            (:mod:`export.int8`, manifest ``int8``). Raises :class:`export.int8.Int8BudgetError` after writing
+            everything else when a shape's INT8 graph cannot meet the budget.
+        int8_options: calibration method, budget, data set, crops (:class:`export.int8.Int8Options`).
     """
     from tqdm import tqdm
 
     trt_options = trt_options or TrtOptions()
     model, source_rec, preset_name, train_size = _resolve_source(source, preset, train_size)
     specs = _shape_specs(tiles, dynamic, batch, model.config.pad_multiple)
-    formats = formats_for(fp16, trt, openvino)
+    formats = formats_for(fp16, trt, openvino, int8)
+    int8_options = int8_options or Int8Options()
     if openvino:
         from .openvino_ir import import_openvino
 
@@ -147,7 +155,7 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
         "artifacts": {},
         "tensorrt_settings": tensorrt_settings(trt_options, model.config.img_channel),
     }
-    onnx_formats = [f for f in formats if f.suffix == ".onnx"]
+    onnx_formats = [f for f in formats if f.suffix == ".onnx" and f.built_from is None]
     if any(f.precision == "fp16" for f in onnx_formats):
         data["fp16"] = ranges.plan(deploy)  # a stream that would overflow FP16 stays FP32 there
     fp32_stream = data.get("fp16", {}).get("fp32_stream")
@@ -170,6 +178,7 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
                     rec["check"] = check_onnx(path, deploy, spec)
                     bar.update()
                 data["artifacts"][fmt.artifact_name(spec)] = rec
+    int8_error = _write_int8(data, out_dir, specs, deploy, int8_options, check, progress) if int8 else None
     commands = atomic_write_text(out_dir / COMMANDS_NAME, build_commands(data))
     data["files"] = {"tensorrt-commands": file_record(commands)}
     if openvino:
@@ -179,7 +188,87 @@ def export_model(source: str | Path | NAFNet, out_dir: str | Path, *, preset: st
     if trt:
         _build_engines(data, out_dir, specs, trt_options, progress)
         write_manifest(out_dir, data)
+    if int8_error is not None:
+        raise int8_error
     return Manifest(data, out_dir)
+
+
+def _write_int8(data: dict[str, Any], out_dir: Path, specs: list[ShapeSpec], deploy: NAFNet, options: Int8Options,
+                check: bool, progress: bool) -> Int8BudgetError | None:
+    """The INT8 graphs of every shape (:mod:`export.int8`); returns the budget error of the shapes that have none."""
+    from . import int8 as q
+
+    log = q.progress_log(progress)
+    root = q.data_root(options, progress)
+    data["int8"] = {"budget_db": options.budget_db, "calibration": options.calibration,
+                    "percentile": q.PERCENTILE if options.calibration == "percentile" else None,
+                    "data": str(options.data) if options.data is not None else "embedded synthetic set",
+                    "calibration_split": "train", "calibration_crops": options.crops, "budget_split": "val",
+                    "activations": "int8, symmetric, per tensor, zero point 0",
+                    "weights": "int8, symmetric, per output channel (axis 0), zero point 0", "bias": "float",
+                    "quantized_ops": ["Conv"], "float_parts": "fp32", "cpu_form": options.cpu_form, "graphs": {}}
+    graphs = data["int8"]["graphs"]
+    errors = []
+    with q.work_dir(out_dir) as tmp:
+        for spec in specs:
+            src = FORMATS["onnx-fp32"].artifact_name(spec)
+            shape = None if spec.is_dynamic else (spec.height, spec.width)
+            work = Path(tmp) / spec.tag
+            work.mkdir()
+            fp32_path = out_dir / data["artifacts"][src]["file"]
+            for fmt_name, form in (("onnx-int8", "qdq"), ("onnx-int8-cpu", "cpu")):
+                fmt = FORMATS[fmt_name]
+                name = fmt.artifact_name(spec)
+                if form == "cpu" and options.cpu_form == "never":
+                    continue
+                log(f"INT8 {name}: calibrating ({options.calibration}, {options.crops} train crops at "
+                    f"{'whole images' if shape is None else spec.tag}) ...")
+                start = time.perf_counter()
+                graph_path = work / fmt.file_name(spec)
+                try:
+                    result = q.quantize_graph(fp32_path, graph_path, deploy, shape, options, form, root, work, log)
+                except q.Int8BudgetError as e:
+                    graphs[name] = {"form": form, "written": False, "why": str(e)}
+                    log(f"INT8 {name}: {e}")
+                    if form == "qdq":  # no cpu form either
+                        errors.append(str(e))
+                        break
+                    continue
+                record = result.record(options.budget_db)
+                if form == "cpu" and options.cpu_form == "auto":
+                    why = _cpu_form_slower(record, fp32_path, graph_path, q.val_inputs(root, shape, 1)[0][0])
+                    if why:
+                        graphs[name] = {**record, "written": False, "why": why}
+                        log(f"INT8 {name}: not written, {why}")
+                        continue
+                rec = {"format": fmt.name, "precision": fmt.precision, "runtime": fmt.runtime,
+                       "shape": spec.to_dict(), "built_from": src, "int8": record}
+                proto = onnx.load(str(graph_path))
+                set_metadata(proto, onnx_metadata(data, rec))
+                path = save_onnx(proto, out_dir / fmt.file_name(spec))
+                del proto
+                rec = {**file_record(path), **rec, "export_seconds": round(time.perf_counter() - start, 1)}
+                if check:
+                    rec["check"] = check_onnx(path, deploy, spec)
+                data["artifacts"][name] = rec
+                graphs[name] = {"written": True, "form": form, "quantized_convs": record["quantized_convs"],
+                                "float_convs": len(record["float_convs"]),
+                                "val_delta_psnr_db": record["val_delta_psnr_db"]}
+                log(f"INT8 {name}: {record['quantized_convs']} convs INT8, {len(record['float_convs'])} float, "
+                    f"val ΔPSNR {record['val_delta_psnr_db']:+.4f} dB")
+    return q.Int8BudgetError("; ".join(errors)) if errors else None
+
+
+def _cpu_form_slower(record: dict[str, Any], fp32_path: Path, cpu_path: Path, x) -> str:
+    """Why the cpu form is not written (measured not faster than the fp32 graph in onnxruntime here), or ""."""
+    from .int8 import onnx_latency_ms
+
+    ms = {"fp32": onnx_latency_ms(fp32_path, x), "int8-cpu": onnx_latency_ms(cpu_path, x)}
+    record["latency_ms_here"] = {k: round(v, 1) for k, v in ms.items()}
+    if ms["int8-cpu"] < ms["fp32"]:
+        return ""
+    return (f"not faster than fp32 in onnxruntime here ({ms['int8-cpu']:.1f} vs {ms['fp32']:.1f} ms at "
+            f"{'x'.join(map(str, x.shape[-2:]))}); --int8-cpu-form always writes it")
 
 
 def _write_openvino(data: dict[str, Any], out_dir: Path, specs: list[ShapeSpec], progress: bool) -> None:

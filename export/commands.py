@@ -9,6 +9,7 @@ import click
 from nafnet_core.cli_common import SIZE, Group, preset_option, train_size_option
 
 from .formats import FORMATS
+from .int8 import CALIBRATION_METHODS, CPU_FORM_CHOICES, DEFAULT_BUDGET_DB, DEFAULT_CALIBRATION, DEFAULT_CROPS
 from .onnx_export import DEFAULT_OPSET
 from .shapes import DEFAULT_PROFILE, DEFAULT_TILE
 
@@ -67,6 +68,22 @@ def _profile(ctx, param, value):
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batch of the fixed-tile graphs.")
 @click.option("--fp16", is_flag=True, help=f"Also write onnx-fp16: {FORMATS['onnx-fp16'].description}.")
+@click.option("--int8", is_flag=True,
+              help=f"Also write onnx-int8: {FORMATS['onnx-int8'].description}; and onnx-int8-cpu where faster (see "
+                   "--int8-cpu-form). Calibrated on train crops at each graph's shape, checked on the val split.")
+@click.option("--int8-budget", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_BUDGET_DB,
+              show_default=True, help="Largest val-split |ΔPSNR| (dB) vs PyTorch fp32; the convs with the worst "
+                                      "SQNR go back to float until it holds (no INT8 file if it never does).")
+@click.option("--int8-calibration", type=click.Choice(list(CALIBRATION_METHODS)), default=DEFAULT_CALIBRATION,
+              show_default=True, help="How activation ranges are taken from the calibration crops.")
+@click.option("--int8-crops", type=click.IntRange(min=1), default=DEFAULT_CROPS, show_default=True,
+              help="Train crops to calibrate on.")
+@click.option("--int8-cpu-form", type=click.Choice(CPU_FORM_CHOICES), default="auto", show_default=True,
+              help="onnx-int8-cpu (an output Q after each INT8 conv: onnxruntime's QLinearConv): auto = only where "
+                   "measured faster than fp32 in onnxruntime here.")
+@click.option("--data", "data_root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Data set for --int8 (train split: calibration, val split: the budget). Default: the embedded "
+                   "synthetic set.")
 @click.option("--trt", is_flag=True,
               help=f"Also build trt-fp16 (needs TensorRT and a GPU): {FORMATS['trt-fp16'].description}.")
 @click.option("--openvino", is_flag=True,
@@ -89,8 +106,9 @@ def _profile(ctx, param, value):
               help="TensorRT profile of the dynamic graph, e.g. 64x64:720x1280:1088x1920 (the default).")
 @click.option("--triton", "triton_repo", type=click.Path(file_okay=False, path_type=Path), default=None,
               metavar="REPO", help="Also write a Triton Inference Server model repository (see `export triton`).")
-def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, batch, fp16, trt, openvino, tlc, fold,
-              opset, check, workspace, opt_level, timing_cache, profile_hw, triton_repo) -> None:
+def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, batch, fp16, int8, int8_budget,
+              int8_calibration, int8_crops, int8_cpu_form, data_root, trt, openvino, tlc, fold, opset, check,
+              workspace, opt_level, timing_cache, profile_hw, triton_repo) -> None:
     """Export CHECKPOINT to ONNX fp32 (and fp16 / TensorRT) with TLC, writing DIR/manifest.json last.
 
     DIR/TENSORRT.md holds the trtexec and Polygraphy commands that build the same engines by hand,
@@ -115,8 +133,10 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
       python cli.py export NAFNet-GoPro-width32.pth --preset nafnet-gopro-width32 --fp16
       python cli.py export best.pt --tile 512x512 --tile 720x1280 --trt --opt-level 5
       python cli.py export best.pt --dynamic --openvino
+      python cli.py export best.pt --tile 256x256 --int8 --int8-budget 0.1
     """
     from .api import export_model
+    from .int8 import Int8Options
     from .trt_plan import TrtOptions
 
     if not tiles and not dynamic:
@@ -125,7 +145,9 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
     options = TrtOptions(workspace_gib=workspace, opt_level=opt_level, timing_cache=timing_cache, profile_hw=profile_hw)
     manifest = export_model(checkpoint, out_dir, preset=preset, tiles=list(tiles), dynamic=dynamic, batch=batch,
                             fp16=fp16, trt=trt, tlc=tlc, fold=fold, opset=opset, train_size=train_size,
-                            trt_options=options, check=check, progress=True, openvino=openvino)
+                            trt_options=options, check=check, progress=True, openvino=openvino, int8=int8,
+                            int8_options=Int8Options(budget_db=int8_budget, calibration=int8_calibration,
+                                                     data=data_root, crops=int8_crops, cpu_form=int8_cpu_form))
     _print_artifacts(manifest)
     from .ranges import summary
 

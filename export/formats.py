@@ -18,11 +18,12 @@ class Format:
 
     Args:
         name: key in the table and prefix of artifact names.
-        precision: ``fp32`` or ``fp16`` (compute precision of the convs; graph I/O is always FP32).
+        precision: ``fp32``, ``fp16`` or ``int8`` (compute precision of the convs; graph I/O is always FP32).
         suffix: file suffix.
         runtime: what runs it (``onnxruntime`` also covers any ONNX consumer; ``tensorrt``; ``openvino``).
         built_from: the format this one is converted from (None: from the PyTorch model).
         description: one line for ``--help`` and the README.
+        stem: the precision part of the file name when two formats share a precision (default: ``precision``).
     """
 
     name: str
@@ -31,12 +32,13 @@ class Format:
     runtime: str
     built_from: str | None
     description: str
+    stem: str = ""
 
     def artifact_name(self, spec: ShapeSpec) -> str:
         return f"{self.name}-{spec.tag}"
 
     def file_name(self, spec: ShapeSpec) -> str:
-        return f"model-{self.precision}-{spec.tag}{self.suffix}"
+        return f"model-{self.stem or self.precision}-{spec.tag}{self.suffix}"
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in [
@@ -47,15 +49,24 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
            "global residual and I/O"),
     Format("trt-fp16", "fp16", ".engine", "tensorrt", "onnx-fp16",
            "TensorRT engine built from onnx-fp16 as written (strongly typed)"),
+    Format("onnx-int8", "int8", ".onnx", "onnxruntime", "onnx-fp32",
+           "ONNX Q/DQ (TensorRT's placement): signed symmetric INT8 convs (per-channel weights), convs that would "
+           "exceed --int8-budget and everything else FP32"),
+    Format("onnx-int8-cpu", "int8", ".onnx", "onnxruntime", "onnx-fp32",
+           "onnx-int8 with an output Q after each INT8 conv (onnxruntime CPU fuses QLinearConv); written where "
+           "faster than fp32 here", stem="int8cpu"),
+    Format("trt-int8", "int8", ".engine", "tensorrt", "onnx-int8",
+           "TensorRT engine built from onnx-int8 as written (explicit quantization, strongly typed)"),
     Format("openvino-fp32", "fp32", ".xml", "openvino", "onnx-fp32",
            "OpenVINO IR (.xml + .bin, FP32 weights) converted from onnx-fp32, its BF16 FP32 islands marked; runs "
            "fp32 or bf16"),
 ]}
 
 
-def formats_for(fp16: bool, trt: bool, openvino: bool = False) -> list[Format]:
+def formats_for(fp16: bool, trt: bool, openvino: bool = False, int8: bool = False) -> list[Format]:
     """The formats an export writes: always onnx-fp32; onnx-fp16 with ``fp16`` or ``trt``; the engine with ``trt``;
-    the OpenVINO IR with ``openvino``."""
-    names = ["onnx-fp32"] + (["onnx-fp16"] if fp16 or trt else []) + (["trt-fp16"] if trt else []) \
+    the OpenVINO IR with ``openvino``; the INT8 graphs with ``int8`` (and their engine with ``trt``)."""
+    names = ["onnx-fp32"] + (["onnx-fp16"] if fp16 or trt else []) + (["onnx-int8", "onnx-int8-cpu"] if int8 else []) \
+        + (["trt-fp16"] if trt else []) + (["trt-int8"] if trt and int8 else []) \
         + (["openvino-fp32"] if openvino else [])
     return [FORMATS[n] for n in names]

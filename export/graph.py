@@ -125,7 +125,11 @@ def float_type(types: dict[str, int], name: str) -> str | None:
 
 
 def precision_of(model: onnx.ModelProto) -> str:
-    """``fp16`` if any Conv computes in FP16, else ``fp32``."""
+    """``int8`` if any Conv reads a dequantized weight (a Q/DQ graph), ``fp16`` if any Conv computes in FP16, else
+    ``fp32``."""
+    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    if any(n.op_type == "Conv" and n.input[1] in dq_out for n in model.graph.node):
+        return "int8"
     types = tensor_types(model)
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     return "fp16" if any(float_type(types, n.input[0]) == "fp16" for n in convs) else "fp32"
@@ -258,3 +262,130 @@ def opset_problems(model: onnx.ModelProto) -> list[str]:
 
 def opset_of(model: onnx.ModelProto) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+#: The first opset whose QuantizeLinear/DequantizeLinear take per-axis scales (the weights' per-channel ones).
+QDQ_MIN_OPSET = 13
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+def int8_problems(model: onnx.ModelProto, form: str | None = None, float_convs: list[str] | None = None) -> list[str]:
+    """What is wrong with an INT8 Q/DQ graph (``export.int8``); empty list: fine.
+
+    Q/DQ rules (TensorRT's explicit quantization, onnxruntime's QLinearConv): opset >= 13; every zero point an
+    INT8 initializer of zeros (signed, symmetric; no UINT8 anywhere); every scale an initializer of the float type
+    of what it scales (a Q: its input; a DQ: what its consumers compute in); activations per tensor, weights per
+    output channel (axis 0, one scale per output channel) from INT8 initializers; Q/DQ only around Conv: every DQ
+    feeds a Conv or dequantizes a Conv's output, and a Conv output is quantized only in the ``cpu`` form (in every
+    INT8 conv there). ``float_convs``: the conv keys (weight names without ``.weight``) that must compute in float.
+    """
+    problems = []
+    opset = opset_of(model)
+    if opset is None or opset < QDQ_MIN_OPSET:
+        problems.append(f"opset {opset}: per-channel Q/DQ needs opset >= {QDQ_MIN_OPSET}")
+    types = tensor_types(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for name, t in types.items():
+        if t == TensorProto.UINT8:
+            problems.append(f"{name} is UINT8: TensorRT takes signed INT8 Q/DQ only")
+    for n in model.graph.node:
+        if n.op_type not in _QDQ:
+            continue
+        if len(n.input) < 3 or n.input[2] not in inits:
+            problems.append(f"{n.op_type} {n.name}: no zero-point initializer (the INT8 type comes from it)")
+        else:
+            zp = inits[n.input[2]]
+            if zp.data_type != TensorProto.INT8:
+                problems.append(f"{n.op_type} {n.name}: zero point is {TensorProto.DataType.Name(zp.data_type)}, "
+                                "expected INT8")
+            elif np.any(numpy_helper.to_array(zp) != 0):
+                problems.append(f"{n.op_type} {n.name}: zero point not 0 (asymmetric)")
+        scale = inits.get(n.input[1])
+        if scale is None:
+            problems.append(f"{n.op_type} {n.name}: scale {n.input[1]} is not an initializer")
+            continue
+        if n.op_type == "QuantizeLinear":
+            if types.get(n.input[0]) != scale.data_type:
+                problems.append(f"QuantizeLinear {n.name}: scale {_FLOAT_TYPES.get(scale.data_type, '?')}, input "
+                                f"{_FLOAT_TYPES.get(types.get(n.input[0], 0), '?')}")
+            if len(scale.dims) and int(np.prod(scale.dims)) != 1:
+                problems.append(f"QuantizeLinear {n.name}: activations are quantized per tensor, scale has shape "
+                                f"{list(scale.dims)}")
+            if any(c.op_type != "DequantizeLinear" for c in consumers.get(n.output[0], [])):
+                problems.append(f"QuantizeLinear {n.name}: its INT8 output feeds something other than a DQ")
+            continue
+        # DequantizeLinear
+        outs = consumers.get(n.output[0], [])
+        for c in outs:
+            others = [types.get(i) for i in c.input if i and i != n.output[0] and types.get(i) in _FLOAT_TYPES]
+            if others and any(t != scale.data_type for t in others):
+                problems.append(f"DequantizeLinear {n.name}: scale {_FLOAT_TYPES.get(scale.data_type, '?')} but its "
+                                f"consumer {c.op_type} {c.name} computes in {_FLOAT_TYPES.get(others[0], '?')}")
+        src = n.input[0]
+        if src in inits:  # a weight
+            w = inits[src]
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            if w.data_type != TensorProto.INT8:
+                problems.append(f"DequantizeLinear {n.name}: weight {src} is {TensorProto.DataType.Name(w.data_type)}")
+            if axis != 0 or list(scale.dims) != [w.dims[0]]:
+                problems.append(f"DequantizeLinear {n.name}: weights need one scale per output channel (axis 0, "
+                                f"{w.dims[0]} scales), got axis {axis}, scale shape {list(scale.dims)}")
+            if any(c.op_type != "Conv" or c.input[1] != n.output[0] for c in outs):
+                problems.append(f"DequantizeLinear {n.name}: a quantized weight read by something other than a Conv")
+            continue
+        q = producer.get(src)
+        if q is None or q.op_type != "QuantizeLinear":
+            problems.append(f"DequantizeLinear {n.name}: input {src} comes from no QuantizeLinear")
+            continue
+        origin = producer.get(q.input[0])
+        from_conv = origin is not None and origin.op_type == "Conv"
+        if not from_conv and any(c.op_type != "Conv" for c in outs):
+            problems.append(f"DequantizeLinear {n.name}: Q/DQ of {q.input[0]} feeds "
+                            f"{', '.join(sorted({c.op_type for c in outs if c.op_type != 'Conv'}))}: only Conv is "
+                            "quantized")
+        if from_conv and form == "qdq" and any(c.op_type != "Conv" for c in outs):
+            problems.append(f"Conv {origin.name}: its output is quantized for a non-conv consumer; TensorRT's "
+                            "placement (the qdq form) quantizes conv inputs only")
+    dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    int8_convs = [n for n in convs if n.input[1] in dq_out]
+    for n in int8_convs:
+        if n.input[0] not in dq_out:
+            problems.append(f"Conv {n.name}: INT8 weights but a float activation input")
+        if form == "cpu" and not any(c.op_type == "QuantizeLinear" for c in consumers.get(n.output[0], [])):
+            problems.append(f"Conv {n.name}: no output Q (the cpu form quantizes every INT8 conv's output)")
+    if not int8_convs:
+        problems.append("no INT8 conv")
+    if float_convs is not None:
+        float_keys = {n.input[1].removesuffix(".weight") for n in convs if n.input[1] not in dq_out}
+        if float_keys != set(float_convs):
+            extra, missing = sorted(float_keys - set(float_convs)), sorted(set(float_convs) - float_keys)
+            problems.append("float convs differ from the manifest's list"
+                            + (f"; float but not listed: {', '.join(extra[:5])}" if extra else "")
+                            + (f"; listed but INT8: {', '.join(missing[:5])}" if missing else ""))
+    return problems
+
+
+def int8_float_problems(model: onnx.ModelProto) -> list[str]:
+    """The float parts of an INT8 graph: every tensor that is not INT8 (Q outputs, quantized weights) is FP32 —
+    LayerNorm, pooling, CumSum and band means (:data:`FP32_OPS`) above all — and the graph I/O is FP32."""
+    types = tensor_types(model)
+    problems = []
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.type.tensor_type.elem_type != TensorProto.FLOAT:
+            problems.append(f"graph I/O {vi.name} is {_FLOAT_TYPES.get(vi.type.tensor_type.elem_type, '?')}")
+    for n in model.graph.node:
+        if n.op_type in _QDQ:
+            continue
+        for i in n.input:
+            t = float_type(types, i)
+            if t is not None and t != "fp32":
+                problems.append(f"{n.op_type} {n.name} reads {t} {i}, expected fp32"
+                                + (" (an FP32 island)" if n.op_type in FP32_OPS else ""))
+                break
+    return problems

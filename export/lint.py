@@ -143,6 +143,19 @@ def lint_onnx(path: str | Path, run: bool = True) -> list[Finding]:
             fp32_ops += f", stream convs {'/'.join(stream_convs)}"
         add("FP16 placement", graph.fp16_placement_problems(model, len(stream_convs)),
             f"Conv fp16 x{prec.get('Conv', {}).get('fp16', 0)}; {fp32_ops} fp32; I/O fp32")
+    if precision == "int8":
+        meta = {p.key: p.value for p in model.metadata_props}
+        form = meta.get("nafnet.int8_form")
+        floats = json.loads(meta["nafnet.int8_float_convs"]) if "nafnet.int8_float_convs" in meta else None
+        prec = graph.node_precisions(model)
+        dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        int8_convs = sum(n.op_type == "Conv" and n.input[1] in dq for n in model.graph.node)
+        add("INT8 Q/DQ rules", graph.int8_problems(model, form, floats),
+            f"{form or '?'} form: {int8_convs} INT8 convs, {counts.get('Conv', 0) - int8_convs} float; signed "
+            f"symmetric, zero points 0, FP32 scales, per-channel weights, opset {graph.opset_of(model)}")
+        add("INT8 float parts (FP32 islands)", graph.int8_float_problems(model),
+            f"{sum(sum(c.values()) for op, c in prec.items() if op not in ('QuantizeLinear', 'DequantizeLinear'))} "
+            "float nodes in FP32 (LayerNorm, pooling, CumSum, gates, adds); I/O fp32")
     if run:
         import onnxruntime as ort
 

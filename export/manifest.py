@@ -233,4 +233,8 @@ def onnx_metadata(data: dict[str, Any], artifact: dict[str, Any]) -> dict[str, s
         # convs an FP16 graph computes in FP32 (around an FP32 residual stream, export.fp16_stream)
         "nafnet.fp32_convs": json.dumps(data.get("fp16", {}).get("fp32_convs", []) if artifact["precision"] == "fp16"
                                         else []),
+        # INT8 graphs: the form and the convs kept in float (export.int8)
+        **({"nafnet.int8_form": artifact["int8"]["form"],
+            "nafnet.int8_float_convs": json.dumps([c["conv"] for c in artifact["int8"]["float_convs"]])}
+           if artifact["precision"] == "int8" else {}),
     }

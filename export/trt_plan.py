@@ -87,7 +87,7 @@ COMMANDS_TIMING_CACHE = "timing.cache"
 #: FP16: the project's parity limit (>= 45 dB PSNR vs FP32) allows an RMS error of 5.6e-3 and single pixels
 #: in textured regions reach a few times that, so 0.02 flags a broken engine without failing a sound one.
 #: FP32 (TF32 off): only summation order differs, 1e-3 is far above it.
-POLYGRAPHY_ATOL = {"fp16": 0.02, "fp32": 1e-3}
+POLYGRAPHY_ATOL = {"fp16": 0.02, "fp32": 1e-3, "int8": 0.25}
 
 
 def tensorrt_settings(options: TrtOptions, channels: int = 3) -> dict:
@@ -178,7 +178,9 @@ def build_commands(data: dict) -> str:
     input_name = data["io"]["input"]
     onnx = {name: rec for name, rec in data["artifacts"].items() if rec["file"].endswith(".onnx")}
     fp16 = sorted((name, rec) for name, rec in onnx.items() if rec["precision"] == "fp16")
-    ordered = fp16 or sorted(onnx.items())  # the FP16 graphs are what --trt builds; FP32 only without them
+    # the INT8 Q/DQ graphs (TensorRT's placement; not their cpu form) are built by --trt too
+    int8 = sorted((name, rec) for name, rec in onnx.items() if rec.get("format") == "onnx-int8")
+    ordered = fp16 + int8 or sorted(onnx.items())  # what --trt builds; FP32 only without them
     fp32_by_shape = {_json_key(rec["shape"]): rec["file"] for rec in onnx.values() if rec["precision"] == "fp32"}
     lines = [
         "# Building TensorRT engines from this export by hand",
@@ -195,8 +197,11 @@ def build_commands(data: dict) -> str:
         "- TensorRT 11.x: every network is strongly typed (`--stronglyTyped` is a deprecated no-op) and `--fp16`",
         "  no longer exists.",
         "- Polygraphy compares the engine with the FP32 graph run in onnxruntime (max |diff| on outputs in [0, 1]:",
-        f"  {POLYGRAPHY_ATOL['fp16']} for FP16, {POLYGRAPHY_ATOL['fp32']} for FP32); "
+        f"  {POLYGRAPHY_ATOL['fp16']} for FP16, {POLYGRAPHY_ATOL['int8']} for INT8, {POLYGRAPHY_ATOL['fp32']} for "
+        "FP32); "
         "`python cli.py parity` gives the PSNR figures.",
+        "- INT8 graphs are explicitly quantized (Q/DQ nodes, signed symmetric): no `--int8` and no calibration",
+        "  cache (TensorRT 11 removed both; the scales are in the graph).",
         "- Tile graphs have fixed shapes: no shape flags. The dynamic graph needs the profile below",
         "  (`--profile` of the export).",
         "",
@@ -210,7 +215,7 @@ def build_commands(data: dict) -> str:
                     if shape["kind"] == "dynamic" else f"tile {shape['batch']}x3x{shape['height']}x{shape['width']}")
             lines += [f"`{name}` ({rec['precision']}, {what}):", "", "```bash",
                       shlex.join(trtexec_command(rec["file"], rec, settings, major, input_name))]
-            ref = fp32_by_shape.get(_json_key(shape)) if rec["precision"] == "fp16" else None
+            ref = fp32_by_shape.get(_json_key(shape)) if rec["precision"] in ("fp16", "int8") else None
             for argv in polygraphy_commands(rec["file"], ref, rec, settings, major, input_name):
                 lines.append(shlex.join(argv))
             lines += ["```", ""]

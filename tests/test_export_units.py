@@ -47,7 +47,8 @@ def test_shape_spec_tags_and_profiles():
 
 
 def test_format_table_drives_names():
-    assert list(FORMATS) == ["onnx-fp32", "onnx-fp16", "trt-fp16", "openvino-fp32"]
+    assert list(FORMATS) == ["onnx-fp32", "onnx-fp16", "trt-fp16", "onnx-int8", "onnx-int8-cpu", "trt-int8",
+                            "openvino-fp32"]
     spec = ShapeSpec.tile(512, 512)
     assert FORMATS["onnx-fp16"].artifact_name(spec) == "onnx-fp16-512x512"
     assert FORMATS["trt-fp16"].file_name(spec) == "model-fp16-512x512.engine"
