@@ -23,6 +23,7 @@ from nafnet_core.commands import info
 from nafnet_core.errors import UserError
 from runtime.commands import bench, infer, parity, serve
 from train.commands import compare_cmd, data, eval_cmd, train_cmd
+from train.tune_commands import tune
 
 # ----------------------------------------------------------------------------------------------------
 # The demo: the whole job in one command on a CPU (synthetic data -> train -> export -> parity -> infer).
@@ -304,6 +305,7 @@ main.add_command(data)
 main.add_command(train_cmd)
 main.add_command(eval_cmd)
 main.add_command(compare_cmd)
+main.add_command(tune)
 main.add_command(export)
 main.add_command(infer)
 main.add_command(parity)
