@@ -191,7 +191,8 @@ def _trial_dirs(study_dir: Path) -> list[Path]:
 @pytest.mark.slow
 def test_study_runs_trials_as_runs_prunes_reports_and_continues(tmp_path):
     """Baseline first, every trial an ordinary run directory, a hopeless trial pruned at the first validation
-    (lr 1e-6..1e-5 with dropout 0.5 against the baseline's 4e-3), report and compare read them, a rerun with a larger cap continues."""
+    (lr 1e-6..1e-5 with dropout 0.5 against the baseline's 4e-3), report and compare read them, a rerun with a
+    larger cap continues."""
     space = write_space(tmp_path / "s.yaml", {**TINY, "steps": 20, "val_every": 10},
                         {"dropout": {"choices": [0.5]}, "lr": {"low": 1e-6, "high": 1e-5, "log": True}})
     runs = tmp_path / "runs"
