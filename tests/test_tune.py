@@ -227,8 +227,10 @@ def test_study_runs_trials_as_runs_prunes_reports_and_continues(tmp_path):
     assert (sd / "best.yaml").is_file() and (sd / "history.png").stat().st_size > 1000
     best = json.loads((tmp_path / "rep.json").read_text())
     assert best["best"] == [0]
-    cmp_ = cli("compare", *map(str, _trial_dirs(sd)))
-    assert cmp_.returncode == 0 and "trial-0001" in cmp_.stdout
+    for args in ([str(sd)], glob.glob(str(sd / "*"))):  # the study folder, or a shell glob of it
+        cmp_ = cli("compare", *args)
+        assert cmp_.returncode == 0, cmp_.stderr
+        assert "trial-0000" in cmp_.stdout and "trial-0001" in cmp_.stdout
 
     # a second start with a larger cap continues the same study: one more trial
     r2 = cli("tune", str(space), "--study", "s", "--runs", str(runs), "--trials", "3", "--seed", "0")
@@ -421,3 +423,30 @@ def test_ablation_runs_variants_over_seeds_and_reports_paired_intervals(tmp_path
     assert "seed-noise floor: ±" in r.stdout
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("dropout=0.5"))
     assert "±" in line and ("distinguishable" in line or "reference" in line)
+
+
+# ---- latency objective ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_latency_objective_gives_a_pareto_front_with_one_measurement_per_architecture(tmp_path):
+    space = write_space(tmp_path / "s.yaml", {**TINY, "steps": 10, "val_every": 5},
+                        {"model_args.width": {"choices": [8]}, "lr": {"low": 1e-3, "high": 4e-3}},
+                        latency={"size": "64x64"})
+    cache = tmp_path / "latency.json"
+    env = {**os.environ, "NAFNET_LATENCY_CACHE": str(cache)}
+    r = cli("tune", str(space), "--study", "p", "--runs", str(tmp_path / "runs"), "--trials", "3",
+            "--objective", "psnr,latency", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("latency: exporting and benchmarking") == 1  # trials 1 and 2: the same architecture
+    entries = json.loads(cache.read_text())
+    assert len(entries) == 1
+    (entry,) = entries.values()
+    assert entry["ms"] > 0 and entry["size"] == "64x64" and entry["backend"].split()[0] in ("onnxrt", "openvino")
+    trials = load(tmp_path / "runs" / "p", "p").get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert [len(t.values) for t in trials] == [2, 2, 2]
+    assert all(t.values[1] == pytest.approx(entry["ms"]) for t in trials)  # same width 8 and crop: one graph
+    rep = cli("tune", "report", "p", "--runs", str(tmp_path / "runs"))
+    assert rep.returncode == 0 and "Pareto trial" in rep.stdout
+    assert (tmp_path / "runs" / "p" / "pareto.png").stat().st_size > 1000

@@ -188,11 +188,25 @@ def _differing(dicts: list[dict[str, Any]], keys: list[str]) -> list[str]:
     return [k for k in keys if len({json.dumps(d.get(k, missing), sort_keys=True, default=str) for d in dicts}) > 1]
 
 
+def expand_studies(paths: list[Path]) -> list[Path]:
+    """A study folder of ``tune`` (it holds ``study.journal``) stands for its ``trial-*`` runs; the plain files
+    a shell glob such as ``runs/STUDY/*`` adds beside them (the journal, plots, ``best.yaml``) are left out."""
+    out = []
+    for p in paths:
+        if p.is_dir() and (p / "study.journal").is_file() and not (p / "config.json").exists():
+            out += sorted(d for d in p.glob("trial-*") if (d / "config.json").is_file())
+        elif p.is_file() and len(paths) > 1:
+            continue
+        else:
+            out.append(p)
+    return out
+
+
 def summarize_runs(run_dirs: list[str | Path]) -> list[RunSummary]:
     """One :class:`RunSummary` per run directory, with the config keys that differ between them."""
     if not run_dirs:
         raise UserError("no run directories given; e.g. python cli.py compare runs/*")
-    dirs = [Path(d) for d in run_dirs]
+    dirs = expand_studies([Path(d) for d in run_dirs])
     configs = [_with_defaults(read_run_config(d)) for d in dirs]
     models = [_model_config(c) for c in configs]
     resolved = all(m is not None for m in models)

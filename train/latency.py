@@ -4,7 +4,8 @@ Latency depends on the architecture, not on the weights: the untrained model of 
 deploy graph (``python cli.py export --tile HxW``, folded, TLC) and timed with ``python cli.py bench`` on
 every deploy backend of this machine (PyTorch eager excluded); the fastest row's median is the figure. Both run
 as subprocesses (the command line is the one way to export and bench). Each result is cached in
-``$NAFNET_CACHE_DIR/latency.json`` (default ``~/.cache/nafnet-deblurring``) under the architecture's hash and
+``$NAFNET_CACHE_DIR/latency.json`` (default ``~/.cache/nafnet-deblurring``; ``$NAFNET_LATENCY_CACHE`` names
+another file) under the architecture's hash and
 this machine's, so every architecture is measured once per machine.
 """
 
@@ -29,9 +30,11 @@ CACHE_NAME = "latency.json"
 
 
 def cache_path() -> Path:
+    """``$NAFNET_LATENCY_CACHE``, else ``latency.json`` in the project's cache folder."""
     from nafnet_core.synth import cache_dir
 
-    return cache_dir() / CACHE_NAME
+    env = os.environ.get("NAFNET_LATENCY_CACHE")
+    return Path(env) if env else cache_dir() / CACHE_NAME
 
 
 def machine_key() -> str:

@@ -2,11 +2,11 @@
 
 A study is a folder ``RUNS/NAME/`` holding the Optuna journal (``study.journal``, unless ``--storage`` names a
 database) and one ordinary run directory per trial, ``trial-NNNN/`` (``config.json``, ``metrics.csv``,
-checkpoints, TensorBoard), so ``python cli.py compare RUNS/NAME/trial-*`` reads them. Each trial trains in a
-subprocess of its own process group (``python cli.py train``, or ``torchrun`` with ``--gpus-per-trial``); the
-worker follows its ``metrics.csv``, reports every validation point to Optuna and stops a pruned trial with
-SIGTERM (the trainer saves ``last.pt`` and exits cleanly). ``trial-NNNN/tune.json`` records the trial's state
-and the reason of a FAIL or PRUNE.
+checkpoints, TensorBoard), so ``python cli.py compare RUNS/NAME`` (or ``RUNS/NAME/*``) reads them. Each trial
+trains in a subprocess of its own process group (``python cli.py train``, or ``torchrun`` with
+``--gpus-per-trial``); the worker follows its ``metrics.csv``, reports every validation point to Optuna and
+stops a pruned trial with SIGTERM (the trainer saves ``last.pt`` and exits cleanly). ``trial-NNNN/tune.json``
+records the trial's state and the reason of a FAIL or PRUNE.
 
 Workers: a second ``tune`` on the same study joins it; the trial cap (``--trials``) holds across workers (the
 count and the ``ask`` run under one lock: a file lock for the journal, an advisory lock on PostgreSQL). A
