@@ -13,6 +13,7 @@ import onnx
 import torch
 
 from nafnet_core import __version__
+from nafnet_core.adarevd import refuse_adarevd
 from nafnet_core.checkpoint import load_checkpoint
 from nafnet_core.config import DEFAULT_BASE_RATIO, DEFAULT_TRAIN_SIZE, find_preset, padded_size
 from nafnet_core.errors import UserError
@@ -82,6 +83,7 @@ def _resolve_source(source: str | Path | NAFNet, preset: str | None, train_size:
         return source, {"checkpoint": None, "sha256": None, "kind": "module"}, find_preset(config), \
             train_size or getattr(source, "train_size", DEFAULT_TRAIN_SIZE)
     ckpt = load_checkpoint(source, preset=preset)
+    refuse_adarevd(ckpt.config, "export")
     return ckpt.model, {"checkpoint": str(source), "sha256": sha256_file(source), "kind": ckpt.source}, \
         ckpt.preset, train_size or ckpt.train_size
 

@@ -20,6 +20,7 @@ from .checkpoint import (
 )
 from .config import DEFAULT_BASE_RATIO, DEFAULT_TRAIN_SIZE, GATES, PRESET_PARAMS, PRESETS, ModelConfig, get_config
 from .errors import UserError
+from .family import build_model
 from .flops import model_gflops
 from .metrics import psnr, psnr_loss, quantize, ssim, ssim3d
 from .model import NAFBlock, NAFNet, count_parameters
@@ -29,8 +30,9 @@ __version__ = "0.1.0"
 
 
 def create_model(preset: str = "nafnet-gopro-width32", **overrides: Any) -> NAFNet:
-    """A freshly initialised NAFNet of ``preset`` with ``overrides`` (e.g. ``width=16``) merged on top."""
-    return NAFNet(get_config(preset, **overrides))
+    """A freshly initialised model of ``preset`` with ``overrides`` (e.g. ``width=16``) merged on top (a NAFNet, or
+    an :class:`~nafnet_core.adarevd.AdaRevD` for the ``adarevd`` presets)."""
+    return build_model(get_config(preset, **overrides))
 
 
 __all__ = [
@@ -39,6 +41,6 @@ __all__ = [
     "convert_to_tlc", "tlc_kernels", "local_mean", "is_tlc", "LocalAvgPool2d",
     "psnr", "ssim", "ssim3d", "psnr_loss", "quantize",
     "ModelConfig", "PRESETS", "PRESET_PARAMS", "GATES", "DEFAULT_TRAIN_SIZE", "DEFAULT_BASE_RATIO", "get_config",
-    "NAFNet", "NAFBlock", "count_parameters", "model_gflops",
+    "NAFNet", "NAFBlock", "build_model", "count_parameters", "model_gflops",
     "CheckpointError", "LoadedCheckpoint", "UserError",
 ]

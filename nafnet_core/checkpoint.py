@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from .config import DEFAULT_TRAIN_SIZE, PRESETS, ModelConfig, find_preset, get_config
 from .errors import UserError, first_line
+from .family import build_model, model_classes
 from .fileio import atomic_path
 from .model import NAFNet
 
@@ -79,7 +80,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, preset: str | None = 
     JSON-serialisable); any other suffix uses the project's torch format.
     """
     model = _unwrap(model)
-    if not isinstance(model, NAFNet):
+    if not isinstance(model, model_classes()):
         raise TypeError(f"save_checkpoint expects a NAFNet, got {type(model).__name__}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     preset = preset or find_preset(model.config)
@@ -187,7 +188,7 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> ModelConfig | None:
 
 def _shape_match(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> bool:
     with torch.device("meta"):
-        ref = NAFNet(config).state_dict()
+        ref = build_model(config).state_dict()
     return set(ref) == set(state_dict) and all(tuple(ref[k].shape) == tuple(state_dict[k].shape) for k in ref)
 
 
@@ -250,7 +251,7 @@ def load_checkpoint(path: str | Path, preset: str | None = None, **overrides: An
             if wanted != config:
                 raise CheckpointError(f"{path}: stores a different architecture than preset {preset!r}; "
                                       f"drop --preset (the checkpoint carries its own config)")
-        model = NAFNet(config)
+        model = build_model(config)
         state = obj.get("state_dict")
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: no state_dict in checkpoint")
@@ -265,7 +266,8 @@ def load_checkpoint(path: str | Path, preset: str | None = None, **overrides: An
     else:
         key = next((k for k in OFFICIAL_KEYS if isinstance(obj.get(k), dict)), None)
         if key is None:
-            if obj and all(isinstance(v, torch.Tensor) for v in obj.values()) and "intro.weight" in obj:
+            if obj and all(isinstance(v, torch.Tensor) for v in obj.values()) and (
+                    "intro.weight" in obj or "encoder.intro.weight" in obj):
                 state = obj  # a bare state dict
             else:
                 raise CheckpointError(
@@ -280,7 +282,7 @@ def load_checkpoint(path: str | Path, preset: str | None = None, **overrides: An
             config = get_config(preset, **overrides)
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: {e}") from None
-        model = NAFNet(config)
+        model = build_model(config)
         _load_state(model, state, path, f"preset {preset!r}")
         train_size, extra, source, name = DEFAULT_TRAIN_SIZE, {}, "official", preset
     model.eval()
@@ -294,3 +296,25 @@ def save_official(path: str | Path, model: nn.Module) -> Path:
     with atomic_path(path) as tmp:
         torch.save({"params": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, tmp)
     return Path(path)
+
+
+def load_encoder(model: nn.Module, path: str | Path) -> None:
+    """Loads an AdaRevD model's encoder (intro, encoders, downs, middle) from a NAFNet checkpoint of the same
+    width and encoder: an official ``{'params': ...}`` .pth or a project file (its decoders and ending are
+    not used). Raises :class:`CheckpointError` naming the file when the encoder weights do not fit."""
+    path = Path(path)
+    obj = read_checkpoint(path)
+    if obj.get("format") == FORMAT:
+        state = obj.get("state_dict")
+    else:
+        state = next((obj[k] for k in OFFICIAL_KEYS if isinstance(obj.get(k), dict)), obj)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: no NAFNet weights found; expected a project checkpoint or an official "
+                              "{'params': state_dict} .pth")
+    parts = ("intro.", "encoders.", "downs.", "middle_blks.")
+    encoder_state = {k: v for k, v in state.items() if k.startswith(parts)}
+    if not encoder_state and any(k.startswith("encoder.") for k in state):  # an AdaRevD checkpoint
+        encoder_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    _load_state(model.encoder, encoder_state, path, "the AdaRevD encoder (a NAFNet of the same width and "
+                f"encoder: width {model.config.width}, enc_blk_nums {list(model.config.enc_blk_nums)}, "
+                f"middle_blk_num {model.config.middle_blk_num})")

@@ -18,6 +18,13 @@ GATES = ("simple", "reglu", "geglu", "swiglu")
 BLOCKS = ("naf", "fnaf", "cg")
 #: What is concatenated to the input image before ``intro``: nothing, or the frequency-selection image.
 INPUT_FFTS = ("none", "fs")
+#: Decoder kinds: NAFNet's U (``unet``), or AdaRevD's reversible sub-decoders with exits chosen per tile
+#: (``adarevd``, :mod:`nafnet_core.adarevd`).
+DECODERS = ("unet", "adarevd")
+#: How AdaRevD's tiles are blended: the official ramps, normalised by their sum (``normalized``), or exactly
+#: the official weights (``official``; they attenuate the first rows of a one-tile side and overweight some
+#: sizes, see :mod:`nafnet_core.adarevd`).
+BLENDS = ("normalized", "official")
 
 #: Input sides are padded to a multiple of 2 ** (encoder levels); every preset has four levels. The one
 #: model's own multiple is :attr:`ModelConfig.pad_multiple` (a runner reads it from the model, the ONNX
@@ -52,6 +59,14 @@ class ModelConfig:
             level, 0 = the whole map.
         heads: output heads (``cg``): the ending conv gives ``heads`` images, combined pairwise into
             ``heads * (heads + 1) // 2`` outputs; 1 = a single output as in NAFNet.
+        decoder: ``unet`` (NAFNet's decoders and ending) or ``adarevd`` (the NAFNet encoder, ``sub_decoders``
+            reversible sub-decoders of ``dec_blk_nums`` blocks per level, one output head each, tiles).
+        sub_decoders: ``adarevd`` only: number of sub-decoders K (the deepest exit).
+        exits: ``adarevd`` only: the exit table, class of the exit classifier -> depth (0..K); empty = no
+            classifier, every tile runs all K sub-decoders.
+        tile: ``adarevd`` only: tile side at full resolution (the official 384), a multiple of the pad multiple.
+        tile_overlap: ``adarevd`` only: overlap of neighbouring tiles (the official 32), same multiple.
+        blend: ``adarevd`` only: one of :data:`BLENDS`.
     """
 
     width: int = 32
@@ -68,6 +83,12 @@ class ModelConfig:
     sca_windows: tuple[int, ...] = ()
     fft_windows: tuple[int, ...] = ()
     heads: int = 1
+    decoder: str = "unet"
+    sub_decoders: int = 0
+    exits: tuple[int, ...] = ()
+    tile: int = 0
+    tile_overlap: int = 0
+    blend: str = "normalized"
 
     def __post_init__(self) -> None:
         # Lists from JSON/YAML become tuples so configs hash and compare by value.
@@ -75,6 +96,7 @@ class ModelConfig:
         object.__setattr__(self, "dec_blk_nums", tuple(self.dec_blk_nums))
         object.__setattr__(self, "sca_windows", tuple(self.sca_windows))
         object.__setattr__(self, "fft_windows", tuple(self.fft_windows))
+        object.__setattr__(self, "exits", tuple(self.exits))
         _check_types(self)
         if self.width < 1 or self.img_channel < 1:
             raise ValueError(f"width and img_channel must be positive, got {self.width}, {self.img_channel}")
@@ -108,7 +130,29 @@ class ModelConfig:
                              f"{list(self.fft_windows)}")
         if self.heads < 1:
             raise ValueError(f"heads must be >= 1, got {self.heads}")
+        self._check_decoder()
 
+    def _check_decoder(self) -> None:
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}; got {self.decoder!r}")
+        if self.blend not in BLENDS:
+            raise ValueError(f"blend must be one of {', '.join(BLENDS)}; got {self.blend!r}")
+        if self.decoder == "unet":
+            if self.sub_decoders or self.exits or self.tile or self.tile_overlap:
+                raise ValueError("sub_decoders, exits, tile and tile_overlap are options of decoder 'adarevd' only")
+            return
+        m = self.pad_multiple
+        if len(self.enc_blk_nums) != 4 or self.block != "naf" or self.input_fft != "none" or self.heads != 1:
+            raise ValueError("decoder 'adarevd' needs a four-level NAFNet encoder (block 'naf', input_fft 'none', "
+                             "heads 1)")
+        if self.sub_decoders < 1:
+            raise ValueError(f"decoder 'adarevd' needs sub_decoders >= 1, got {self.sub_decoders}")
+        if any(not 0 <= d <= self.sub_decoders for d in self.exits):
+            raise ValueError(f"exits must be depths in 0..{self.sub_decoders} (sub_decoders), got {list(self.exits)}")
+        if self.tile < m or self.tile % m or self.tile_overlap < m or self.tile_overlap % m \
+                or self.tile_overlap >= self.tile:
+            raise ValueError(f"tile and tile_overlap must be multiples of {m} with 0 < tile_overlap < tile, got "
+                             f"tile={self.tile}, tile_overlap={self.tile_overlap}")
     @property
     def pad_multiple(self) -> int:
         """Input sides are zero-padded to a multiple of this (2 ** number of levels)."""
@@ -144,7 +188,7 @@ class ModelConfig:
         return cls(**d)
 
 
-_TUPLE_FIELDS = ("enc_blk_nums", "dec_blk_nums", "sca_windows", "fft_windows")
+_TUPLE_FIELDS = ("enc_blk_nums", "dec_blk_nums", "sca_windows", "fft_windows", "exits")
 
 
 def _check_types(cfg: ModelConfig) -> None:
@@ -201,6 +245,17 @@ PRESETS: dict[str, ModelConfig] = {
                                input_fft="fs"),
     "tiny-fft": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
                             input_fft="fs"),
+    # AdaRevD with the NAFNet encoder (INVOKERer/AdaRevD Options/GoPro-AdaRevIDB-pretrain-8gpu.yml and
+    # AdaRevID-B-GoPro-test.yml): the NAFNet-GoPro-width64 encoder, 4 sub-decoders, the e3 exit classifier with
+    # the table [4, 4, 3, 3, 2, 1], 384-px tiles overlapping by 32. -s: 2 sub-decoders, no classifier.
+    "adarevd-b-naf": ModelConfig(width=64, enc_blk_nums=(1, 1, 1, 28), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
+                                 decoder="adarevd", sub_decoders=4, exits=(4, 4, 3, 3, 2, 1), tile=384,
+                                 tile_overlap=32),
+    "adarevd-s-naf": ModelConfig(width=64, enc_blk_nums=(1, 1, 1, 28), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
+                                 decoder="adarevd", sub_decoders=2, tile=384, tile_overlap=32),
+    # Tests and demos: 3 sub-decoders, an exit table with every depth (0 = the input unchanged), 64-px tiles.
+    "tiny-adarevd": ModelConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1),
+                                decoder="adarevd", sub_decoders=3, exits=(3, 3, 2, 1, 0), tile=64, tile_overlap=16),
 }
 
 #: Parameter counts of the presets (docs/DESIGN.md §3 (The model)); the tests assert them.
@@ -217,6 +272,10 @@ PRESET_PARAMS = {
     # Input FFT: the intro conv reads 3 more channels (3 * width * 9 more weights).
     "seed-v3-fft": 29_160_579,
     "tiny-fft": 290_931,
+    # AdaRevD: encoder 62,635,008 + 4 x 17,100,227 per sub-decoder with its head + classifier 10,001,932.
+    "adarevd-b-naf": 141_037_848,
+    "adarevd-s-naf": 96_835_462,
+    "tiny-adarevd": 1_183_355,
 }
 
 
@@ -244,6 +303,8 @@ __all__ = [
     "GATES",
     "BLOCKS",
     "INPUT_FFTS",
+    "DECODERS",
+    "BLENDS",
     "DEFAULT_TRAIN_SIZE",
     "DEFAULT_BASE_RATIO",
     "ModelConfig",

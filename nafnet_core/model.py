@@ -60,6 +60,8 @@ class NAFNet(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.decoder != "unet":
+            raise ValueError(f"NAFNet builds decoder 'unet'; decoder {config.decoder!r} is built by build_model")
         self.config = config
         c = config.width
         levels = len(config.enc_blk_nums)
@@ -99,6 +101,12 @@ class NAFNet(nn.Module):
             raise ValueError(f"head must be an output index in 0..{n - 1} (the model has {n} output"
                              f"{'s' if n > 1 else ''}), got {k!r}")
         self._head = k
+
+    def tlc_sites(self) -> list[tuple[nn.Sequential, int]]:
+        """The stages whose SCA pooling TLC converts, with their levels (decoder i at level ``levels - 1 - i``)."""
+        sites = [(enc, i) for i, enc in enumerate(self.encoders)]
+        sites.append((self.middle_blks, len(self.encoders)))
+        return sites + [(dec, len(self.decoders) - 1 - i) for i, dec in enumerate(self.decoders)]
 
     def forward(self, inp: torch.Tensor, all_heads: bool = False) -> torch.Tensor:
         """The restored image (N, C, H, W) of the deployment head :attr:`head`; with ``all_heads`` every

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DEFAULT_BASE_RATIO, DEFAULT_TRAIN_SIZE, ModelConfig, padded_size
+from .family import model_classes
 from .layers import GlobalAvgPool2d, global_mean
 from .model import NAFNet
 
@@ -152,14 +153,11 @@ def convert_to_tlc(
         train_size: crop size the model was trained on (int or (h, w)).
         base_ratio: TLC window / training feature size (official 1.5).
     """
-    if not isinstance(model, NAFNet):
+    if not isinstance(model, model_classes()):
         raise TypeError(f"convert_to_tlc expects a NAFNet, got {type(model).__name__}")
     kernels = tlc_kernels(model.config, train_size, base_ratio)
     new = copy.deepcopy(model)
-    levels = [(enc, i) for i, enc in enumerate(new.encoders)]
-    levels.append((new.middle_blks, len(new.encoders)))
-    levels += [(dec, len(new.decoders) - 1 - i) for i, dec in enumerate(new.decoders)]
-    for stage, level in levels:
+    for stage, level in new.tlc_sites():
         for block in stage:
             if any(isinstance(m, LocalAvgPool2d) for m in block.modules()):
                 raise ValueError("model already has TLC pooling; convert the original model instead")

@@ -173,8 +173,10 @@ def _openvino_rows(artifacts: list[Artifact]) -> list[tuple[str, Artifact]]:
 
 def _build_torch(art: Artifact, precision: str, o: OpenOptions, name: str) -> Runner:
     from nafnet_core import convert_to_tlc, load_checkpoint
+    from nafnet_core.adarevd import refuse_adarevd
 
     ckpt = load_checkpoint(art.path, preset=o.preset)
+    refuse_adarevd(ckpt.config, "the tiling runtime")
     model = convert_to_tlc(ckpt.model, o.train_size or ckpt.train_size) if o.tlc else ckpt.model
     return TorchRunner(model, precision, device=o.device, name=name + ("" if o.tlc else "-notlc"),
                        reuse_memory=o.reuse_memory)

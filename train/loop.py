@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from nafnet_core import create_model, read_checkpoint, save_checkpoint
+from nafnet_core.adarevd import refuse_adarevd
 from nafnet_core.data import check_dataset, write_split_lists
 from nafnet_core.errors import UserError
 from nafnet_core.fileio import FolderBusyError, atomic_write_text, exclusive_folder
@@ -120,7 +121,9 @@ def build_model(cfg: TrainConfig) -> NAFNet:
     overrides = dict(cfg.model_args)
     if cfg.dropout:
         overrides["drop_out_rate"] = cfg.dropout
-    return create_model(cfg.model, **overrides)
+    model = create_model(cfg.model, **overrides)
+    refuse_adarevd(model.config, "train")
+    return model
 
 
 def resolve_data(cfg: TrainConfig, info: ddp.DistInfo, progress: bool) -> Path:
