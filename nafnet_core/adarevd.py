@@ -104,6 +104,10 @@ class FFTConvBranch(nn.Module):
         self.complex_conv2 = nn.Conv2d(2 * hid, 2 * c, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, c, H, W) -> (N, c, H, W) FP32
+        with torch.autocast(x.device.type, enabled=False):  # an FP32 island under mixed precision too
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         c = x.shape[1]
         matrices = dft.uses_matrices()
@@ -606,9 +610,11 @@ class AdaRevD(nn.Module):
     # -- forward -----------------------------------------------------------------------------------------
 
     def forward(self, inp: torch.Tensor, depth: int | None = None, all_depths: bool = False,
-                return_depths: bool = False):
+                return_depths: bool = False, all_heads: bool = False):
         """The restored image (N, C, H, W): adaptive, or at ``depth`` on every tile; every depth with
-        ``all_depths`` (N, K, C, H, W). ``return_depths``: also each tile's depth (T * N,), tile-major."""
+        ``all_depths`` (N, K, C, H, W). ``return_depths``: also each tile's depth (T * N,), tile-major.
+        ``all_heads`` is ``all_depths`` (the name the training loop and evaluation use for every output)."""
+        all_depths = all_depths or all_heads
         n, _, h, w = inp.shape
         x = self.pad_input(inp)
         if self.training:
@@ -635,6 +641,19 @@ class AdaRevD(nn.Module):
         return (out, depths) if return_depths else out
 
 
+def set_training_stage(model: AdaRevD, stage: int) -> None:
+    """Freezes what the official training stage does not train (``requires_grad``): stage 1 trains the
+    sub-decoders, their heads and the feature scales with the encoder (and the classifier) frozen; stage 2
+    trains only the classifier. Stage 1 backpropagates reversibly (:attr:`AdaRevD.reversible`)."""
+    if stage not in (1, 2):
+        raise ValueError(f"AdaRevD training stage must be 1 (sub-decoders) or 2 (classifier), got {stage!r}")
+    model.requires_grad_(stage == 1)
+    model.encoder.requires_grad_(False)
+    if model.ape is not None:
+        model.ape.requires_grad_(stage == 2)
+    model.reversible = stage == 1
+
+
 def refuse_adarevd(config: ModelConfig, what: str) -> None:
     """Raises a :class:`~nafnet_core.errors.UserError` when ``config`` is an AdaRevD model, which ``what`` (a
     command) does not take yet."""
@@ -658,5 +677,6 @@ def split_parameters(model: AdaRevD) -> dict[str, int]:
     return parts
 
 
-__all__ = ["AdaRevD", "AdaRevDEncoder", "FCNAFBlock", "FFTConvBranch", "SubDecoder", "ExitClassifier", "blend",
-           "blend_weights", "tile_starts", "official_axis_weights", "normalized_axis_weights", "split_parameters"]
+__all__ = ["AdaRevD", "set_training_stage", "AdaRevDEncoder", "FCNAFBlock", "FFTConvBranch", "SubDecoder",
+           "ExitClassifier", "blend", "blend_weights", "tile_starts", "official_axis_weights",
+           "normalized_axis_weights", "split_parameters"]

@@ -623,7 +623,7 @@ def test_info_prints_the_count_and_split():
     assert "exit table [4, 4, 3, 3, 2, 1]" in result.output and "384 px, overlap 32" in result.output
 
 
-def test_train_export_and_runtime_refuse_adarevd_with_one_line(tmp_path):
+def test_export_and_runtime_refuse_adarevd_with_one_line(tmp_path):
     from click.testing import CliRunner
 
     from cli import main
@@ -631,10 +631,54 @@ def test_train_export_and_runtime_refuse_adarevd_with_one_line(tmp_path):
     save_checkpoint(tmp_path / "a.pt", tiny())
     for args in (["export", str(tmp_path / "a.pt"), "--out", str(tmp_path / "e")],
                  ["infer", str(tmp_path), "--model", str(tmp_path / "a.pt"), "--backend", "torch", "--out",
-                  str(tmp_path / "o")],
-                 ["train", "--preset", "tiny", "--set", "model=tiny-adarevd", "--set", "steps=1", "--runs",
-                  str(tmp_path / "r")]):
+                  str(tmp_path / "o")]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code != 0, args
         assert "does not take AdaRevD models" in result.output and "Traceback" not in result.output, result.output
     assert not (tmp_path / "e" / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training (stage 1) and evaluation through the training loop
+
+
+@pytest.mark.slow
+def test_stage1_trains_sub_decoders_with_the_encoder_frozen_and_eval_reports_depths(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+    from tests.helpers import short_cfg
+    from train.loop import train
+
+    naf = randomise(nc.create_model("tiny"), 3)
+    save_checkpoint(tmp_path / "naf.pt", naf)
+    cfg = short_cfg(model="tiny-adarevd", loss="l1freq", dropout=0.0, steps=6, crop=64, batch=2, val_every=3,
+                    init=str(tmp_path / "naf.pt"))
+    start = nc.create_model("tiny-adarevd")
+    result = train(cfg, tmp_path / "run", progress=False)
+    model = result.model
+    assert isinstance(model, AdaRevD) and model.reversible
+    enc = naf.state_dict()
+    assert all(torch.equal(v, enc[k]) for k, v in model.encoder.state_dict().items())  # frozen, from NAFNet
+    torch.manual_seed(0)
+    fresh = start.state_dict()
+    changed = [k for k, v in model.state_dict().items() if k.startswith("subdenets.") and
+               not torch.equal(v, fresh[k])]
+    assert changed  # the sub-decoders trained
+    assert not any(p.requires_grad for p in model.ape.parameters())
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert isinstance(best.model, AdaRevD)
+    r = CliRunner().invoke(main, ["eval", str(tmp_path / "run" / "best.pt"), "--split", "val", "--max-images", "1",
+                                  "--json", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    assert "exit depth" in r.output and "adaptive" in r.output and "exit histogram (tiles per depth)" in r.output
+    import json
+    summary = json.loads((tmp_path / "e.json").read_text())
+    assert len(summary["heads"]) == 4 and sum(summary["exit_histogram"]) > 0
+
+
+@pytest.mark.slow
+def test_stage1_resume_is_exact(tmp_path):
+    from tests.helpers import assert_resume_is_exact, short_cfg
+
+    assert_resume_is_exact(short_cfg(model="tiny-adarevd", loss="l1freq", dropout=0.0, crop=32, batch=2), tmp_path)

@@ -178,11 +178,14 @@ def eval_cmd(checkpoint, preset, train_size, data_root, split, tlc, json_path, c
                                        split=split, tlc=tlc, max_images=max_images, device=device)
     click.echo(result.csv_text(), nl=False)
     s = result.summary()
-    if result.n_outputs > 1:
+    if "exit_histogram" in s:
+        click.echo(depths_table(result))
+    elif result.n_outputs > 1:
         click.echo(heads_table(result, meta["model_heads"]))
     click.echo(f"mean over {s['images']} {split} images of {meta['data']} (TLC {'on' if tlc else 'off'}, "
                f"train size {meta['train_size']}): PSNR {s['psnr']:.3f} dB, SSIM {s['ssim']:.4f}"
-               f"{f' (deployment head {result.head})' if result.n_outputs > 1 else ''}; "
+               f"{f' (deployment head {result.head})' if result.n_outputs > 1 and 'exit_histogram' not in s else ''}"
+               f"{' (adaptive exits)' if 'exit_histogram' in s else ''}; "
                f"blurry input {s['input_psnr']:.3f} dB, {s['input_ssim']:.4f}")
     if csv_path:
         result.write_csv(csv_path)
@@ -193,6 +196,20 @@ def eval_cmd(checkpoint, preset, train_size, data_root, split, tlc, json_path, c
             click.echo(f"failed: {reason}", err=True)
         raise click.ClickException(f"{len(result.failed)} of {len(result.failed) + s['images']} pairs could not be "
                                    "scored (listed above; the means exclude them)")
+
+
+def depths_table(result) -> str:
+    """AdaRevD's table: mean PSNR/SSIM of every exit depth, of the adaptive result, and the exit histogram."""
+    k = result.n_outputs - 1
+    psnrs, ssims = result.head_means("psnr"), result.head_means("ssim")
+    lines = ["exit depth  PSNR dB    SSIM"]
+    lines += [f"{d + 1:>10}  {psnrs[d]:7.3f}  {ssims[d]:.4f}" for d in range(k)]
+    lines.append(f"{'adaptive':>10}  {psnrs[k]:7.3f}  {ssims[k]:.4f}")
+    hist = result.exit_histogram()
+    total = sum(hist) or 1
+    lines.append("exit histogram (tiles per depth): " + ", ".join(
+        f"{d}: {n} ({100 * n / total:.0f}%)" for d, n in enumerate(hist)))
+    return "\n".join(lines)
 
 
 def heads_table(result, heads: int) -> str:

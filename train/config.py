@@ -26,7 +26,7 @@ from nafnet_core.errors import UserError
 from .dashboard import MODES as TENSORBOARD_MODES
 from .data import CROP_MODES
 
-LOSSES = ("psnr", "l1", "charbonnier", "charfreq")
+LOSSES = ("psnr", "l1", "charbonnier", "charfreq", "l1freq")
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "cosine_epoch", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -62,7 +62,10 @@ class TrainConfig:
             constant.
         warmup: linear warm-up steps.
         loss: psnr (official) | l1 | charbonnier | charfreq (FNAFNet's official Charbonnier + 0.01 * L1 of the
-            spectra difference).
+            spectra difference) | l1freq (AdaRevD's official L1 + 0.01 * L1 of the spectra difference, averaged
+            over the exit depths).
+        init: weights to start from: a checkpoint of the same architecture, or for an AdaRevD model a NAFNet
+            checkpoint of its width (its encoder: official ``.pth`` or ``best.pt``) or an AdaRevD one.
         grad_clip: max gradient norm (0 disables).
         amp: auto | bf16 | fp16 | off: autocast of the forward (fp16 CUDA-only); auto = the device's
             measured default (``train.speed.AUTO``: bf16 on CUDA when supported, else fp16; off on CPU).
@@ -109,6 +112,7 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup: int = 0
     loss: str = "psnr"
+    init: str | None = None
     grad_clip: float = 0.01
     amp: str = "auto"
     channels_last: str = "auto"
@@ -234,6 +238,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Tests: the tiny model on the embedded synthetic set; about 90 s on 2 CPU cores.
     "tiny": {"model": "tiny", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3, "val_every": 250,
              "save_every": 250, "log_every": 10, "workers": 0},
+    # AdaRevD-B on the NAFNet-width64 encoder, stage 1 (INVOKERer/AdaRevD GoPro-AdaRevIDB-pretrain-4gpu.yml):
+    # the sub-decoders train with the encoder frozen (init: NAFNet-GoPro-width64.pth), batch 16 of 256 crops,
+    # AdamW 1e-3, wd 1e-3, betas 0.9/0.9, cosine to 1e-7 over 200k, EMA 0.999, L1 + frequency loss.
+    "adarevd-b-naf": {"model": "adarevd-b-naf", "loss": "l1freq", "batch": 16, "ema": 0.999},
+    # Tests and demos of AdaRevD: tiny-adarevd with the tiny recipe and the AdaRevD loss.
+    "tiny-adarevd": {"model": "tiny-adarevd", "loss": "l1freq", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3,
+                     "val_every": 250, "save_every": 250, "log_every": 10, "workers": 0},
     # Tests and demos of the CascadedGaze family: tiny-cg with the tiny recipe.
     "tiny-cg": {"model": "tiny-cg", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3, "val_every": 250,
                 "save_every": 250, "log_every": 10, "workers": 0},

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nafnet_core.adarevd import AdaRevD
 from nafnet_core.data import Pair
 from nafnet_core.errors import UserError
 from nafnet_core.fileio import atomic_write_text
@@ -39,7 +40,9 @@ class EvalResult:
     """Per-image rows (dicts with :data:`COLUMNS`) and their means; ``samples`` holds (blur, out, sharp) uint8.
 
     Multi-head models (``n_outputs > 1``): each row also holds ``head_psnr`` and ``head_ssim`` (one value per
-    output); ``psnr``/``ssim`` (and the samples) are those of output ``head``.
+    output); ``psnr``/``ssim`` (and the samples) are those of output ``head``. AdaRevD models: the outputs are
+    the exit depths 1..K and then the adaptive result (``head`` K, the default), and each row holds ``exits``,
+    how many tiles left at each depth 0..K.
 
     ``failed`` maps each pair that could not be scored (unreadable file, size mismatch, smaller than the
     SSIM window) to a one-line reason naming the file; the means are over the scored pairs only.
@@ -87,7 +90,13 @@ class EvalResult:
         if self.n_outputs > 1:
             out |= {"head": self.head, "best_head": self.best_head(),
                     "heads": [{"psnr": p, "ssim": s} for p, s in zip(self.head_means("psnr"), self.head_means("ssim"))]}
+        if self.rows and "exits" in self.rows[0]:
+            out["exit_histogram"] = self.exit_histogram()
         return out
+
+    def exit_histogram(self) -> list[int]:
+        """AdaRevD: tiles of all images that left at each depth 0..K (the adaptive result)."""
+        return [int(v) for v in np.sum([r["exits"] for r in self.rows], axis=0)] if self.rows else []
 
     def columns(self) -> tuple[str, ...]:
         """:data:`COLUMNS`, then ``psnr_h<k>`` / ``ssim_h<k>`` of every output of a multi-head model."""
@@ -149,8 +158,10 @@ def evaluate(model: NAFNet, pairs: Sequence[Pair], *, tlc: bool = True, train_si
     pairs = list(pairs)[:max_images] if max_images else list(pairs)
     was_training = model.training
     net = prepare_model(model, tlc, train_size).to(device).eval()
-    n_outputs = model.config.n_outputs
-    result = EvalResult(rows=[], tlc=tlc, head=model.head, n_outputs=n_outputs)
+    adarevd = isinstance(model, AdaRevD)
+    # AdaRevD: every exit depth 1..K, then the adaptive result (reported; each tile at its classifier's depth)
+    n_outputs = model.depth + 1 if adarevd else model.config.n_outputs
+    result = EvalResult(rows=[], tlc=tlc, head=model.depth if adarevd else model.head, n_outputs=n_outputs)
     it = range(len(pairs))
     if progress:
         from tqdm import tqdm
@@ -169,7 +180,11 @@ def evaluate(model: NAFNet, pairs: Sequence[Pair], *, tlc: bool = True, train_si
             if device != "cpu" and torch.device(device).type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            outs_q = quantize(net(blur, all_heads=True)[0])  # (n_outputs, 3, H, W)
+            if adarevd:
+                adaptive, depths = net(blur, return_depths=True)
+                outs_q = quantize(torch.cat([net(blur, all_heads=True)[0], adaptive], 0))  # (K + 1, 3, H, W)
+            else:
+                outs_q = quantize(net(blur, all_heads=True)[0])  # (n_outputs, 3, H, W)
             if torch.device(device).type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
@@ -184,6 +199,8 @@ def evaluate(model: NAFNet, pairs: Sequence[Pair], *, tlc: bool = True, train_si
             }
             if n_outputs > 1:
                 row |= {"head_psnr": head_psnr, "head_ssim": head_ssim}
+            if adarevd:  # tiles leaving at each depth 0..K
+                row["exits"] = torch.bincount(depths.cpu(), minlength=model.depth + 1).tolist()
             result.rows.append(row)
             if i < keep_samples:
                 outs8 = [o.permute(1, 2, 0).cpu().numpy() for o in outs_q]

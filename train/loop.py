@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 
 from nafnet_core import create_model, read_checkpoint, save_checkpoint
-from nafnet_core.adarevd import refuse_adarevd
+from nafnet_core.adarevd import AdaRevD, set_training_stage
+from nafnet_core.checkpoint import load_checkpoint, load_encoder
 from nafnet_core.data import check_dataset, write_split_lists
 from nafnet_core.errors import UserError
 from nafnet_core.fileio import FolderBusyError, atomic_write_text, exclusive_folder
@@ -47,7 +48,7 @@ from .config import TrainConfig
 from .dashboard import Dashboard, summary_writer_class
 from .data import PairDataset, PairTransform, SampleStream, train_loader
 from .evaluate import evaluate
-from .objectives import LOSS_FUNCTIONS, best_output, lr_at
+from .objectives import LOSS_FUNCTIONS, best_output, depth_mean_loss, lr_at
 from .report import MetricsLog, plot_curves, write_sample_grid
 
 CACHE_LIMIT_BYTES = 2 << 30
@@ -122,8 +123,25 @@ def build_model(cfg: TrainConfig) -> NAFNet:
     if cfg.dropout:
         overrides["drop_out_rate"] = cfg.dropout
     model = create_model(cfg.model, **overrides)
-    refuse_adarevd(model.config, "train")
+    if cfg.init:
+        init_weights(model, cfg.init)
+    if isinstance(model, AdaRevD):
+        set_training_stage(model, 1)
     return model
+
+
+def init_weights(model: nn.Module, path: str) -> None:
+    """``cfg.init``: the weights of ``path`` (the same architecture), or for an AdaRevD model the encoder of a
+    NAFNet checkpoint; a file that fits neither is a one-line error naming it."""
+    state = read_checkpoint(path)
+    if isinstance(model, AdaRevD) and not str(state.get("config", {}).get("decoder", "")) == "adarevd":
+        load_encoder(model, path)
+        return
+    loaded = load_checkpoint(path)
+    if loaded.config != model.config:
+        raise TrainingError(f"{path}: init weights of another architecture than model {model.config}; use a "
+                            "checkpoint of the same model")
+    model.load_state_dict(loaded.model.state_dict())
 
 
 def resolve_data(cfg: TrainConfig, info: ddp.DistInfo, progress: bool) -> Path:
@@ -238,6 +256,8 @@ class Trainer:
             out: what the model's forward returned, (N, n_outputs, 3, H, W).
             sharp: the target batch, or None.
         """
+        if isinstance(self.model, AdaRevD):
+            return out[:, -1]  # every exit depth: the deepest
         return best_output(out, sharp, self.model.head)
 
     def loss(self, out: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
@@ -247,6 +267,8 @@ class Trainer:
             out: what the model's forward returned (under autocast when mixed precision is on).
             sharp: the target batch.
         """
+        if isinstance(self.model, AdaRevD):  # the mean over the exit depths (official AdaRevD stage 1)
+            return depth_mean_loss(self.loss_fn, out, sharp)
         return self.loss_fn(self.prediction(out, sharp).float(), sharp)
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -493,8 +515,11 @@ class Trainer:
             images = [self.val_set.load(i) for i in range(len(self.val_set))]
             res = evaluate(scored, self.val_pairs, tlc=cfg.val_tlc, train_size=cfg.crop, device=self.dev,
                            keep_samples=3, images=images)
-            res = res.with_head(res.best_head())  # the deployment head: the output with the best val PSNR
-            self.model.head = scored.head = res.head
+            if isinstance(self.model, AdaRevD):  # stage 1 trains the sub-decoders: score the deepest exit
+                res = res.with_head(self.model.depth - 1)
+            else:
+                res = res.with_head(res.best_head())  # the deployment head: the output with the best val PSNR
+                self.model.head = scored.head = res.head
             if res.failed:
                 self.save_last()
                 raise TrainingError("validation pairs that cannot be scored: " + "; ".join(res.failed.values())

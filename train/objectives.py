@@ -6,7 +6,11 @@ Losses take ``(N, C, H, W)`` float tensors and return a scalar to minimise:
 - ``l1``: mean absolute error;
 - ``charbonnier``: ``mean(sqrt((pred - gt)^2 + eps^2))`` with eps = 1e-3;
 - ``charfreq``: FNAFNet's official ``CharFreqLoss``: charbonnier + 0.01 * mean of the modulus of
-  ``rfft2(pred) - rfft2(gt)`` (per image and channel over H x W, norm 'backward').
+  ``rfft2(pred) - rfft2(gt)`` (per image and channel over H x W, norm 'backward');
+- ``l1freq``: AdaRevD's official ``FreqLoss``: L1 + 0.01 * the same spectral term.
+
+AdaRevD models (``decoder="adarevd"``) output every exit depth; the loss is the mean over the depths of the
+loss of each (:func:`depth_mean_loss`, the official ``FreqLoss`` on the list of sub-decoder outputs).
 
 Multi-head models (``heads > 1``) are trained on their best output: :func:`best_output` picks, per image,
 the output closest to the target (MSE), and the loss is computed on it. With ``psnr`` this is exactly the
@@ -43,6 +47,18 @@ def charfreq_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """
     diff = torch.fft.rfft2(pred.float()) - torch.fft.rfft2(target.float())
     return charbonnier_loss(pred, target) + FREQ_LOSS_WEIGHT * diff.abs().mean()
+def l1freq_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """AdaRevD's training loss (official ``FreqLoss``): L1 + ``FREQ_LOSS_WEIGHT`` * mean |rfft2 difference|."""
+    diff = torch.fft.rfft2(pred.float()) - torch.fft.rfft2(target.float())
+    return l1_loss(pred, target) + FREQ_LOSS_WEIGHT * diff.abs().mean()
+
+
+def depth_mean_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], outs: torch.Tensor,
+                    target: torch.Tensor) -> torch.Tensor:
+    """The mean over the K outputs of ``outs`` (N, K, C, H, W) of ``loss_fn(output, target)`` (AdaRevD)."""
+    return sum(loss_fn(outs[:, k].float(), target) for k in range(outs.shape[1])) / outs.shape[1]
+
+
 def best_output(outs: torch.Tensor, target: torch.Tensor | None = None, default: int = 0) -> torch.Tensor:
     """Per image, the output of ``outs`` (N, K, C, H, W) with the smallest MSE to ``target`` (N, C, H, W):
     (N, C, H, W), differentiable through the chosen outputs. Without a target: output ``default``.
@@ -67,6 +83,7 @@ LOSS_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] 
     "l1": l1_loss,
     "charbonnier": charbonnier_loss,
     "charfreq": charfreq_loss,
+    "l1freq": l1freq_loss,
 }
 
 
