@@ -104,6 +104,8 @@ class FFTConvBranch(nn.Module):
         self.complex_conv2 = nn.Conv2d(2 * hid, 2 * c, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, c, H, W) -> (N, c, H, W) FP32
+        if x.device.type not in ("cpu", "cuda"):  # meta (FLOP counts): no autocast there
+            return self._forward(x)
         with torch.autocast(x.device.type, enabled=False):  # an FP32 island under mixed precision too
             return self._forward(x)
 
