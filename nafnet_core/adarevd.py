@@ -611,11 +611,19 @@ class AdaRevD(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------
 
+    def classify(self, inp: torch.Tensor) -> torch.Tensor:
+        """The exit classifier's logits (T * N, classes) of every tile of ``inp`` (training stage 2)."""
+        tiles, _, _ = self.tiles(self.encode(self.pad_input(inp)))
+        return self.exit_logits(tiles[3])
+
     def forward(self, inp: torch.Tensor, depth: int | None = None, all_depths: bool = False,
-                return_depths: bool = False, all_heads: bool = False):
+                return_depths: bool = False, all_heads: bool = False, classify: bool = False):
         """The restored image (N, C, H, W): adaptive, or at ``depth`` on every tile; every depth with
         ``all_depths`` (N, K, C, H, W). ``return_depths``: also each tile's depth (T * N,), tile-major.
-        ``all_heads`` is ``all_depths`` (the name the training loop and evaluation use for every output)."""
+        ``all_heads`` is ``all_depths`` (the name the training loop and evaluation use for every output);
+        ``classify``: the classifier's logits of every tile instead (:meth:`classify`; through DDP's forward)."""
+        if classify:
+            return self.classify(inp)
         all_depths = all_depths or all_heads
         n, _, h, w = inp.shape
         x = self.pad_input(inp)
@@ -656,6 +664,20 @@ def set_training_stage(model: AdaRevD, stage: int) -> None:
     model.reversible = stage == 1
 
 
+#: The blurry-vs-sharp PSNR thresholds (dB) of the classifier's training labels (official stage 2).
+LABEL_THRESHOLDS = (20.0, 25.0, 30.0, 35.0, 40.0)
+
+
+def exit_labels(blur: torch.Tensor, sharp: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """The classifier's training label of each crop (N,) int64: how many of the first ``n_classes - 1``
+    :data:`LABEL_THRESHOLDS` the PSNR of ``blur`` against ``sharp`` (N, C, H, W in [0, 1]) exceeds (official:
+    [20, 25, 30, 35, 40] dB with 6 classes; a lightly blurred crop gets a high class, a shallow exit)."""
+    mse = (blur.float() - sharp.float()).pow(2).flatten(1).mean(1)
+    value = -10 * torch.log10(mse.clamp_min(1e-10))
+    thresholds = torch.tensor(LABEL_THRESHOLDS[:n_classes - 1], device=value.device)
+    return (value[:, None] > thresholds[None, :]).sum(1)
+
+
 def refuse_adarevd(config: ModelConfig, what: str) -> None:
     """Raises a :class:`~nafnet_core.errors.UserError` when ``config`` is an AdaRevD model, which ``what`` (a
     command) does not take yet."""
@@ -679,6 +701,7 @@ def split_parameters(model: AdaRevD) -> dict[str, int]:
     return parts
 
 
-__all__ = ["AdaRevD", "set_training_stage", "AdaRevDEncoder", "FCNAFBlock", "FFTConvBranch", "SubDecoder",
+__all__ = ["AdaRevD", "set_training_stage", "exit_labels", "AdaRevDEncoder", "FCNAFBlock", "FFTConvBranch",
+           "SubDecoder",
            "ExitClassifier", "blend", "blend_weights", "tile_starts", "official_axis_weights",
            "normalized_axis_weights", "split_parameters"]

@@ -682,3 +682,34 @@ def test_stage1_resume_is_exact(tmp_path):
     from tests.helpers import assert_resume_is_exact, short_cfg
 
     assert_resume_is_exact(short_cfg(model="tiny-adarevd", loss="l1freq", dropout=0.0, crop=32, batch=2), tmp_path)
+
+
+def test_exit_labels_count_the_thresholds_exceeded():
+    from nafnet_core.adarevd import exit_labels
+
+    sharp = torch.full((5, 3, 8, 8), 0.5)
+    offsets = [0.2, 0.05, 0.03, 0.012, 0.001]  # PSNR 14, 26, 30.5, 38.4, 60 dB
+    blur = torch.stack([s + o for s, o in zip(sharp, offsets)])
+    assert exit_labels(blur, sharp, 6).tolist() == [0, 2, 3, 4, 5]
+    assert exit_labels(blur, sharp, 5).tolist() == [0, 2, 3, 4, 4]  # tiny: 4 thresholds
+
+
+@pytest.mark.slow
+def test_stage2_trains_only_the_classifier(tmp_path):
+    from tests.helpers import short_cfg
+    from train.loop import train
+
+    base = dict(model="tiny-adarevd", dropout=0.0, steps=3, crop=64, batch=2, val_every=3)
+    first = train(short_cfg(loss="l1freq", **base), tmp_path / "s1", progress=False)
+    cfg = short_cfg(stage=2, lr=1e-2, init=str(tmp_path / "s1" / "last.pt"), **base)
+    second = train(cfg, tmp_path / "s2", progress=False)
+    a, b = first.model.state_dict(), second.model.state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith("ape.") for k in changed)
+    rows = (tmp_path / "s2" / "metrics.csv").read_text()
+    assert "val" in rows
+    from train.config import ConfigError
+    with pytest.raises(ConfigError, match="stage 2 trains an AdaRevD exit classifier"):
+        short_cfg(stage=2)
+    with pytest.raises(ConfigError, match="crop 96 must be at most the tile"):
+        short_cfg(model="tiny-adarevd", stage=2, crop=96)

@@ -66,6 +66,9 @@ class TrainConfig:
             over the exit depths).
         init: weights to start from: a checkpoint of the same architecture, or for an AdaRevD model a NAFNet
             checkpoint of its width (its encoder: official ``.pth`` or ``best.pt``) or an AdaRevD one.
+        stage: AdaRevD models only: 1 trains the sub-decoders with the encoder frozen (reversible backward,
+            ``l1freq``), 2 trains the exit classifier with everything else frozen (cross-entropy on the
+            blurry-vs-sharp PSNR class of each crop; ``crop`` at most the tile; ``init`` a stage-1 checkpoint).
         grad_clip: max gradient norm (0 disables).
         amp: auto | bf16 | fp16 | off: autocast of the forward (fp16 CUDA-only); auto = the device's
             measured default (``train.speed.AUTO``: bf16 on CUDA when supported, else fp16; off on CPU).
@@ -113,6 +116,7 @@ class TrainConfig:
     warmup: int = 0
     loss: str = "psnr"
     init: str | None = None
+    stage: int = 1
     grad_clip: float = 0.01
     amp: str = "auto"
     channels_last: str = "auto"
@@ -176,6 +180,17 @@ class TrainConfig:
             hint = " (YAML needs a space after each colon: --set 'model_args={width: 16}')" \
                 if any(":" in str(k) for k in self.model_args) else ""
             raise ConfigError(f"model_args {self.model_args}: {e.args[0] if e.args else e}{hint}") from None
+        self._check_stage()
+
+    def _check_stage(self) -> None:
+        model = get_model_config(self.model, **self.model_args)
+        if self.stage not in (1, 2):
+            raise ConfigError(f"stage must be 1 (AdaRevD sub-decoders) or 2 (AdaRevD classifier), got {self.stage}")
+        if self.stage == 2 and (model.decoder != "adarevd" or not model.exits):
+            raise ConfigError(f"stage 2 trains an AdaRevD exit classifier; model {self.model!r} has none")
+        if self.stage == 2 and self.crop > model.tile:
+            raise ConfigError(f"stage 2 labels each crop as one tile: crop {self.crop} must be at most the tile "
+                              f"({model.tile})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -242,7 +257,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the sub-decoders train with the encoder frozen (init: NAFNet-GoPro-width64.pth), batch 16 of 256 crops,
     # AdamW 1e-3, wd 1e-3, betas 0.9/0.9, cosine to 1e-7 over 200k, EMA 0.999, L1 + frequency loss.
     "adarevd-b-naf": {"model": "adarevd-b-naf", "loss": "l1freq", "batch": 16, "ema": 0.999},
-    # Tests and demos of AdaRevD: tiny-adarevd with the tiny recipe and the AdaRevD loss.
+    # AdaRevD-B stage 2 (GoPro-AdaRevIDB-classify-4gpu.yml): the classifier on 384 crops, batch 16, AdamW 3e-4,
+    # wd 3e-4, 10k iterations, EMA 0.999; init: the stage-1 best.pt.
+    "adarevd-b-naf-classifier": {"model": "adarevd-b-naf", "stage": 2, "crop": 384, "batch": 16, "steps": 10_000,
+                                 "lr": 3e-4, "weight_decay": 3e-4, "ema": 0.999, "val_every": 2_000},
+    # Tests and demos of AdaRevD: tiny-adarevd with the tiny recipe and the AdaRevD loss; then its classifier.
+    "tiny-adarevd-classifier": {"model": "tiny-adarevd", "stage": 2, "crop": 64, "batch": 8, "steps": 200,
+                                "lr": 1e-3, "val_every": 100, "save_every": 100, "log_every": 10, "workers": 0},
     "tiny-adarevd": {"model": "tiny-adarevd", "loss": "l1freq", "crop": 64, "batch": 8, "steps": 1000, "lr": 4e-3,
                      "val_every": 250, "save_every": 250, "log_every": 10, "workers": 0},
     # Tests and demos of the CascadedGaze family: tiny-cg with the tiny recipe.

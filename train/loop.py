@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from nafnet_core import create_model, read_checkpoint, save_checkpoint
-from nafnet_core.adarevd import AdaRevD, set_training_stage
+from nafnet_core.adarevd import AdaRevD, exit_labels, set_training_stage
 from nafnet_core.checkpoint import load_checkpoint, load_encoder
 from nafnet_core.data import check_dataset, write_split_lists
 from nafnet_core.errors import UserError
@@ -126,7 +127,7 @@ def build_model(cfg: TrainConfig) -> NAFNet:
     if cfg.init:
         init_weights(model, cfg.init)
     if isinstance(model, AdaRevD):
-        set_training_stage(model, 1)
+        set_training_stage(model, cfg.stage)
     return model
 
 
@@ -247,6 +248,13 @@ class Trainer:
 
     # ---- variant hooks --------------------------------------------------------------------------
 
+    def outputs(self, blur: torch.Tensor):
+        """What the model's forward returns for the loss: every output (``all_heads=True``, (N, n_outputs, 3, H,
+        W)); for AdaRevD's stage 2 the classifier's logits of each crop with the blurry batch (its labels)."""
+        if isinstance(self.model, AdaRevD) and self.cfg.stage == 2:
+            return self.net(blur, all_heads=True, classify=True), blur
+        return self.net(blur, all_heads=True)
+
     def prediction(self, out: torch.Tensor, sharp: torch.Tensor | None = None) -> torch.Tensor:
         """The restored image ``(N, 3, H, W)`` in the model's raw output: the only output of a single-head
         model; of a multi-head one, per image the output closest to ``sharp`` (what the best-of-outputs loss
@@ -256,8 +264,8 @@ class Trainer:
             out: what the model's forward returned, (N, n_outputs, 3, H, W).
             sharp: the target batch, or None.
         """
-        if isinstance(self.model, AdaRevD):
-            return out[:, -1]  # every exit depth: the deepest
+        if isinstance(self.model, AdaRevD):  # every exit depth: the deepest; stage 2 restores nothing: the input
+            return out[1] if self.cfg.stage == 2 else out[:, -1]
         return best_output(out, sharp, self.model.head)
 
     def loss(self, out: torch.Tensor, sharp: torch.Tensor) -> torch.Tensor:
@@ -267,6 +275,9 @@ class Trainer:
             out: what the model's forward returned (under autocast when mixed precision is on).
             sharp: the target batch.
         """
+        if isinstance(self.model, AdaRevD) and self.cfg.stage == 2:  # official ClassifyLoss: cross-entropy
+            logits, blur = out
+            return F.cross_entropy(logits, exit_labels(blur, sharp, len(self.model.config.exits)))
         if isinstance(self.model, AdaRevD):  # the mean over the exit depths (official AdaRevD stage 1)
             return depth_mean_loss(self.loss_fn, out, sharp)
         return self.loss_fn(self.prediction(out, sharp).float(), sharp)
@@ -434,7 +445,7 @@ class Trainer:
             sync = self.net.no_sync() if info.enabled and micro < cfg.accum - 1 else contextlib.nullcontext()
             with sync:
                 with speed.autocast(self.plan, self.dev):
-                    out = self.net(blur, all_heads=True)  # (N, n_outputs, 3, H, W)
+                    out = self.outputs(blur)  # (N, n_outputs, 3, H, W)
                 loss = self.loss(out, sharp)
                 self.scaler.scale(loss / cfg.accum).backward()
             with torch.no_grad():
@@ -515,8 +526,8 @@ class Trainer:
             images = [self.val_set.load(i) for i in range(len(self.val_set))]
             res = evaluate(scored, self.val_pairs, tlc=cfg.val_tlc, train_size=cfg.crop, device=self.dev,
                            keep_samples=3, images=images)
-            if isinstance(self.model, AdaRevD):  # stage 1 trains the sub-decoders: score the deepest exit
-                res = res.with_head(self.model.depth - 1)
+            if isinstance(self.model, AdaRevD):  # stage 1: the deepest exit; stage 2: the adaptive result
+                res = res.with_head(self.model.depth if cfg.stage == 2 else self.model.depth - 1)
             else:
                 res = res.with_head(res.best_head())  # the deployment head: the output with the best val PSNR
                 self.model.head = scored.head = res.head
