@@ -300,20 +300,22 @@ def _build_engines(data: dict[str, Any], out_dir: Path, specs: list[ShapeSpec], 
                    progress: bool) -> None:
     from . import tensorrt_build  # lazy: imports tensorrt
 
-    engine_fmt: Format = FORMATS["trt-fp16"]
-    source_fmt = FORMATS[engine_fmt.built_from]
     tensorrt_build.import_tensorrt(out_dir)  # fail fast, after the ONNX artifacts exist
-    for spec in specs:
-        onnx_name = source_fmt.artifact_name(spec)
-        profile = make_profile(spec, options.profile_hw, options.max_batch)
-        if progress:
-            print(f"building TensorRT engine {engine_fmt.artifact_name(spec)} ...", file=sys.stderr)
-        engine_path = out_dir / engine_fmt.file_name(spec)
-        trt_rec = tensorrt_build.build_engine(out_dir / data["artifacts"][onnx_name]["file"], engine_path, profile,
-                                              INPUT_NAME, options, out_dir)
-        data["artifacts"][engine_fmt.artifact_name(spec)] = {
-            **file_record(engine_path), "format": engine_fmt.name, "precision": engine_fmt.precision,
-            "runtime": engine_fmt.runtime, "shape": spec.to_dict(), "built_from": onnx_name, "tensorrt": trt_rec}
+    for engine_fmt in (FORMATS["trt-fp16"], FORMATS["trt-int8"]):  # INT8: from the Q/DQ graph, where there is one
+        source_fmt = FORMATS[engine_fmt.built_from]
+        for spec in specs:
+            onnx_name = source_fmt.artifact_name(spec)
+            if onnx_name not in data["artifacts"]:
+                continue
+            profile = make_profile(spec, options.profile_hw, options.max_batch)
+            if progress:
+                print(f"building TensorRT engine {engine_fmt.artifact_name(spec)} ...", file=sys.stderr)
+            engine_path = out_dir / engine_fmt.file_name(spec)
+            trt_rec = tensorrt_build.build_engine(out_dir / data["artifacts"][onnx_name]["file"], engine_path,
+                                                  profile, INPUT_NAME, options, out_dir)
+            data["artifacts"][engine_fmt.artifact_name(spec)] = {
+                **file_record(engine_path), "format": engine_fmt.name, "precision": engine_fmt.precision,
+                "runtime": engine_fmt.runtime, "shape": spec.to_dict(), "built_from": onnx_name, "tensorrt": trt_rec}
 
 
 __all__ = ["export_model", "prepare_model", "check_onnx"]

@@ -275,14 +275,13 @@ def keep_float_consumers(model: onnx.ModelProto, form: str) -> int:
 
 
 def preprocess(fp32_path: Path, out_path: Path) -> Path:
-    """``quant_pre_process`` with ``skip_optimization`` (node and tensor names kept)."""
+    """``quant_pre_process`` with ``skip_optimization`` (node and tensor names kept) and ONNX's own shape inference:
+    onnxruntime's symbolic shape inference gives up on the dynamic TLC graphs (and then leaves a temporary model in
+    the working directory), and the Conv-only quantization needs no more than ONNX's shapes."""
     from onnxruntime.quantization.preprocess import quant_pre_process
 
     with _quiet():
-        try:
-            quant_pre_process(str(fp32_path), str(out_path), skip_optimization=True)
-        except Exception:  # noqa: BLE001 - symbolic shape inference gives up on some dynamic graphs: ONNX's only
-            quant_pre_process(str(fp32_path), str(out_path), skip_optimization=True, skip_symbolic_shape=True)
+        quant_pre_process(str(fp32_path), str(out_path), skip_optimization=True, skip_symbolic_shape=True)
     return out_path
 
 

@@ -1,9 +1,10 @@
-"""The thin TensorRT layer: build a strongly typed FP16 engine from an FP16 ONNX file, and run one.
+"""The thin TensorRT layer: build a strongly typed engine from an FP16 or INT8 Q/DQ ONNX file, and run one.
 
 Imports ``tensorrt`` lazily (this module is imported only by ``--trt``). Written against the
 TensorRT 10.12+/11 Python API: strongly typed network (the flag exists up to 10.x and is ignored in
-11, where every network is strongly typed), no ``BuilderFlag.FP16`` (the precisions come from the
-ONNX casts), TF32 cleared (the FP32 islands stay FP32), workspace via ``set_memory_pool_limit``,
+11, where every network is strongly typed), no ``BuilderFlag.FP16`` or ``INT8`` (the precisions come from
+the ONNX casts and Q/DQ nodes: explicit quantization, the only INT8 route in TensorRT 11), TF32 cleared
+(the FP32 islands stay FP32), workspace via ``set_memory_pool_limit``,
 ``builder_optimization_level``, and a timing cache created from the previous cache's bytes (an empty one,
 with one warning line, when TensorRT rejects the file) and serialised after the build on a best-effort basis.
 """

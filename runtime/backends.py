@@ -138,16 +138,34 @@ def _pick_checkpoint(artifacts, checkpoint: tuple[Path | None, str], precision, 
     return (Artifact("torch", precision or "fp32", path, key="source"), "") if path is not None else (None, note)
 
 
+def is_int8_cpu_form(art: Artifact) -> bool:
+    """An INT8 graph in onnxruntime's CPU form (``export --int8``: an output Q after each INT8 conv)."""
+    return art.key.startswith("onnx-int8-cpu-")
+
+
 def _pick_file(backend: str, missing: str):
     def pick(artifacts, checkpoint, precision, prefer_tile) -> tuple[Artifact | None, str]:
-        """The asked precision (else fp32 first, except engines), the dynamic graph unless ``prefer_tile`` (a
-        1280x720 frame then runs whole: no tile overlap to recompute; larger images are tiled either way)."""
-        cands = [a for a in artifacts if a.backend == backend and (precision is None or a.precision == precision)]
+        """The asked precision (else fp32 first, except engines; INT8 only when asked for: ``auto`` asks for it only
+        where ``parity`` passed it), the dynamic graph unless ``prefer_tile`` (a 1280x720 frame then runs whole: no
+        tile overlap to recompute; larger images are tiled either way); of two INT8 graphs onnxruntime takes its CPU
+        form."""
+        cands = [a for a in artifacts if a.backend == backend
+                 and (a.precision == precision if precision is not None else a.precision != "int8")]
         cands.sort(key=lambda a: ((a.precision != "fp32") if precision is None and backend != "trt" else False,
-                                  (a.fixed_shape is not None) != bool(prefer_tile)))
+                                  (a.fixed_shape is not None) != bool(prefer_tile), not is_int8_cpu_form(a)))
         return (cands[0], "") if cands else (None, missing)
 
     return pick
+
+
+def _onnxrt_rows(artifacts: list[Artifact]) -> list[tuple[str, Artifact]]:
+    """Each ONNX graph at its precision, except that an INT8 shape with both forms is one row: the CPU form (what
+    onnxruntime runs; the other form is TensorRT's, checked through its engine)."""
+    arts = sorted((a for a in artifacts if a.backend == "onnxrt"),
+                  key=lambda a: (a.precision, a.fixed_shape is not None))
+    cpu_shapes = {a.fixed_shape for a in arts if is_int8_cpu_form(a)}
+    return [(a.precision, a) for a in arts
+            if not (a.precision == "int8" and not is_int8_cpu_form(a) and a.fixed_shape in cpu_shapes)]
 
 
 def _pick_openvino(artifacts, checkpoint, precision, prefer_tile) -> tuple[Artifact | None, str]:
@@ -202,7 +220,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("torch", None, TorchRunner, CHECKPOINT_SUFFIXES, "a checkpoint", 3, _always, _pick_checkpoint,
             _build_torch),
     Backend("onnxrt", "onnxruntime", OnnxRuntimeRunner, (".onnx",), "an .onnx file", 2, _always,
-            _pick_file("onnxrt", "no matching ONNX graph in the export"), _build_onnxrt),
+            _pick_file("onnxrt", "no matching ONNX graph in the export"), _build_onnxrt, _onnxrt_rows),
     # Not in auto's unmeasured order: on a 2-core AVX2 machine it was not faster than onnxruntime (BENCHMARKS.md,
     # "OpenVINO and BF16"); a bench record picks it where it is.
     Backend("openvino", "openvino", OpenVINORunner, (".onnx", ".xml"), "an .onnx file or OpenVINO IR (.xml)", None,

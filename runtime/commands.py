@@ -39,8 +39,9 @@ class TileParam(click.ParamType):
 backend_option = click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
                               help="Runtime; auto = the fastest this machine measured (`bench` on the export), "
                                    "else trt > onnxrt > torch.")
-precision_option = click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-                                help="Arithmetic precision. Default: fp32 (fp16 for TensorRT).")
+precision_option = click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
+                                help="Arithmetic precision (int8: an export's INT8 graph or engine, `export "
+                                     "--int8`). Default: fp32 (fp16 for TensorRT).")
 verify_option = click.option(
     "--verify/--no-verify", default=True, show_default=True,
     help="Check ONNX/engine files against the export manifest's sha256, and engines against this TensorRT "

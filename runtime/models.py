@@ -31,6 +31,8 @@ class ExportInfo:
         checkpoint: the source checkpoint, when it still exists unchanged (the PyTorch reference), else None.
         checkpoint_note: why there is no checkpoint, when there is none.
         preset / tlc / train_size: how the graphs were made (the reference must match).
+        int8_budget: the |ΔPSNR| budget (dB) the export's INT8 graphs were made for (manifest ``int8``), their
+            parity limit; None without INT8 graphs.
     """
 
     directory: Path
@@ -41,6 +43,7 @@ class ExportInfo:
     tlc: bool
     train_size: int
     config: dict | None = None
+    int8_budget: float | None = None
 
 
 #: The manifest's ``runtime`` of an artifact -> the backend that runs it.
@@ -80,7 +83,8 @@ def read_export(export_dir: str | Path, verify_files: bool = False) -> ExportInf
     tlc = data.get("tlc") or {}
     return ExportInfo(export_dir, artifacts, checkpoint, "" if checkpoint else note,
                       (data.get("model") or {}).get("preset"), bool(tlc.get("enabled", True)),
-                      int(tlc.get("train_size") or 256), (data.get("model") or {}).get("config"))
+                      int(tlc.get("train_size") or 256), (data.get("model") or {}).get("config"),
+                      (data.get("int8") or {}).get("budget_db"))
 
 
 def open_runner(model: str | Path, backend: str = "auto", precision: str | None = None, *, preset: str | None = None,
@@ -195,7 +199,8 @@ def auto_order(export_dir: str | Path, precision: str | None = None) -> tuple[li
     By measurement where the export holds ``bench.json`` (written by ``bench``) from this machine
     (:func:`machine_id`): its rows at the benchmark size, fastest median first, only those with status ok
     and of ``precision`` when one is given; backend x precision pairs that ``parity.json`` (written by
-    ``parity``) records as failed are left out. Backends the record does not time follow in AUTO_ORDER.
+    ``parity``) records as failed are left out, and INT8 pairs are kept only where it records them passed.
+    Backends the record does not time follow in AUTO_ORDER.
     Without a usable record: AUTO_ORDER, and the note says why.
     """
     by_name: list[tuple[str, str | None]] = [(b, precision) for b in AUTO_ORDER]
@@ -208,10 +213,11 @@ def auto_order(export_dir: str | Path, precision: str | None = None) -> tuple[li
         return by_name, f"by name: {directory / BENCH_RECORD} is unreadable ({type(e).__name__})"
     if bench.get("machine") != machine_id():
         return by_name, f"by name: {BENCH_RECORD} was measured on another machine ({bench.get('machine')})"
-    failed = set()
+    failed, passed = set(), set()
     try:
         parity = json.loads((directory / PARITY_RECORD).read_text())
         failed = {(r["backend"], r["precision"]) for r in parity.get("rows", []) if r.get("pass") is False}
+        passed = {(r["backend"], r["precision"]) for r in parity.get("rows", []) if r.get("pass") is True}
     except (OSError, ValueError, KeyError, TypeError):
         parity = None
     rows = [r for r in bench.get("rows", []) if isinstance(r, dict) and r.get("median_ms")
@@ -220,6 +226,8 @@ def auto_order(export_dir: str | Path, precision: str | None = None) -> tuple[li
     order: list[tuple[str, str | None]] = []
     for r in sorted(rows, key=lambda r: r["median_ms"]):
         pair = (r["backend"], r["precision"])
+        if pair[1] == "int8" and pair not in passed - failed:  # INT8 only where parity passed it
+            continue
         if pair not in failed and pair not in order:
             order.append(pair)
     measured = {b for b, _ in order}

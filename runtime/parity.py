@@ -8,7 +8,9 @@ ms/image. Pass limits:
     fp32 whole   |ΔPSNR| <= 0.01 dB  and  vs reference >= 60 dB
     fp16 whole   |ΔPSNR| <= 0.05 dB  and  vs reference >= 45 dB
     bf16 whole   |ΔPSNR| <= 0.05 dB  and  vs reference >= 45 dB   (with FP32 islands, as fp16; torch and OpenVINO)
-    tiled        |ΔPSNR| <= 0.05 dB  (tiles vs whole image, any precision; for a model with an input FFT,
+    int8         |ΔPSNR| <= the export's INT8 budget (manifest ``int8.budget_db``, default 0.10 dB), whole and
+                 tiled; no PSNR-vs-reference floor (INT8 noise is what the budget bounds)
+    tiled        |ΔPSNR| <= 0.05 dB  (tiles vs whole image, any other precision; for a model with an input FFT,
                  ``input_fft='fs'``, a tiled row outside it is reported with no verdict: tiles change what
                  that FFT sees, and ``infer`` runs such models whole)
 
@@ -47,6 +49,8 @@ from .tiling import DEFAULT_TILE
 LIMITS = {"fp32": (0.01, 60.0), "fp16": (0.05, 45.0), "bf16": (0.05, 45.0)}
 #: max |ΔPSNR| dB of a tiled row.
 TILED_LIMIT = 0.05
+#: max |ΔPSNR| dB of an INT8 row whose manifest names no budget (the export's default budget).
+INT8_DEFAULT_LIMIT = 0.10
 #: The status of a tiled row of an ``input_fft='fs'`` model outside TILED_LIMIT (no verdict: its input FFT spans
 #: the whole image, so tiles give another output; infer runs such models whole and warns when made to tile).
 WHOLE_INPUT_TILED_NOTE = ("no verdict: the input FFT spans the whole image, so tiles change the output "
@@ -116,17 +120,19 @@ class ParityReport:
         skipped = f" ({len(self.failed)} pairs could not be read, listed above)" if self.failed else ""
         out.append(f"{'PASS' if self.passed else 'FAIL'}: {self.images} images{skipped}; every row that ran "
                    f"{'passed' if self.passed else 'must pass'} (limits: fp32 |ΔPSNR|<=0.01 dB & >=60 dB vs ref, "
-                   f"fp16 and bf16 <=0.05 & >=45, tiled <=0.05)")
+                   f"fp16 and bf16 <=0.05 & >=45, tiled <=0.05, int8 <= the export's budget)")
         return "\n".join(out)
 
 
 @dataclass
 class _Case:
-    """One row to compute: a runner and how to run it (tile None = whole image)."""
+    """One row to compute: a runner and how to run it (tile None = whole image); ``limit``: its own |ΔPSNR| limit
+    (INT8 rows: the export's budget), else the precision's."""
 
     row: ParityRow
     runner: Runner | None
     tile: tuple[int, int] | str | None
+    limit: float | None = None
     psnrs: list[float] = field(default_factory=list)
     ssims: list[float] = field(default_factory=list)
     vs_ref: list[float] = field(default_factory=list)
@@ -174,14 +180,17 @@ def parity_cases(info: ExportInfo, *, torch_precisions: Sequence[str] = ("fp16",
                 cases.append(_Case(row, None, None))
                 continue
             runner = rec.open(art, precision, options, name=f"{rec.name}-{precision}-{art.mode}")
-            cases.append(_Case(row, runner, "auto" if art.fixed_shape else "none"))
+            limit = (info.int8_budget or INT8_DEFAULT_LIMIT) if precision == "int8" else None
+            cases.append(_Case(row, runner, "auto" if art.fixed_shape else "none", limit))
     for case in cases:  # the export's config says whether tiles change the model's output
         if case.runner is not None:
             describe_model(case.runner, info.config)
     return ref, cases
 
 
-def _verdict(row: ParityRow) -> bool:
+def _verdict(row: ParityRow, limit: float | None = None) -> bool:
+    if limit is not None:  # INT8: the export's budget, whole and tiled
+        return abs(row.delta_psnr) <= limit
     if row.mode.startswith("tiled"):
         return abs(row.delta_psnr) <= TILED_LIMIT
     max_delta, min_db = LIMITS[row.precision]
@@ -265,12 +274,14 @@ def _finish(case: _Case, n: int, ref: _Case) -> ParityRow:
     row.max_abs_diff = float(f"{case.max_diff:.3g}")
     row.ms_per_image = round(case.seconds / n * 1e3, 1)
     if case is not ref:
-        row.passed = _verdict(row)
+        row.passed = _verdict(row, case.limit)
         if not row.passed and row.mode.startswith("tiled") and getattr(case.runner, "whole_image_input", False):
             row.passed = None  # not a parity claim: what tiles cost such a model is measured, not bounded
             row.status = WHOLE_INPUT_TILED_NOTE
         if not row.status:
             row.status = "ok" if row.passed else "outside the limit"
+            if case.limit is not None:
+                row.status += f" (|ΔPSNR| <= {case.limit:g} dB: the export's INT8 budget)"
     return row
 
 

@@ -259,7 +259,8 @@ class OnnxRuntimeRunner(Runner):
     Args:
         path: the ``.onnx`` file (its external ``.onnx.data`` beside it).
         precision: what the graph computes in (``fp16`` for the mixed FP16 graph; informational on CPU,
-            where onnxruntime computes FP16 nodes in FP32).
+            where onnxruntime computes FP16 nodes in FP32; ``int8`` for a Q/DQ graph: integer convs where
+            onnxruntime fuses them, fake quantization elsewhere).
         device: ``cpu``, ``cuda`` or ``auto``.
         threads: intra-op threads (default: all cores).
         opt_level: graph optimisation level: ``disable``, ``basic``, ``extended``, ``all``.
@@ -274,7 +275,7 @@ class OnnxRuntimeRunner(Runner):
     """
 
     backend = "onnxrt"
-    precisions = ("fp32", "fp16")
+    precisions = ("fp32", "fp16", "int8")
 
     def __init__(self, path: str | Path, precision: str = "fp32", device: str = "auto", threads: int | None = None,
                  opt_level: str = "all", profile: bool = False, spin: bool = False, arena: bool = False,
@@ -461,7 +462,7 @@ class TensorRTRunner(Runner):
     """
 
     backend = "trt"
-    precisions = ("fp16",)
+    precisions = ("fp16", "int8")
 
     def __init__(self, path: str | Path, precision: str = "fp16", fixed_shape: tuple[int, int] | None = None,
                  name: str | None = None, built_for: dict | None = None, verify: bool = True):
