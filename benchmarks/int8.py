@@ -40,7 +40,8 @@ def test_delta_db(path: Path, reference: torch.nn.Module, root: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.int8", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--preset", default=None)
     p.add_argument("--methods", default="minmax,percentile,entropy")

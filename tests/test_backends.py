@@ -20,7 +20,8 @@ def test_every_backend_is_one_record_with_its_runner_and_precisions():
     assert BACKEND_CHOICES == ("auto", "torch", "onnxrt", "openvino", "trt")
     assert {n: b.runner for n, b in BACKENDS.items()} == {"torch": TorchRunner, "onnxrt": OnnxRuntimeRunner,
                                                           "openvino": OpenVINORunner, "trt": TensorRTRunner}
-    assert BACKENDS["trt"].precisions == ("fp16",) and BACKENDS["torch"].default_precision == "fp32"
+    assert BACKENDS["trt"].precisions == ("fp16", "int8") and BACKENDS["torch"].default_precision == "fp32"
+    assert BACKENDS["onnxrt"].precisions == ("fp32", "fp16", "int8")
     assert all(b.runner.backend == n for n, b in BACKENDS.items())
     assert AUTO_ORDER == ("trt", "onnxrt", "torch")  # OpenVINO: by measurement or by name only
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("variants", "serve", "video", "official_step", "export_cost", "tiling")
+SCRIPTS = ("variants", "serve", "video", "official_step", "export_cost", "tiling", "int8")
 
 
 #: Runs each script as ``python -m`` does (runpy, ``__main__``) with ``--help``, all in one interpreter (one torch
