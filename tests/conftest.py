@@ -65,11 +65,11 @@ _share_the_cores_between_workers()
 
 
 #: Files whose own exports or training runs take one to three minutes on 2 cores (``--durations``: the dynamic
-#: exports of the variants, the training and kill tests). Under ``--dist loadfile`` the workers take whole files
-#: in collection order, so these go first and every worker ends on short files (longest first: the workers
-#: finish together instead of one running a three-minute file while the other idles).
-LONGEST_FILES = ("test_cgnet.py", "test_fnafnet.py", "test_input_fft.py", "test_export.py", "test_train.py",
-                 "test_reliability_train.py", "test_serve.py")
+#: exports of the variants, the training and kill tests, the tuner's studies). Under ``--dist loadfile`` the
+#: workers take whole files in collection order, so these go first and every worker ends on short files (longest
+#: first: the workers finish together instead of one running a three-minute file while the other idles).
+LONGEST_FILES = ("test_tune.py", "test_cgnet.py", "test_fnafnet.py", "test_input_fft.py", "test_export.py",
+                 "test_train.py", "test_reliability_train.py", "test_serve.py")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -87,7 +87,8 @@ def load_report(name: str, runs: Path, storage: str | None) -> StudyReport:
             state, reason = "REQUEUED", f"{reason.split(';')[0] or 'stopped'}; resumed as trial {gone[t.number]}"
         values = t.values or []
         rows.append(TrialRow(number=t.number, state=state, baseline=bool(u.get("baseline")), params=dict(t.params),
-                             val_psnr=values[0] if values else _last(t), val_ssim=u.get("best_ssim"),
+                             val_psnr=values[0] if values else (_last(t) if state == "PRUNED" else None),
+                             val_ssim=u.get("best_ssim"),
                              latency_ms=u.get("latency_ms"), steps=u.get("steps"), seconds=u.get("seconds"),
                              reason=reason, run_dir=u.get("run_dir"), resume_of=u.get("resume_of")))
     complete = [t for t in counted(trials) if t.state.name == "COMPLETE"]
