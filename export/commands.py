@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from nafnet_core.cli_common import SIZE, Group, preset_option, train_size_option
+from nafnet_core.errors import UserError
 
 from .formats import FORMATS
 from .int8 import CALIBRATION_METHODS, CPU_FORM_CHOICES, DEFAULT_BUDGET_DB, DEFAULT_CALIBRATION, DEFAULT_CROPS
@@ -134,11 +135,18 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
       python cli.py export best.pt --tile 512x512 --tile 720x1280 --trt --opt-level 5
       python cli.py export best.pt --dynamic --openvino
       python cli.py export best.pt --tile 256x256 --int8 --int8-budget 0.1
+      python cli.py export runs/revd/best.pt --tile 720x1280   # AdaRevD: encoder + one graph per sub-decoder
+
+    An AdaRevD checkpoint exports graph E (encoder and per-tile exit logits) and one graph per sub-decoder
+    step for images of the first --tile size (default 720x1280), fp32, which `infer -m DIR` runs with the
+    exits chosen per tile (docs/variants.md).
     """
     from .api import export_model
     from .int8 import Int8Options
     from .trt_plan import TrtOptions
 
+    if _export_adarevd(checkpoint, preset, out_dir, tiles, fp16, opset, train_size):
+        return
     if not tiles and not dynamic:
         tiles, dynamic = (DEFAULT_TILE,), True
     out_dir = out_dir or Path("exported") / checkpoint.stem
@@ -158,6 +166,34 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
         from .triton_repo import RepoOptions, write_repository
 
         _print_repository(write_repository(out_dir, triton_repo, RepoOptions(profile_hw=profile_hw), overwrite=True))
+
+
+def _export_adarevd(checkpoint: Path, preset, out_dir, tiles, fp16: bool, opset: int, train_size) -> bool:
+    """Exports an AdaRevD checkpoint (:mod:`export.adarevd`); False for any other model."""
+    from nafnet_core.adarevd import AdaRevD
+    from nafnet_core.checkpoint import load_checkpoint
+    from nafnet_core.fileio import sha256_file
+
+    from .adarevd import export_adarevd
+
+    ckpt = load_checkpoint(checkpoint, preset=preset)
+    if not isinstance(ckpt.model, AdaRevD):
+        return False
+    if fp16:
+        raise UserError(f"{checkpoint}: --fp16 is not available for AdaRevD models yet; export fp32 (drop --fp16)")
+    size = tuple(tiles[0]) if tiles else (720, 1280)
+    out_dir = out_dir or Path("exported") / checkpoint.stem
+    click.echo(f"exporting AdaRevD for {size[0]}x{size[1]} images: graph E and {ckpt.config.sub_decoders} "
+               "sub-decoder graphs", err=True)
+    manifest = export_adarevd(ckpt.model, out_dir, size, fp16=fp16, opset=opset,
+                              train_size=train_size or ckpt.train_size,
+                              source={"checkpoint": str(checkpoint), "sha256": sha256_file(checkpoint)})
+    for name in manifest["files"]:
+        click.echo(f"{name}: {Path(out_dir) / name}")
+    click.echo(f"manifest: {Path(out_dir) / 'manifest.json'} (exit table {manifest['exits']}, tiles "
+               f"{manifest['tiles']['k'][0]}x{manifest['tiles']['k'][1]} at rows {manifest['tiles']['rows']} columns "
+               f"{manifest['tiles']['cols']})")
+    return True
 
 
 def _print_repository(configs: list[Path]) -> None:

@@ -204,6 +204,10 @@ def lint_path(path: str | Path, run: bool = True) -> list[Finding]:
     """Lints one ONNX file or OpenVINO IR, or every artifact of an export directory (after checking its hashes)."""
     path = Path(path)
     if path.is_dir():
+        from .adarevd import is_adarevd_export, lint_adarevd
+
+        if is_adarevd_export(path):
+            return lint_adarevd(path)
         try:
             manifest = verify(path)
         except ManifestError as e:

@@ -303,6 +303,16 @@ class AdaRevDEncoder(nn.Module):
 # Tiles and blend
 
 
+def pad_reflect(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``x`` (N, C, H, W) reflect-padded right and bottom to a multiple of ``m`` (zeros where a side is too small
+    to reflect)."""
+    h, w = x.shape[-2:]
+    ph, pw = (m - h % m) % m, (m - w % m) % m
+    if ph == pw == 0:
+        return x
+    return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "constant")
+
+
 def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
     """Tile starts along a side of ``n`` (official ``grids``): tiles of ``min(n, tile)``, stride
     ``tile - overlap``, the last one at ``n - tile``."""
@@ -520,19 +530,17 @@ class AdaRevD(nn.Module):
     def pad_input(self, x: torch.Tensor) -> torch.Tensor:
         """Reflect-pads right and bottom to a multiple of 16 (the official ``check_image_size(img, 16)``); zero
         padding where a side is too small to reflect (the official code fails there)."""
-        h, w = x.shape[-2:]
-        m = self.padder_size
-        ph, pw = (m - h % m) % m, (m - w % m) % m
-        if ph == pw == 0:
-            return x
-        return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "constant")
+        return pad_reflect(x, self.padder_size)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Scaled encoder features ``conv_features[l] * e_l`` of the padded image ``x``; without gradients while
         the encoder is frozen (official: always ``no_grad``)."""
-        frozen = not any(p.requires_grad for p in self.encoder.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            features = self.encoder(x.to(self.encoder.intro.weight.dtype))
+        x = x.to(self.encoder.intro.weight.dtype)
+        if torch.is_grad_enabled() and not any(p.requires_grad for p in self.encoder.parameters()):
+            with torch.no_grad():
+                features = self.encoder(x)
+        else:
+            features = self.encoder(x)
         return [f * e for f, e in zip(self.conv_features, features)]
 
     def tiles(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[int], list[int]]:
@@ -684,8 +692,8 @@ def refuse_adarevd(config: ModelConfig, what: str) -> None:
     if config.decoder == "adarevd":
         from .errors import UserError
 
-        raise UserError(f"{what} does not take AdaRevD models (decoder 'adarevd') yet; use the PyTorch model "
-                        "from nafnet_core (create_model / load_checkpoint) for them")
+        raise UserError(f"{what} does not take AdaRevD models (decoder 'adarevd'): `python cli.py export "
+                        "CHECKPOINT --tile HxW` writes their per-sub-decoder graphs, and `infer` runs that export")
 
 
 def split_parameters(model: AdaRevD) -> dict[str, int]:

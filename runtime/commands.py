@@ -90,10 +90,12 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 @click.option("--batch", type=click.IntRange(1), default=None,
               help="Videos: frames per model call. Default: a fixed-batch graph's batch, else 1.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--exit", "exit_mode", default="auto", show_default=True, metavar="auto|fixed:K",
+              help="AdaRevD exports: each tile's exit depth from the classifier, or K sub-decoders on every tile.")
 def infer(input_path: Path, model: Path | None, server: str | None, model_name: str, concurrency: int, backend: str,
           precision: str | None, device: str, out_dir: Path | None, tile, overlap: int | None, overwrite: bool,
           compare: bool, tlc: bool, preset: str | None, train_size: int | None, threads: int | None, max_pixels: int,
-          verify: bool, codec: str, crf: int | None, batch: int | None, quiet: bool) -> None:
+          verify: bool, codec: str, crf: int | None, batch: int | None, quiet: bool, exit_mode: str) -> None:
     """Deblur an image, a video or a folder (recursive) with any backend, here or on a Triton server.
 
     PNG, JPEG, BMP, TIFF and WebP in 8 or 16 bits, gray or RGBA (alpha kept) are written back in the
@@ -111,8 +113,17 @@ def infer(input_path: Path, model: Path | None, server: str | None, model_name: 
       python cli.py infer clip.mp4 -m export/ --crf 16 --compare
       python cli.py infer clip.mp4 -m export/ --codec lossless   # for measurement
       python cli.py infer blurry/ --server grpc://127.0.0.1:8001 --concurrency 8
+      python cli.py infer blurry/ -m exported/revd --exit fixed:2   # an AdaRevD export: exit histogram per image
     """
+    from .adarevd import format_histogram, infer_images, is_adarevd_export
     from .infer import default_output, infer_path
+
+    if model is not None and is_adarevd_export(model):
+        out = out_dir or default_output(input_path)
+        total = infer_images(model, input_path, out, exit_mode, precision or "fp32", threads, overwrite,
+                             say=lambda line: click.echo(line, err=True))
+        click.echo(f"AdaRevD {model} -> {out}: exits over all tiles {format_histogram(total)}")
+        return
     from .models import open_runner
 
     if (model is None) == (server is None):

@@ -623,18 +623,19 @@ def test_info_prints_the_count_and_split():
     assert "exit table [4, 4, 3, 3, 2, 1]" in result.output and "384 px, overlap 32" in result.output
 
 
-def test_export_and_runtime_refuse_adarevd_with_one_line(tmp_path):
+def test_tile_runtime_refuses_adarevd_with_one_line(tmp_path):
     from click.testing import CliRunner
 
     from cli import main
 
     save_checkpoint(tmp_path / "a.pt", tiny())
-    for args in (["export", str(tmp_path / "a.pt"), "--out", str(tmp_path / "e")],
-                 ["infer", str(tmp_path), "--model", str(tmp_path / "a.pt"), "--backend", "torch", "--out",
-                  str(tmp_path / "o")]):
-        result = CliRunner().invoke(main, args)
-        assert result.exit_code != 0, args
-        assert "does not take AdaRevD models" in result.output and "Traceback" not in result.output, result.output
+    args = ["infer", str(tmp_path), "--model", str(tmp_path / "a.pt"), "--backend", "torch", "--out",
+            str(tmp_path / "o")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert "does not take AdaRevD models" in result.output and "Traceback" not in result.output, result.output
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "a.pt"), "--fp16", "--out", str(tmp_path / "e")])
+    assert result.exit_code != 0 and "--fp16 is not available for AdaRevD" in result.output, result.output
     assert not (tmp_path / "e" / "manifest.json").exists()
 
 

@@ -1,0 +1,102 @@
+"""AdaRevD export (graph E + one graph per sub-decoder step) and the adaptive-exit runtime: parity against the
+PyTorch model and against "run every depth, select per tile", fixed exits, lint, the export and infer CLIs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import nafnet_core as nc
+from export.adarevd import export_adarevd
+from nafnet_core.errors import UserError
+from nafnet_core.tlc import convert_to_tlc
+from runtime.adarevd import AdaRevDRuntime, parse_exit
+from tests.test_adarevd import ForcedClasses, image, randomise
+
+SIZE = (90, 150)  # padded 96 x 160: 2 x 3 tiles of 64
+CLASSES = [0, 2, 3, 4, 1, 2]  # depths 3, 2, 1, 0, 3, 2: every exit of tiny-adarevd's table
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = randomise(nc.create_model("tiny-adarevd"), 21)
+    model.ape[2] = ForcedClasses(CLASSES, 5)
+    model = convert_to_tlc(model, train_size=64)
+    out = tmp_path_factory.mktemp("adarevd-export")
+    manifest = export_adarevd(model, out, SIZE, train_size=64)
+    return model, out, manifest
+
+
+@pytest.mark.slow
+def test_runtime_matches_pytorch_and_run_all_select(exported):
+    model, out, manifest = exported
+    runtime = AdaRevDRuntime(out)
+    x = image(*SIZE, seed=5)
+    result = runtime.run(x.numpy())
+    assert result.depths == [3, 2, 1, 0, 3, 2] and result.histogram == [1, 1, 2, 2]
+    with torch.no_grad():
+        want, depths = model(x, return_depths=True)
+    assert depths.tolist() == result.depths
+    np.testing.assert_allclose(result.image, want.numpy(), atol=1e-5, rtol=0)
+    select = runtime.run_all_select(x.numpy())
+    np.testing.assert_allclose(result.image, select.image, atol=1e-6, rtol=0)
+    for k in range(model.depth + 1):
+        fixed = runtime.run(x.numpy(), f"fixed:{k}")
+        assert fixed.histogram == [6 if d == k else 0 for d in range(model.depth + 1)]
+        with torch.no_grad():
+            np.testing.assert_allclose(fixed.image, model(x, depth=k).numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_manifest_lint_and_refusals(exported):
+    from export.lint import lint_path
+
+    _, out, manifest = exported
+    assert manifest["exits"] == [3, 3, 2, 1, 0] and manifest["depth"] == 3
+    assert manifest["tiles"] == {"tile": 64, "overlap": 16, "rows": [0, 32], "cols": [0, 48, 96], "k": [64, 64],
+                                 "blend": "normalized"}
+    assert sorted(manifest["files"]) == ["adarevd-encoder.onnx", "adarevd-step1.onnx", "adarevd-step2.onnx",
+                                         "adarevd-step3.onnx"]
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    findings = lint_path(out)
+    assert findings and all(f.ok for f in findings), [f for f in findings if not f.ok]
+    assert any(f.check == "no DFT op, no complex tensor" for f in findings)
+    runtime = AdaRevDRuntime(out)
+    with pytest.raises(UserError, match="exported for 90x150 images, got 64x64"):
+        runtime.run(np.zeros((1, 3, 64, 64), np.float32))
+    with pytest.raises(UserError, match="no fp16 graphs"):
+        AdaRevDRuntime(out, "fp16")
+
+
+def test_parse_exit():
+    assert parse_exit("auto", 4) is None and parse_exit("fixed:0", 4) == 0 and parse_exit("fixed:4", 4) == 4
+    for bad in ("fixed:5", "fixed:", "deep", "fixed:-1"):
+        with pytest.raises(UserError, match="use auto or fixed:K with K in 0..4"):
+            parse_exit(bad, 4)
+
+
+@pytest.mark.slow
+def test_export_and_infer_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+    from nafnet_core.checkpoint import save_checkpoint
+    from nafnet_core.images import read_rgb8, write_rgb8
+
+    save_checkpoint(tmp_path / "a.pt", randomise(nc.create_model("tiny-adarevd"), 22), train_size=64)
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "a.pt"), "--tile", "48x80", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    assert "exit table [3, 3, 2, 1, 0]" in r.output and (tmp_path / "e" / "manifest.json").exists()
+    photos = tmp_path / "in"
+    photos.mkdir()
+    for i in range(2):
+        write_rgb8(photos / f"p{i}.png", (image(48, 80, seed=i)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    r = CliRunner().invoke(main, ["infer", str(photos), "-m", str(tmp_path / "e"), "--out", str(tmp_path / "o"),
+                                  "--exit", "fixed:2"])
+    assert r.exit_code == 0, r.output
+    assert "exits over all tiles depth 0: 0 (0%), depth 1: 0 (0%), depth 2: 4 (100%)" in r.output
+    assert read_rgb8(tmp_path / "o" / "p0.png").shape == (48, 80, 3)
