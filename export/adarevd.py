@@ -145,30 +145,3 @@ def _half(model: AdaRevD) -> AdaRevD:
 
     return copy.deepcopy(model).half()
 
-
-def is_adarevd_export(path: str | Path) -> bool:
-    """True for a folder :func:`export_adarevd` wrote."""
-    manifest = Path(path) / "manifest.json"
-    if not manifest.is_file():
-        return False
-    try:
-        return json.loads(manifest.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
-        return False
-
-
-def lint_adarevd(path: str | Path) -> list:
-    """``export lint`` of an AdaRevD export folder: the manifest's sha256 of every graph, then every TensorRT
-    readiness check of :func:`export.lint.lint_onnx` on each graph (running them is the runtime's parity)."""
-    from .lint import Finding, lint_onnx
-
-    path = Path(path)
-    manifest = json.loads((path / "manifest.json").read_text())
-    bad = [name for name, rec in manifest["files"].items()
-           if not (path / name).is_file() or sha256_file(path / name) != rec["sha256"]]
-    findings = [Finding("manifest.json", "manifest sha256", not bad,
-                        f"missing or changed: {', '.join(bad)}" if bad else f"{len(manifest['files'])} graphs")]
-    for name in manifest["files"]:
-        if (path / name).is_file():
-            findings += lint_onnx(path / name, run=False)
-    return findings

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from nafnet_core.errors import first_line
+from nafnet_core.fileio import sha256_file
 
 from . import graph
 from .manifest import MANIFEST_NAME, ManifestError, verify
@@ -200,13 +201,34 @@ def lint_openvino(path: str | Path) -> list[Finding]:
             Finding(path.name, "BF16 FP32 islands (OpenVINO)", not problems, detail)]
 
 
+def _is_adarevd_export(path: Path) -> bool:
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("format") == "adarevd-export"
+    except (OSError, ValueError):
+        return False
+
+
+def lint_adarevd(path: str | Path) -> list[Finding]:
+    """``export lint`` of an AdaRevD export folder (:mod:`export.adarevd`): the manifest's sha256 of every graph,
+    then every TensorRT readiness check of :func:`lint_onnx` on each graph (running them is the runtime's
+    parity: the step graphs take five inputs)."""
+    path = Path(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    bad = [name for name, rec in manifest["files"].items()
+           if not (path / name).is_file() or sha256_file(path / name) != rec["sha256"]]
+    findings = [Finding("manifest.json", "manifest sha256", not bad,
+                        f"missing or changed: {', '.join(bad)}" if bad else f"{len(manifest['files'])} graphs")]
+    for name in manifest["files"]:
+        if (path / name).is_file():
+            findings += lint_onnx(path / name, run=False)
+    return findings
+
+
 def lint_path(path: str | Path, run: bool = True) -> list[Finding]:
     """Lints one ONNX file or OpenVINO IR, or every artifact of an export directory (after checking its hashes)."""
     path = Path(path)
     if path.is_dir():
-        from .adarevd import is_adarevd_export, lint_adarevd
-
-        if is_adarevd_export(path):
+        if _is_adarevd_export(path):
             return lint_adarevd(path)
         try:
             manifest = verify(path)
