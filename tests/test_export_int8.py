@@ -247,3 +247,18 @@ def test_export_cli_int8_flags(tiny_checkpoint, tmp_path, synth_root):
     assert m.data["int8"]["calibration"] == "percentile" and m.data["int8"]["data"] == str(synth_root)
     assert f"onnx-int8-{TILE}x{TILE}" in m.artifacts and f"onnx-int8-cpu-{TILE}x{TILE}" not in m.artifacts
     assert f"model-int8-{TILE}x{TILE}.onnx" in r.output
+
+
+def test_cpu_form_is_written_only_where_measured_faster(monkeypatch, tmp_path):
+    from export import api, int8
+
+    fp32, cpu = tmp_path / "fp32.onnx", tmp_path / "cpu.onnx"
+    x = np.zeros((1, 3, 48, 64), np.float32)
+    for ms, expect_written in (({fp32: 10.0, cpu: 6.0}, True), ({fp32: 10.0, cpu: 14.0}, False)):
+        monkeypatch.setattr(int8, "onnx_latency_ms", lambda path, x, rounds=3, ms=ms: ms[path])
+        record: dict = {}
+        why = api._cpu_form_slower(record, fp32, cpu, x)
+        assert (why == "") == expect_written
+        assert record["latency_ms_here"] == {"fp32": ms[fp32], "int8-cpu": ms[cpu]}
+        if not expect_written:
+            assert "not faster than fp32" in why and "14.0 vs 10.0 ms at 48x64" in why and "always" in why
