@@ -24,15 +24,17 @@ import torch
 from benchmarks.common import machine_line
 
 
-def test_delta_db(path: Path, reference: torch.nn.Module, root: Path) -> float:
-    """Mean PSNR (uint8, vs sharp) of ``path`` in onnxruntime minus PyTorch fp32's, whole test images."""
+def split_delta_db(path: Path, reference: torch.nn.Module, root: Path, shape: tuple[int, int] | None) -> float:
+    """Mean PSNR (uint8, vs sharp) of ``path`` in onnxruntime minus PyTorch fp32's on the test images (whole, or
+    centred crops at ``shape`` mirrored out where smaller, as the export's val crops)."""
     import onnxruntime as ort
 
-    from export.int8 import _psnr_db, _split_images
+    from export.int8 import _psnr_db, _split_images, fit
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     deltas = []
-    for blur, sharp in _split_images(root, "test"):
+    for pair in _split_images(root, "test"):
+        blur, sharp = fit(list(pair), shape, None)
         with torch.no_grad():
             ref = _psnr_db(reference(blur), sharp)
         deltas.append(_psnr_db(torch.from_numpy(sess.run(None, {"input": blur.numpy()})[0]), sharp) - ref)
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--forms", default="qdq")
     p.add_argument("--budget", type=float, default=0.10)
     p.add_argument("--crops", type=int, default=16)
+    p.add_argument("--tile", default=None, help="HxW: quantize a fixed-tile graph (default: the dynamic graph)")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
 
@@ -59,11 +62,13 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = load_checkpoint(a.checkpoint, preset=a.preset)
     deploy = prepare_model(ckpt.model, train_size=ckpt.train_size)
     root = data_root(Int8Options())
+    shape = tuple(int(v) for v in a.tile.split("x")) if a.tile else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        export_model(a.checkpoint, tmp / "export", preset=a.preset, tiles=[], dynamic=True, check=False)
-        fp32 = load_manifest(tmp / "export").path("onnx-fp32-dynamic")
+        export_model(a.checkpoint, tmp / "export", preset=a.preset, tiles=[shape] if shape else [],
+                     dynamic=shape is None, check=False)
+        fp32 = load_manifest(tmp / "export").path(f"onnx-fp32-{a.tile or 'dynamic'}")
         for method in a.methods.split(","):
             for form in a.forms.split(","):
                 work = tmp / f"{method}-{form}"
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                 options = Int8Options(budget_db=a.budget, calibration=method, crops=a.crops)
                 start = time.perf_counter()
                 try:
-                    r = quantize_graph(fp32, work / "int8.onnx", deploy, None, options, form, root, work,
+                    r = quantize_graph(fp32, work / "int8.onnx", deploy, shape, options, form, root, work,
                                        lambda s: print(s, file=sys.stderr))
                 except Int8BudgetError as e:
                     rows.append({"method": method, "form": form, "status": str(e)})
@@ -79,10 +84,11 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"method": method, "form": form, "float_convs": len(r.float_convs),
                              "quantized_convs": r.quantized_convs, "val_delta_db": round(r.delta_db, 4),
                              "all_int8_val_delta_db": round(r.trials[0][1], 4),
-                             "test_delta_db": round(test_delta_db(work / "int8.onnx", deploy, root), 4),
+                             "test_delta_db": round(split_delta_db(work / "int8.onnx", deploy, root, shape), 4),
                              "float": r.float_convs, "seconds": round(time.perf_counter() - start, 1),
                              "status": "ok"})
-    print(f"{a.checkpoint} ({ckpt.preset or 'project config'}), budget {a.budget} dB, {a.crops} train crops; "
+    print(f"{a.checkpoint} ({ckpt.preset or 'project config'}), {a.tile or 'dynamic'} graph, budget {a.budget} dB, "
+          f"{a.crops} train crops; "
           f"{machine_line()}")
     print("| method | form | convs INT8 / float | val ΔPSNR all INT8 | val ΔPSNR | test ΔPSNR | s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
