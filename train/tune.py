@@ -866,6 +866,7 @@ class Worker:
         cmd, env = self._command(cfg, run_dir, resume)
         log_path = run_dir / "train.log"
         seen: set[int] = set()
+        last = cfg.steps if cfg.epochs is None else math.inf  # the final step (epochs: known to the trainer only)
         pruned_at: tuple[int, float] | None = None
         storage = self.storage
         beat = time.monotonic()
@@ -888,7 +889,8 @@ class Worker:
                             if not math.isfinite(p):
                                 continue
                             trial.report(p, step)
-                            if s.prune and not finished and trial.should_prune():
+                            # the last validation ends the run: pruning there would save nothing and discard a score
+                            if s.prune and not finished and step < last and trial.should_prune():
                                 pruned_at = (step, p)
                                 self._terminate(proc)
                                 break

@@ -102,10 +102,17 @@ def load_report(name: str, runs: Path, storage: str | None) -> StudyReport:
         r.pareto = len(objectives) > 1 and r.number in best
     importances, note = {}, ""
     if len(complete) >= 3 and any(t.params for t in complete):
-        try:
-            importances = optuna.importance.get_param_importances(study, target=lambda t: t.values[0])
-        except (ValueError, RuntimeError) as e:
-            note = str(e).splitlines()[0]
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "some regimes have less than 2 trials": said below
+            try:  # importance of reaching a high PSNR (the first objective's direction for several)
+                importances = optuna.importance.get_param_importances(
+                    study, target=(lambda t: -t.values[0]) if len(objectives) > 1 else None)
+            except (ValueError, RuntimeError) as e:
+                note = str(e).splitlines()[0]
+        note = note or f"from {len(complete)} complete trials" + ("; indicative only below about 10" if
+                                                                 len(complete) < 10 else "")
     else:
         note = "needs at least 3 complete trials with parameters"
     from .config import build_config
@@ -180,7 +187,7 @@ def summary_text(rep: StudyReport) -> str:
                      f"{lat}{vs}")
         lines.append(f"  python cli.py train --preset {rep.preset} " + " ".join(best_set_lines(rep, n)))
     if rep.importances:
-        lines.append("parameter importances (PED-ANOVA): " +
+        lines.append(f"parameter importances (PED-ANOVA, {rep.importances_note}): " +
                      ", ".join(f"{k} {v:.2f}" for k, v in rep.importances.items()))
     elif rep.importances_note:
         lines.append(f"parameter importances: {rep.importances_note}")
