@@ -35,6 +35,7 @@ pixels for PyTorch fp32 and the INT8 graph, uint8-rounded outputs against the sh
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import shutil
@@ -188,12 +189,14 @@ class _Reader:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """onnxruntime.quantization logs a line per call (pre-processing hints, calibration); our progress is our own."""
+    """onnxruntime.quantization logs a line per call (pre-processing hints) and its histogram calibrators print to
+    stdout; our progress is our own."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         root.setLevel(level)
 
