@@ -55,7 +55,7 @@ from nafnet_core.errors import UserError
 
 #: Calibration methods: option value -> onnxruntime CalibrationMethod name.
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
-#: The default calibration method (the three compared in BENCHMARKS.md).
+#: The default calibration method (the three compared in BENCHMARKS.md, "INT8").
 DEFAULT_CALIBRATION = "minmax"
 #: Default |ΔPSNR| budget (dB) on the val split against PyTorch fp32.
 DEFAULT_BUDGET_DB = 0.10
