@@ -121,6 +121,18 @@ def test_bad_space_stops_the_command_before_any_work(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_spent_time_budget_starts_no_trial(tmp_path):
+    """--hours: no trial starts once the budget is spent (here at once); the baseline stays queued for the next
+    start, and nothing failed, so the exit code is 0."""
+    path = write_space(tmp_path / "s.yaml", {**TINY, "steps": 10, "val_every": 5}, {"lr": {"low": 1e-3, "high": 4e-3}})
+    r = cli("tune", str(path), "--study", "h", "--runs", str(tmp_path / "runs"), "--hours", "1e-9")
+    assert r.returncode == 0, r.stderr
+    assert "time budget of 1e-09 h reached: no new trial" in r.stderr
+    trials = load(tmp_path / "runs" / "h", "h").get_trials()
+    assert [t.state.name for t in trials] == ["WAITING"] and trials[0].user_attrs["baseline"]
+    assert not list((tmp_path / "runs" / "h").glob("trial-*"))
+
+
 def test_missing_optuna_is_one_line_with_the_install_hint(monkeypatch):
     import train.tune as tune
 
