@@ -101,7 +101,8 @@ def deploy_latency(cfg: TrainConfig, size: tuple[int, int], cli: list[str], *,
         if hit:
             return {**hit, "cached": True}
         h, w = size
-        echo(f"latency: exporting and benchmarking the deploy graph of {cfg.model} {cfg.model_args or ''} at {h}x{w}")
+        args = " " + json.dumps(cfg.model_args, separators=(",", ":")) if cfg.model_args else ""
+        echo(f"latency: exporting and benchmarking the deploy graph of {cfg.model}{args} at {h}x{w}")
         result = _measure(cfg, size, cli)
         data = _read_cache(cache)
         data[key] = result
