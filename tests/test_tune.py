@@ -387,6 +387,29 @@ def postgres():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_OPEN_STORAGE = """
+import sys, time
+from pathlib import Path
+from train.tune import open_storage, sqlalchemy_url
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.01)
+open_storage(sqlalchemy_url(sys.argv[1]), Path(sys.argv[3]), create=True)
+"""
+
+
+@pytest.mark.slow
+def test_workers_opening_an_empty_database_at_once_all_succeed(tmp_path, postgres):
+    # Each process creates Optuna's schema unless another holds the schema lock; released together.
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_STORAGE, postgres, str(go), str(tmp_path / f"s{i}")],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    time.sleep(3)  # every process imported optuna and waits on the file
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [o[1][-1500:] for o in outs]
+
+
 @pytest.mark.slow
 def test_two_workers_share_a_postgresql_study_without_running_a_trial_twice(tmp_path, postgres):
     space = write_space(tmp_path / "s.yaml", {**TINY, "steps": 10, "val_every": 5},

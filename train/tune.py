@@ -389,8 +389,11 @@ def open_storage(url: str | None, study_dir: Path, *, create: bool, stale_callba
 
         return JournalStorage(JournalFileBackend(str(path)))
     try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                          heartbeat_stale_trial_callback=stale_callback)
+        # Two workers starting on an empty database would both create Optuna's tables, and PostgreSQL refuses the
+        # second CREATE TABLE (a duplicate type name): the schema is created under an advisory lock.
+        with pg_advisory_lock(url, "nafnet-tune:schema"):
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                              heartbeat_stale_trial_callback=stale_callback)
     except Exception as e:  # noqa: BLE001 - the driver's error types vary; the message says what failed
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TuneError(f"--storage {_safe_url(url)}: cannot open the database: {first}") from None
@@ -433,12 +436,20 @@ def cap_lock(url: str | None, study_dir: Path, study_name: str) -> Iterator[None
         with _flock(study_dir / ".ask.lock"):
             yield
         return
+    # Other databases: the count and the ask are separate transactions (the cap can overshoot by one).
+    with pg_advisory_lock(url, f"nafnet-tune:{study_name}"):
+        yield
+
+
+@contextlib.contextmanager
+def pg_advisory_lock(url: str, name: str) -> Iterator[None]:
+    """A PostgreSQL session advisory lock keyed by ``name``, held on its own connection; a no-op elsewhere."""
     if not url.startswith("postgresql"):
-        yield  # other databases: the count and the ask are separate transactions (the cap can overshoot by one)
+        yield
         return
     import sqlalchemy
 
-    key = int(hashlib.sha256(f"nafnet-tune:{study_name}".encode()).hexdigest()[:15], 16)
+    key = int(hashlib.sha256(name.encode()).hexdigest()[:15], 16)
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
         with engine.connect() as conn:
