@@ -16,9 +16,18 @@ import torch
 from benchmarks.common import make_nontrivial, photo
 
 __all__ = ["TRAIN_SIZE", "TILE", "MINI", "make_nontrivial", "photo", "small_model", "mmapped_bytes_of_a_64mb_tensor",
-           "short_cfg", "assert_resume_is_exact"]
+           "short_cfg", "assert_resume_is_exact", "has_trt_gpu"]
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def has_trt_gpu() -> bool:
+    """TensorRT importable and a CUDA GPU present: the condition of the engine tests."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 TRAIN_SIZE = 64  # TLC windows of 96/48/24/12/6 px: TLC matters on the small test images
 TILE = 64

@@ -20,7 +20,7 @@ from export import ManifestError, export_model, fold, fold_for_deploy, graph, is
 from export.api import prepare_model
 from export.onnx_export import read_metadata
 from nafnet_core.fileio import sha256_file
-from tests.helpers import make_nontrivial, photo, small_model
+from tests.helpers import has_trt_gpu, make_nontrivial, photo, small_model
 
 TRAIN = 16
 TILE = (48, 64)
@@ -335,17 +335,9 @@ def test_missing_tensorrt_gives_one_sentence_after_writing_onnx(model, tmp_path,
     assert set(manifest.artifacts) == {"onnx-fp32-16x16", "onnx-fp16-16x16"}
 
 
-def _has_trt_gpu() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 @pytest.mark.trt
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_trt_gpu(), reason="needs TensorRT and a CUDA GPU")
+@pytest.mark.skipif(not has_trt_gpu(), reason="needs TensorRT and a CUDA GPU")
 def test_tensorrt_engine_builds_and_matches(model, fp16_export, tmp_path):
     from export.shapes import ShapeSpec, make_profile
     from export.tensorrt_build import build_engine, run_engine

@@ -15,7 +15,7 @@ from export import export_model, load_manifest
 from export.int8 import Int8Options
 from export.lint import lint_path
 from runtime.parity import ParityRow, _verdict
-from tests.helpers import TILE, TRAIN_SIZE, make_nontrivial
+from tests.helpers import TILE, TRAIN_SIZE, has_trt_gpu, make_nontrivial
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,18 +130,10 @@ def test_every_variant_exports_int8_within_its_budget(preset, tmp_path, synth_ro
 
 
 
-def _has_trt_gpu() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 @pytest.mark.trt
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_trt_gpu(), reason="needs TensorRT and a CUDA GPU")
+@pytest.mark.skipif(not has_trt_gpu(), reason="needs TensorRT and a CUDA GPU")
 def test_tensorrt_builds_the_int8_engine_from_the_qdq_graph(int8_export, tmp_path):
     from export.shapes import ShapeSpec, make_profile
     from export.tensorrt_build import build_engine, run_engine

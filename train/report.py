@@ -62,13 +62,29 @@ class MetricsLog:
         return xs, ys
 
 
-def plot_curves(log: MetricsLog, path: str | Path, title: str = "") -> None:
-    """Loss, PSNR (train and validation, with the blurry input's as a reference) and SSIM vs step."""
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display here), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> None:
+    """Lay out ``fig``, write it to ``path`` as PNG atomically, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
+def plot_curves(log: MetricsLog, path: str | Path, title: str = "") -> None:
+    """Loss, PSNR (train and validation, with the blurry input's as a reference) and SSIM vs step."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(*log.series("train", "loss"), lw=1)
     axes[0].set(title="training loss", xlabel="step")
@@ -85,10 +101,7 @@ def plot_curves(log: MetricsLog, path: str | Path, title: str = "") -> None:
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 def sample_grid(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], max_width: int = 1536) -> np.ndarray:

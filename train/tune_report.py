@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
-from nafnet_core.fileio import atomic_path, atomic_write_text
+from nafnet_core.fileio import atomic_write_text
 
+from .report import pyplot, save_figure
 from .tune import JOURNAL_NAME, TuneError, counted, open_storage, optuna_module, sqlalchemy_url, superseded
 
 
@@ -196,11 +197,7 @@ def summary_text(rep: StudyReport) -> str:
 
 
 def plot_history(rep: StudyReport, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     done = [r for r in rep.rows if r.state == "COMPLETE" and r.val_psnr is not None]
     pruned = [r for r in rep.rows if r.state == "PRUNED" and r.val_psnr is not None]
@@ -218,18 +215,11 @@ def plot_history(rep: StudyReport, path: Path) -> None:
             ax.axhline(r.val_psnr, ls="--", color="C2", lw=1, label=f"baseline (trial {r.number})")
     ax.set(xlabel="trial", ylabel="val PSNR (dB)", title=f"study {rep.study}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_pareto(rep: StudyReport, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     pts = [r for r in rep.rows if r.state == "COMPLETE" and r.latency_ms is not None]
     front = sorted([r for r in pts if r.pareto], key=lambda r: r.latency_ms)
@@ -239,10 +229,7 @@ def plot_pareto(rep: StudyReport, path: Path) -> None:
         ax.annotate(str(r.number), (r.latency_ms, r.val_psnr), fontsize=8, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="deploy latency (ms)", ylabel="val PSNR (dB)", title=f"study {rep.study}: PSNR vs latency")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def write_outputs(rep: StudyReport, study_dir: Path, json_path: Path | None = None,
