@@ -2,7 +2,8 @@
 
 For one checkpoint, the fp32 deploy graph (dynamic, TLC, folded) is exported once; then each calibration method
 quantizes it in each form with the export's own search (``export.int8.quantize_graph``: SQNR ranking, worst convs
-back to float until the val |ΔPSNR| is within the budget), and the result is scored on the test split, whole
+back to float until the val |ΔPSNR| is within the budget; the qdq form in the FP16 graph, as export writes it, the
+cpu form with FP32 float parts), and the result is scored on the test split, whole
 images, against PyTorch fp32 (mean PSNR of uint8-rounded outputs vs the sharp images)::
 
     python -m benchmarks.int8 runs/demo/train/best.pt --methods minmax,percentile,entropy
@@ -67,8 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         export_model(a.checkpoint, tmp / "export", preset=a.preset, tiles=[shape] if shape else [],
-                     dynamic=shape is None, check=False)
+                     dynamic=shape is None, fp16=True, check=False)
         fp32 = load_manifest(tmp / "export").path(f"onnx-fp32-{a.tile or 'dynamic'}")
+        fp16 = load_manifest(tmp / "export").path(f"onnx-fp16-{a.tile or 'dynamic'}")  # the qdq form's float parts
         for method in a.methods.split(","):
             for form in a.forms.split(","):
                 work = tmp / f"{method}-{form}"
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.perf_counter()
                 try:
                     r = quantize_graph(fp32, work / "int8.onnx", deploy, shape, options, form, root, work,
-                                       lambda s: print(s, file=sys.stderr))
+                                       lambda s: print(s, file=sys.stderr), fp16_path=fp16)
                 except Int8BudgetError as e:
                     rows.append({"method": method, "form": form, "status": str(e)})
                     continue

@@ -62,14 +62,14 @@ def _shape_specs(tiles: Iterable[tuple[int, int]] | tuple[int, int] | None, dyna
 
 def check_onnx(path: Path, reference: NAFNet, spec: ShapeSpec) -> dict[str, Any]:
     """Runs the ONNX file in onnxruntime (CPU) on a photo and compares with the FP32 PyTorch ``reference``."""
-    import onnxruntime as ort
+    from .int8 import cpu_session
 
     m = reference.config.pad_multiple
     shape = (1, 3, 3 * m + 1, 4 * m + 3) if spec.is_dynamic else (spec.batch, 3, spec.height, spec.width)
     x = sample_photo(shape[2], shape[3], batch=shape[0])
     with torch.no_grad():
         ref = reference(x)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = cpu_session(path)
     out = torch.from_numpy(sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
     diff = (out - ref).abs().max().item()
     return {"input_shape": list(shape), "reference": "torch-fp32", "runtime": "onnxruntime-cpu",
@@ -208,7 +208,8 @@ def _write_int8(data: dict[str, Any], out_dir: Path, specs: list[ShapeSpec], dep
                     "calibration_split": "train", "calibration_crops": options.crops, "budget_split": "val",
                     "activations": "int8, symmetric, per tensor, zero point 0",
                     "weights": "int8, symmetric, per output channel (axis 0), zero point 0", "bias": "float",
-                    "quantized_ops": ["Conv"], "float_parts": "fp32", "cpu_form": options.cpu_form, "graphs": {}}
+                    "quantized_ops": ["Conv"], "float_parts": dict(q.FLOAT_PARTS), "cpu_form": options.cpu_form,
+                    "graphs": {}}
     graphs = data["int8"]["graphs"]
     errors = []
     with q.work_dir(out_dir) as tmp:
@@ -218,6 +219,8 @@ def _write_int8(data: dict[str, Any], out_dir: Path, specs: list[ShapeSpec], dep
             work = Path(tmp) / spec.tag
             work.mkdir()
             fp32_path = out_dir / data["artifacts"][src]["file"]
+            fp16_src = FORMATS["onnx-fp16"].artifact_name(spec)  # the TensorRT form's float parts
+            fp16_path = out_dir / data["artifacts"][fp16_src]["file"]
             for fmt_name, form in (("onnx-int8", "qdq"), ("onnx-int8-cpu", "cpu")):
                 fmt = FORMATS[fmt_name]
                 name = fmt.artifact_name(spec)
@@ -228,7 +231,8 @@ def _write_int8(data: dict[str, Any], out_dir: Path, specs: list[ShapeSpec], dep
                 start = time.perf_counter()
                 graph_path = work / fmt.file_name(spec)
                 try:
-                    result = q.quantize_graph(fp32_path, graph_path, deploy, shape, options, form, root, work, log)
+                    result = q.quantize_graph(fp32_path, graph_path, deploy, shape, options, form, root, work, log,
+                                              fp16_path=fp16_path if form == "qdq" else None)
                 except q.Int8BudgetError as e:
                     graphs[name] = {"form": form, "written": False, "why": str(e)}
                     log(f"INT8 {name}: {e}")
@@ -244,7 +248,8 @@ def _write_int8(data: dict[str, Any], out_dir: Path, specs: list[ShapeSpec], dep
                         log(f"INT8 {name}: not written, {why}")
                         continue
                 rec = {"format": fmt.name, "precision": fmt.precision, "runtime": fmt.runtime,
-                       "shape": spec.to_dict(), "built_from": src, "int8": record}
+                       "shape": spec.to_dict(), "built_from": fp16_src if form == "qdq" else src,
+                       "calibrated_on": src, "int8": record}
                 proto = onnx.load(str(graph_path))
                 set_metadata(proto, onnx_metadata(data, rec))
                 path = save_onnx(proto, out_dir / fmt.file_name(spec))

@@ -49,11 +49,11 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
            "global residual and I/O"),
     Format("trt-fp16", "fp16", ".engine", "tensorrt", "onnx-fp16",
            "TensorRT engine built from onnx-fp16 as written (strongly typed)"),
-    Format("onnx-int8", "int8", ".onnx", "onnxruntime", "onnx-fp32",
-           "ONNX Q/DQ (TensorRT's placement): signed symmetric INT8 convs (per-channel weights), convs that would "
-           "exceed --int8-budget and everything else FP32"),
+    Format("onnx-int8", "int8", ".onnx", "onnxruntime", "onnx-fp16",
+           "ONNX Q/DQ (TensorRT's placement) in the FP16 graph: signed symmetric INT8 convs (per-channel weights), "
+           "the convs that would exceed --int8-budget and everything else as in onnx-fp16 (FP16, FP32 islands)"),
     Format("onnx-int8-cpu", "int8", ".onnx", "onnxruntime", "onnx-fp32",
-           "onnx-int8 with an output Q after each INT8 conv (onnxruntime CPU fuses QLinearConv); written where "
+           "INT8 convs with an output Q each (onnxruntime CPU fuses QLinearConv), float parts FP32; written where "
            "faster than fp32 here", stem="int8cpu"),
     Format("trt-int8", "int8", ".engine", "tensorrt", "onnx-int8",
            "TensorRT engine built from onnx-int8 as written (explicit quantization, strongly typed)"),
@@ -64,9 +64,11 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
 
 
 def formats_for(fp16: bool, trt: bool, openvino: bool = False, int8: bool = False) -> list[Format]:
-    """The formats an export writes: always onnx-fp32; onnx-fp16 with ``fp16`` or ``trt``; the engine with ``trt``;
-    the OpenVINO IR with ``openvino``; the INT8 graphs with ``int8`` (and their engine with ``trt``)."""
-    names = ["onnx-fp32"] + (["onnx-fp16"] if fp16 or trt else []) + (["onnx-int8", "onnx-int8-cpu"] if int8 else []) \
-        + (["trt-fp16"] if trt else []) + (["trt-int8"] if trt and int8 else []) \
+    """The formats an export writes: always onnx-fp32; onnx-fp16 with ``fp16``, ``trt`` or ``int8`` (the TensorRT
+    INT8 form is built in it); the engine with ``trt``; the OpenVINO IR with ``openvino``; the INT8 graphs with
+    ``int8`` (and their engine with ``trt``)."""
+    names = ["onnx-fp32"] + (["onnx-fp16"] if fp16 or trt or int8 else []) \
+        + (["onnx-int8", "onnx-int8-cpu"] if int8 else []) + (["trt-fp16"] if trt else []) \
+        + (["trt-int8"] if trt and int8 else []) \
         + (["openvino-fp32"] if openvino else [])
     return [FORMATS[n] for n in names]

@@ -266,15 +266,18 @@ def opset_of(model: onnx.ModelProto) -> int | None:
 
 #: The first opset whose QuantizeLinear/DequantizeLinear take per-axis scales (the weights' per-channel ones).
 QDQ_MIN_OPSET = 13
+#: The first opset whose QuantizeLinear/DequantizeLinear take FP16 scales (the FP16 convs of the TensorRT form).
+QDQ_FP16_MIN_OPSET = 19
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 def int8_problems(model: onnx.ModelProto, form: str | None = None, float_convs: list[str] | None = None) -> list[str]:
     """What is wrong with an INT8 Q/DQ graph (``export.int8``); empty list: fine.
 
-    Q/DQ rules (TensorRT's explicit quantization, onnxruntime's QLinearConv): opset >= 13; every zero point an
-    INT8 initializer of zeros (signed, symmetric; no UINT8 anywhere); every scale an initializer of the float type
-    of what it scales (a Q: its input; a DQ: what its consumers compute in); activations per tensor, weights per
+    Q/DQ rules (TensorRT's explicit quantization, onnxruntime's QLinearConv): opset >= 13, >= 19 where a scale is
+    FP16; every zero point an INT8 initializer of zeros (signed, symmetric; no UINT8 anywhere); every scale an
+    initializer of the float type of what it scales (a Q: its input; a DQ: what its consumers compute in: an FP16
+    conv FP16 scales, an FP32 conv FP32 ones); activations per tensor, weights per
     output channel (axis 0, one scale per output channel) from INT8 initializers; Q/DQ only around Conv: every DQ
     feeds a Conv or dequantizes a Conv's output, and a Conv output is quantized only in the ``cpu`` form (in every
     INT8 conv there). ``float_convs``: the conv keys (weight names without ``.weight``) that must compute in float.
@@ -309,6 +312,9 @@ def int8_problems(model: onnx.ModelProto, form: str | None = None, float_convs: 
         if scale is None:
             problems.append(f"{n.op_type} {n.name}: scale {n.input[1]} is not an initializer")
             continue
+        if scale.data_type != TensorProto.FLOAT and (opset or 0) < QDQ_FP16_MIN_OPSET:
+            problems.append(f"{n.op_type} {n.name}: {_FLOAT_TYPES.get(scale.data_type, '?')} scale at opset {opset}: "
+                            f"scales other than FP32 need opset >= {QDQ_FP16_MIN_OPSET}")
         if n.op_type == "QuantizeLinear":
             if types.get(n.input[0]) != scale.data_type:
                 problems.append(f"QuantizeLinear {n.name}: scale {_FLOAT_TYPES.get(scale.data_type, '?')}, input "

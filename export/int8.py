@@ -1,4 +1,4 @@
-"""INT8 graphs: Q/DQ ONNX from the fp32 deploy graph, calibrated on train crops, sensitive convs kept in float.
+"""INT8 graphs: Q/DQ ONNX calibrated on the fp32 deploy graph's train crops, sensitive convs kept in float.
 
 Placed the way the FP16 graph is placed: deliberately, measured, and checked by parity.
 
@@ -12,10 +12,20 @@ Placed the way the FP16 graph is placed: deliberately, measured, and checked by 
   conv's activation input and its weight, no Q on its output, ``OpTypesToExcludeOutputQuantization=["Conv"]``),
   and ``cpu`` (an output Q/DQ after every quantized conv too, the pattern onnxruntime's CPU provider fuses into
   ``QLinearConv``/``QLinearMul``). Each form gets its own float list: the output Q adds error of its own.
-* **Float parts are FP32.** Everything that is not a quantized conv computes in FP32 (the FP16 graph's FP32
-  islands hold a fortiori; the FP16 parts of the FP16 graph are FP32 here). Why: the FP16 graph is a PyTorch
-  half model exported as written, not an ONNX rewrite that could follow a Q/DQ insertion, and opset-18
-  DequantizeLinear has FP32 scales only (FP16 scales need opset 19). ``export lint`` checks it.
+* **Float parts.** The TensorRT form's are the FP16 graph's: FP16, with its FP32 islands (LayerNorm, pooling and
+  TLC sums, the FFT matrices, an FP32 residual stream's convs, FP32 I/O). The search quantizes the fp32 graph
+  (onnxruntime's calibration and quantizer take FP32 graphs only), and each of its graphs is carried into the FP16
+  graph (:func:`fp16_form`): a Q/DQ pair on the activation input of every conv INT8 there and its weight INT8 per
+  channel with a DQ, with the same scales, in FP16 where the conv computes in FP16 (rounded up to an FP16 value,
+  the weights quantized again with it) and FP32 where the FP16 graph keeps the conv in FP32 (``nafnet.fp32_convs``).
+  FP16 scales need opset 19 (DequantizeLinear 13-18 has FP32 scales only), which TensorRT >= 10.0 parses (9-20),
+  so the form's opset is raised to 19. The budget is measured on that graph, so every step of the search includes
+  the FP16 roundings (onnxruntime's CPU provider computes the FP16 nodes it has no kernel for in FP32, between
+  casts, so it may under-state FP16 arithmetic; the FP16 graph's own numerics are checked by PyTorch half,
+  ``export lint --checkpoint``); the record also has the ΔPSNR of the same convs with FP32 float parts. The cpu
+  form's float parts stay FP32: onnxruntime's x86 CPU provider has no FP16 conv kernels and would cast every FP16
+  node to FP32 and back.
+  ``export lint`` checks each form's float parts (the FP16 placement rules, or all FP32) and scale types.
 * **Calibration** on crops of the **train** split (the embedded synthetic set unless ``data`` names another)
   at the graph's shape: the tile size for a fixed tile (an image smaller than the tile is mirrored out to it),
   the whole image for the dynamic graph. Methods: ``minmax``, ``percentile`` (99.999th), ``entropy``
@@ -277,6 +287,143 @@ def keep_float_consumers(model: onnx.ModelProto, form: str) -> int:
     return changed
 
 
+#: What the float parts of each form compute in (manifest and metadata ``float_parts``): the TensorRT form's are
+#: the FP16 graph's (FP16 with its FP32 islands), the cpu form's FP32 (onnxruntime's x86 CPU provider has no FP16
+#: conv kernels: it would cast every FP16 conv to FP32 and back).
+FLOAT_PARTS = {"qdq": "fp16-fp32-islands", "cpu": "fp32"}
+#: The opset of the FP16 form: QuantizeLinear/DequantizeLinear take FP16 scales from opset 19 (13-18: FP32 only).
+FP16_QDQ_OPSET = 19
+
+
+def conv_key(weight: str) -> str:
+    """The conv key of a (quantized) weight name: ``encoders.0.0.conv3.weight_quantized`` -> ``encoders.0.0.conv3``."""
+    return weight.removesuffix("_quantized").removesuffix(".weight")
+
+
+def fp16_at_least(scale: np.ndarray) -> np.ndarray:
+    """The smallest FP16 value >= each (positive) FP32 ``scale``: as an FP16 scale it clips nothing the FP32 one
+    kept. Raises ValueError beyond FP16's range."""
+    s = np.atleast_1d(np.asarray(scale, np.float32))
+    s = np.maximum(s, np.float32(2.0**-24))  # FP16's smallest subnormal: TensorRT takes positive scales only
+    h = s.astype(np.float16)
+    low = h.astype(np.float32) < s
+    h[low] = np.nextafter(h[low], np.float16(np.inf))
+    if not np.isfinite(h).all():
+        raise ValueError(f"an INT8 scale of {float(s.max()):.4g} is beyond FP16's range")
+    return h.reshape(np.shape(scale))
+
+
+def _quantized_convs(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Conv key -> (activation scale, weight scales, INT8 weights) of every INT8 conv of a Q/DQ graph."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for n in model.graph.node:
+        wdq = producer.get(n.input[1]) if n.op_type == "Conv" else None
+        if wdq is None or wdq.op_type != "DequantizeLinear":
+            continue
+        xdq = producer[n.input[0]]
+        out[conv_key(wdq.input[0])] = tuple(onnx.numpy_helper.to_array(inits[name])
+                                            for name in (xdq.input[1], wdq.input[1], wdq.input[0]))
+    return out
+
+
+def _fp32_key(weight: str, keys: set[str]) -> str:
+    """The fp32 graph's key of an FP16 graph conv: the same, or for a conv the FP16 graph computes in FP32
+    (``export.fp16_stream.Fp32Conv``, weight ``intro.conv.weight``) the key without ``.conv``."""
+    stem = weight.removesuffix(".weight")
+    if stem in keys:
+        return stem
+    if stem.endswith(".conv") and stem[:-len(".conv")] in keys:
+        return stem[:-len(".conv")]
+    raise ValueError(f"conv {stem} of the FP16 graph has no counterpart in the fp32 graph")
+
+
+def fp16_form(qdq_path: Path, fp16_path: Path, fp32_path: Path, out_path: Path) -> Path:
+    """Writes the TensorRT form with FP16 float parts: the FP16 graph (``fp16_path``, FP32 islands and I/O as
+    exported) with a Q/DQ pair on the activation input and an INT8 per-channel weight with its DQ for every conv
+    that is INT8 in ``qdq_path`` (the qdq form of the fp32 graph), with its scales.
+
+    Scales have the type the conv computes in: for an FP16 conv the smallest FP16 value at or above each FP32 scale
+    (:func:`fp16_at_least`; the weights are quantized again from the fp32 graph's ``fp32_path`` with those scales,
+    within [-127, 127]), for a conv the FP16 graph keeps in FP32 (``nafnet.fp32_convs``) the FP32 scales and weights
+    as they are. Zero points INT8 0. The opset becomes at least :data:`FP16_QDQ_OPSET`; every conv's weight is named
+    by its fp32 key (``<key>.weight``)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .graph import tensor_types
+
+    quant = _quantized_convs(onnx.load(str(qdq_path)))
+    fp32 = onnx.load(str(fp32_path))
+    keys = set(conv_names(fp32))
+    weights = {t.name: t for t in fp32.graph.initializer if conv_key(t.name) in quant}
+    model = onnx.load(str(fp16_path))
+    g = model.graph
+    types = tensor_types(model)
+    inits = {t.name: t for t in g.initializer}
+    nodes: list[onnx.NodeProto] = []
+    added: list[onnx.TensorProto] = []
+    dequantized: dict[tuple[str, bytes, str], str] = {}  # (tensor, scale bytes, dtype) -> its DQ output
+    for node in g.node:
+        n = onnx.NodeProto()
+        n.CopyFrom(node)
+        if n.op_type != "Conv":
+            nodes.append(n)
+            continue
+        key = _fp32_key(n.input[1], keys)
+        weight = f"{key}.weight"
+        if key not in quant:
+            if n.input[1] != weight:  # a float FP32 conv of the FP16 graph: named by its key
+                t = onnx.TensorProto()
+                t.CopyFrom(inits[n.input[1]])
+                t.name = weight
+                added.append(t)
+                n.input[1] = weight
+            nodes.append(n)
+            continue
+        x_scale, w_scale, w_int8 = quant[key]
+        if types.get(n.input[0]) == TensorProto.FLOAT16:
+            x_scale, w_scale = fp16_at_least(x_scale), fp16_at_least(w_scale)
+            w = numpy_helper.to_array(weights[weight]).astype(np.float32)
+            w_int8 = np.clip(np.round(w / w_scale.astype(np.float32).reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+        elif types.get(n.input[0]) != TensorProto.FLOAT:
+            raise ValueError(f"conv {key} of the FP16 graph reads {n.input[0]} of type {types.get(n.input[0])}")
+        x = n.input[0]
+        tag = (x, x_scale.tobytes(), x_scale.dtype.str)
+        if tag not in dequantized:
+            base = x if not any(t[0] == x for t in dequantized) else f"{x}_{len(dequantized)}"
+            added += [numpy_helper.from_array(x_scale, f"{base}_scale"),
+                      numpy_helper.from_array(np.array(0, np.int8), f"{base}_zero_point")]
+            nodes += [helper.make_node("QuantizeLinear", [x, f"{base}_scale", f"{base}_zero_point"],
+                                       [f"{base}_QuantizeLinear_Output"], name=f"{base}_QuantizeLinear"),
+                      helper.make_node("DequantizeLinear", [f"{base}_QuantizeLinear_Output", f"{base}_scale",
+                                                            f"{base}_zero_point"],
+                                       [f"{base}_DequantizeLinear_Output"], name=f"{base}_DequantizeLinear")]
+            dequantized[tag] = f"{base}_DequantizeLinear_Output"
+        added += [numpy_helper.from_array(w_int8, f"{weight}_quantized"),
+                  numpy_helper.from_array(w_scale, f"{weight}_scale"),
+                  numpy_helper.from_array(np.zeros(w_scale.shape, np.int8), f"{weight}_zero_point")]
+        nodes.append(helper.make_node("DequantizeLinear", [f"{weight}_quantized", f"{weight}_scale",
+                                                           f"{weight}_zero_point"],
+                                      [f"{weight}_DequantizeLinear_Output"], name=f"{weight}_DequantizeLinear", axis=0))
+        n.input[0], n.input[1] = dequantized[tag], f"{weight}_DequantizeLinear_Output"
+        nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(added)
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    kept = [t for t in g.initializer if t.name in read]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = max(op.version, FP16_QDQ_OPSET)
+    model.ir_version = max(model.ir_version, 9)  # opset 19's IR
+    del g.value_info[:]  # the FP16 graph's inferred types; the Q/DQ outputs have their own
+    onnx.save(model, str(out_path))
+    return out_path
+
+
 def preprocess(fp32_path: Path, out_path: Path) -> Path:
     """``quant_pre_process`` with ``skip_optimization`` (node and tensor names kept) and ONNX's own shape inference:
     onnxruntime's symbolic shape inference gives up on the dynamic TLC graphs (and then leaves a temporary model in
@@ -401,9 +548,7 @@ class Validator:
             self.ref_db = [_psnr_db(reference(torch.from_numpy(x)), s) for x, s in val]
 
     def delta_db(self, path: Path) -> float:
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = cpu_session(path)
         dbs = [_psnr_db(torch.from_numpy(sess.run(None, {"input": x})[0]), s) for x, s in self.val]
         return float(np.mean(dbs) - np.mean(self.ref_db))
 
@@ -418,12 +563,20 @@ class Int8Result:
     delta_db: float
     sqnr_db: dict[str, float]
     trials: list[tuple[int, float]] = field(default_factory=list)
+    float_parts: str = "fp32"
+    opset: int | None = None
+    fp32_parts_delta_db: float | None = None
 
     def record(self, budget: float) -> dict[str, Any]:
-        return {"form": self.form, "quantized_convs": self.quantized_convs,
-                "float_convs": [{"conv": k, "sqnr_db": _round(self.sqnr_db.get(k))} for k in self.float_convs],
-                "val_delta_psnr_db": round(self.delta_db, 4), "budget_db": budget,
-                "search": [{"float_convs": k, "val_delta_psnr_db": round(d, 4)} for k, d in self.trials]}
+        out = {"form": self.form, "float_parts": self.float_parts, "quantized_convs": self.quantized_convs,
+               "float_convs": [{"conv": k, "sqnr_db": _round(self.sqnr_db.get(k))} for k in self.float_convs],
+               "val_delta_psnr_db": round(self.delta_db, 4), "budget_db": budget,
+               "search": [{"float_convs": k, "val_delta_psnr_db": round(d, 4)} for k, d in self.trials]}
+        if self.opset is not None:
+            out["opset"] = self.opset
+        if self.fp32_parts_delta_db is not None:  # the same convs and scales with FP32 float parts
+            out["val_delta_psnr_db_fp32_parts"] = round(self.fp32_parts_delta_db, 4)
+        return out
 
 
 def _round(v: float | None) -> float | None:
@@ -463,15 +616,21 @@ def search(total: int, measure: Callable[[int], float], budget: float) -> tuple[
 
 def quantize_graph(fp32_path: Path, out_path: Path, reference: torch.nn.Module, shape: tuple[int, int] | None,
                    options: Int8Options, form: str, root: Path, work: Path,
-                   log: Callable[[str], None] = lambda s: None) -> Int8Result:
+                   log: Callable[[str], None] = lambda s: None, fp16_path: Path | None = None) -> Int8Result:
     """Quantizes ``fp32_path`` into ``out_path`` in ``form`` within the budget (see the module docstring).
 
-    Raises :class:`Int8BudgetError` (``out_path`` not written) when the budget needs every conv in float."""
+    With ``fp16_path`` (the FP16 graph of the same shape) the ``qdq`` form is written with FP16 float parts
+    (:func:`fp16_form`) and every step of the search measures that graph; without it, or in the ``cpu`` form, the
+    float parts are FP32. Raises :class:`Int8BudgetError` (``out_path`` not written) when the budget needs every
+    conv in float."""
+    fp16 = form == "qdq" and fp16_path is not None
     pre = preprocess(fp32_path, work / f"pre-{form}.onnx")
     cache = work / f"ranges-{options.calibration}.json"
     calib = calibration_inputs(root, shape, options.crops, options.seed)
     validator = Validator(reference, val_inputs(root, shape, options.val_images))
     trial = work / f"trial-{form}.onnx"
+    final = work / f"trial-{form}-fp16.onnx" if fp16 else trial
+    label = f"{form} (FP16 float parts)" if fp16 else form
     start = time.perf_counter()
     quantize(pre, trial, calib, cache, options.calibration, [], form)
     sqnr = conv_sqnr(pre, trial, calib[:2], work)
@@ -479,29 +638,44 @@ def quantize_graph(fp32_path: Path, out_path: Path, reference: torch.nn.Module, 
     log(f"  {form}: {len(order)} convs ranked by SQNR ({time.perf_counter() - start:.0f} s); worst: "
         + ", ".join(f"{k} {sqnr[k]:.1f} dB" for k in order[:3]))
 
-    def measure(k: int) -> float:
+    def build(k: int) -> Path:
         quantize(pre, trial, calib, cache, options.calibration, order[:k], form)
-        d = validator.delta_db(trial)
-        log(f"  {form}: {k} conv(s) in float: val ΔPSNR {d:+.4f} dB")
+        return fp16_form(trial, fp16_path, pre, final) if fp16 else trial
+
+    def measure(k: int) -> float:
+        d = validator.delta_db(build(k))
+        log(f"  {label}: {k} conv(s) in float: val ΔPSNR {d:+.4f} dB")
         return d
 
     k, trials = search(len(order), measure, options.budget_db)
     if k is None:
         worst = ", ".join(f"k={kk}: {d:+.3f} dB" for kk, d in trials)
-        raise Int8BudgetError(f"INT8 ({form} form) cannot meet --int8-budget {options.budget_db} dB with any conv "
+        raise Int8BudgetError(f"INT8 ({label} form) cannot meet --int8-budget {options.budget_db} dB with any conv "
                               f"quantized (val |ΔPSNR| with the worst k convs in float: {worst}); no INT8 file "
                               "written: raise the budget, try --int8-calibration percentile/entropy, or use FP16")
     if trials[-1][0] != k:  # the file on disk is from the last trial: rebuild the chosen one
-        quantize(pre, trial, calib, cache, options.calibration, order[:k], form)
-    shutil.move(str(trial), str(out_path))
-    return Int8Result(form, order[:k], len(order) - k, dict(trials)[k], sqnr, trials)
+        build(k)
+    fp32_parts = validator.delta_db(trial) if fp16 else None  # what the FP16 float parts add
+    shutil.move(str(final), str(out_path))
+    opset = next(o.version for o in onnx.load(str(out_path)).opset_import if o.domain in ("", "ai.onnx")) \
+        if fp16 else None
+    return Int8Result(form, order[:k], len(order) - k, dict(trials)[k], sqnr, trials,
+                      float_parts=FLOAT_PARTS[form] if fp16 else "fp32", opset=opset, fp32_parts_delta_db=fp32_parts)
+
+
+def cpu_session(path: str | Path):
+    """An onnxruntime CPU session that logs errors only: on the FP16 form its constant folding warns, once per
+    FP16 weight DQ, that it has no FP16 CPU kernel to fold with (it computes them unfolded)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def onnx_latency_ms(path: str | Path, x: np.ndarray, rounds: int = 3) -> float:
     """Median ms of ``path`` on onnxruntime CPU at ``x`` (one warm-up)."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = cpu_session(path)
     sess.run(None, {"input": x})
     times = []
     for _ in range(rounds):

@@ -5,9 +5,10 @@ no complex tensor anywhere (:func:`check_no_dft`: TensorRT has neither); axes of
 ReduceMean/CumSum/Pad/Slice/(Un)Squeeze are initializers; the opset within what every supported
 TensorRT parses; Pad modes constant/edge; DepthToSpace in PixelShuffle's CRD order; no INT64 constant
 beyond INT32 except clamped Slice bounds; a fixed-tile graph has no shape arithmetic; an FP16 graph
-keeps LayerNorm, pooling and CumSum in FP32 with FP32 I/O; onnxruntime loads it and runs it at
-concrete shapes with finite outputs of the input's shape. For a directory
-the manifest's sha256 of every artifact is checked first.
+keeps LayerNorm, pooling and CumSum in FP32 with FP32 I/O; an INT8 graph keeps the Q/DQ rules and its float
+parts as its metadata says (the TensorRT form: the FP16 placement; the cpu form: FP32); onnxruntime loads it
+and runs it at concrete shapes with finite outputs of the input's shape. For a directory the manifest's sha256
+of every artifact is checked first.
 
 The FP16 range report that ``export lint --checkpoint`` adds is :mod:`export.ranges`.
 """
@@ -151,18 +152,30 @@ def lint_onnx(path: str | Path, run: bool = True) -> list[Finding]:
         prec = graph.node_precisions(model)
         dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
         int8_convs = sum(n.op_type == "Conv" and n.input[1] in dq for n in model.graph.node)
+        parts = meta.get("nafnet.int8_float_parts", "fp32")
+        scale_types = sorted({graph.float_type({0: t.data_type}, 0) or "?" for t in model.graph.initializer
+                              if t.name.endswith("_scale")})
         add("INT8 Q/DQ rules", graph.int8_problems(model, form, floats),
             f"{form or '?'} form: {int8_convs} INT8 convs, {counts.get('Conv', 0) - int8_convs} float; signed "
-            f"symmetric, zero points 0, FP32 scales, per-channel weights, opset {graph.opset_of(model)}")
-        add("INT8 float parts (FP32 islands)", graph.int8_float_problems(model),
-            f"{sum(sum(c.values()) for op, c in prec.items() if op not in ('QuantizeLinear', 'DequantizeLinear'))} "
-            "float nodes in FP32 (LayerNorm, pooling, CumSum, gates, adds); I/O fp32")
+            f"symmetric, zero points 0, {'/'.join(scale_types)} scales typed like their consumers, per-channel "
+            f"weights, opset {graph.opset_of(model)}")
+        if parts == "fp16-fp32-islands":  # the TensorRT form: the FP16 graph's placement, Q/DQ around its convs
+            stream_convs = json.loads(meta.get("nafnet.fp32_convs", "[]"))
+            fp32_ops = "/".join(sorted(op for op in graph.FP32_OPS if op in counts)) or "no LayerNorm/pooling ops"
+            add("INT8 float parts (FP16, FP32 islands)", graph.fp16_placement_problems(model, len(stream_convs)),
+                f"Conv fp16 x{prec.get('Conv', {}).get('fp16', 0)}"
+                + (f", FP32 stream convs {'/'.join(stream_convs)}" if stream_convs else "")
+                + f"; {fp32_ops} fp32; I/O fp32")
+        else:
+            add("INT8 float parts (FP32 islands)", graph.int8_float_problems(model),
+                f"{sum(sum(c.values()) for op, c in prec.items() if op not in ('QuantizeLinear', 'DequantizeLinear'))} "
+                "float nodes in FP32 (LayerNorm, pooling, CumSum, gates, adds); I/O fp32")
     if run:
-        import onnxruntime as ort
+        from .int8 import cpu_session
 
         problems, ran = [], []
         try:
-            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            sess = cpu_session(path)
             for shape in _run_shapes(spec):
                 x = np.random.default_rng(0).random(shape, dtype=np.float32)
                 y = sess.run(None, {sess.get_inputs()[0].name: x})[0]

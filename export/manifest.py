@@ -227,14 +227,20 @@ def onnx_metadata(data: dict[str, Any], artifact: dict[str, Any]) -> dict[str, s
         "nafnet.folded": str(data["folded"]).lower(),
         "nafnet.precision": artifact["precision"],
         "nafnet.shape": json.dumps(artifact["shape"]),
-        "nafnet.opset": str(data["opset"]),
+        "nafnet.opset": str((artifact.get("int8") or {}).get("opset") or data["opset"]),
         "nafnet.source_sha256": data["source"]["sha256"] or "",
         "nafnet.io": json.dumps(data["io"]),
         # convs an FP16 graph computes in FP32 (around an FP32 residual stream, export.fp16_stream)
-        "nafnet.fp32_convs": json.dumps(data.get("fp16", {}).get("fp32_convs", []) if artifact["precision"] == "fp16"
+        "nafnet.fp32_convs": json.dumps(data.get("fp16", {}).get("fp32_convs", []) if _fp16_parts(artifact)
                                         else []),
-        # INT8 graphs: the form and the convs kept in float (export.int8)
+        # INT8 graphs: the form, the convs kept in float and what the float parts compute in (export.int8)
         **({"nafnet.int8_form": artifact["int8"]["form"],
-            "nafnet.int8_float_convs": json.dumps([c["conv"] for c in artifact["int8"]["float_convs"]])}
+            "nafnet.int8_float_convs": json.dumps([c["conv"] for c in artifact["int8"]["float_convs"]]),
+            "nafnet.int8_float_parts": artifact["int8"].get("float_parts", "fp32")}
            if artifact["precision"] == "int8" else {}),
     }
+
+
+def _fp16_parts(artifact: dict[str, Any]) -> bool:
+    """The artifact computes its float parts as the FP16 graph does (onnx-fp16, the TensorRT INT8 form)."""
+    return artifact["precision"] == "fp16" or (artifact.get("int8") or {}).get("float_parts") == "fp16-fp32-islands"

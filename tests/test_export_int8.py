@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -12,7 +13,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 import nafnet_core as nc
-from export import export_model, load_manifest, verify
+from export import export_model, graph, load_manifest, verify
 from export.int8 import Int8BudgetError, Int8Options, calibration_inputs, fit, search, val_inputs
 from export.lint import lint_onnx, lint_path
 from tests.helpers import MINI, TILE, TRAIN_SIZE, make_nontrivial
@@ -103,20 +104,29 @@ def test_int8_export_meets_its_budget_and_says_so(int8_dir):
     m = verify(int8_dir)
     q = m.data["int8"]
     assert q["budget_db"] == 0.10 and q["calibration"] == "minmax" and q["calibration_split"] == "train"
-    assert q["quantized_ops"] == ["Conv"] and q["float_parts"] == "fp32"
-    for name, form in ((f"onnx-int8-{TILE}x{TILE}", "qdq"), (f"onnx-int8-cpu-{TILE}x{TILE}", "cpu")):
+    assert q["quantized_ops"] == ["Conv"] and q["float_parts"] == {"qdq": "fp16-fp32-islands", "cpu": "fp32"}
+    for name, form, base in ((f"onnx-int8-{TILE}x{TILE}", "qdq", "fp16"),
+                             (f"onnx-int8-cpu-{TILE}x{TILE}", "cpu", "fp32")):
         rec = m.artifacts[name]
         assert rec["precision"] == "int8" and rec["runtime"] == "onnxruntime"
-        assert rec["built_from"] == f"onnx-fp32-{TILE}x{TILE}"
+        assert rec["built_from"] == f"onnx-{base}-{TILE}x{TILE}" and rec["calibrated_on"] == f"onnx-fp32-{TILE}x{TILE}"
         r = rec["int8"]
-        assert r["form"] == form and abs(r["val_delta_psnr_db"]) <= 0.10
+        assert r["form"] == form and abs(r["val_delta_psnr_db"]) <= 0.10 and r["float_parts"] == q["float_parts"][form]
         assert r["quantized_convs"] >= 1 and q["graphs"][name]["written"]
         assert [t["float_convs"] for t in r["search"]][0] == 0  # everything quantized was tried first
-        meta = {p.key: p.value for p in onnx.load(str(m.path(name))).metadata_props}
+        model = onnx.load(str(m.path(name)))
+        meta = {p.key: p.value for p in model.metadata_props}
         assert meta["nafnet.precision"] == "int8" and meta["nafnet.int8_form"] == form
         assert json.loads(meta["nafnet.int8_float_convs"]) == [c["conv"] for c in r["float_convs"]]
+        assert meta["nafnet.int8_float_parts"] == r["float_parts"]
+        assert meta["nafnet.opset"] == str(graph.opset_of(model)) == str(19 if form == "qdq" else m.data["opset"])
         # the graph really is quantized: it differs from fp32 a little, not a lot
         assert 0 < rec["check"]["max_abs_diff"] and rec["check"]["psnr_db"] > 30
+        trials = {t["float_convs"]: t["val_delta_psnr_db"] for t in r["search"]}
+        assert trials[len(r["float_convs"])] == r["val_delta_psnr_db"]  # the search measured the graph written
+    qdq = m.artifacts[f"onnx-int8-{TILE}x{TILE}"]["int8"]
+    assert abs(qdq["val_delta_psnr_db_fp32_parts"]) <= 1  # the same convs and scales with FP32 parts, for comparison
+    assert "val_delta_psnr_db_fp32_parts" not in m.artifacts[f"onnx-int8-cpu-{TILE}x{TILE}"]["int8"]
 
 
 @pytest.mark.slow
@@ -124,8 +134,32 @@ def test_lint_passes_the_int8_graphs(int8_dir):
     findings = lint_path(int8_dir)
     assert all(f.ok for f in findings), [f for f in findings if not f.ok]
     checks = {(f.file, f.check) for f in findings}
-    for file in (f"model-int8-{TILE}x{TILE}.onnx", f"model-int8cpu-{TILE}x{TILE}.onnx"):
-        assert (file, "INT8 Q/DQ rules") in checks and (file, "INT8 float parts (FP32 islands)") in checks
+    for file, parts in ((f"model-int8-{TILE}x{TILE}.onnx", "INT8 float parts (FP16, FP32 islands)"),
+                        (f"model-int8cpu-{TILE}x{TILE}.onnx", "INT8 float parts (FP32 islands)")):
+        assert (file, "INT8 Q/DQ rules") in checks and (file, parts) in checks
+
+
+@pytest.mark.slow
+def test_the_tensorrt_form_computes_as_the_fp16_graph(int8_dir):
+    """The qdq form is the FP16 graph with Q/DQ around its convs: INT8 convs on FP16 activations and weights with
+    FP16 scales, LayerNorm/pooling/TLC ops in FP32, the same float ops as onnx-fp16, FP32 I/O, opset 19."""
+    fp16 = onnx.load(str(int8_dir / f"model-fp16-{TILE}x{TILE}.onnx"))
+    model = onnx.load(str(int8_dir / f"model-int8-{TILE}x{TILE}.onnx"))
+    assert graph.opset_of(model) == 19 and graph.precision_of(model) == "int8"
+    counts = graph.op_counts(model)
+    qdq_ops = Counter({op: counts[op] for op in ("QuantizeLinear", "DequantizeLinear")})
+    assert counts - qdq_ops == graph.op_counts(fp16)  # the same float graph
+    prec = graph.node_precisions(model)
+    assert prec["Conv"] == Counter({"fp16": counts["Conv"]}) and prec["Conv"] == graph.node_precisions(fp16)["Conv"]
+    for op in graph.FP32_OPS & set(counts):
+        assert set(prec[op]) == {"fp32"}, op
+    assert graph.fp16_placement_problems(model) == []
+    inits = {t.name: t for t in model.graph.initializer}
+    scales = [inits[n.input[1]] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert {t.data_type for t in scales} == {TensorProto.FLOAT16}
+    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    assert sum(n.op_type == "Conv" and n.input[1] in dq for n in model.graph.node) \
+        == load_manifest(int8_dir).artifacts[f"onnx-int8-{TILE}x{TILE}"]["int8"]["quantized_convs"]
 
 
 def _zero_point_of(model, op="QuantizeLinear"):
@@ -137,26 +171,35 @@ def _zero_point_of(model, op="QuantizeLinear"):
 @pytest.mark.parametrize("breakage, expected", [
     ("nonzero zero point", "zero point not 0"),
     ("uint8 zero point", "expected INT8"),
-    ("float16 scale", "scale"),
+    ("float16 scale in the cpu form", "scale"),
+    ("float32 scale for an fp16 conv", "scale fp32 but its consumer Conv"),
+    ("fp16 scales at opset 18", "need opset >= 19"),
     ("output Q in the qdq form", "quantizes conv inputs only"),
     ("quantized residual add", "only Conv is quantized"),
 ])
 def test_lint_names_each_broken_qdq_rule(int8_dir, tmp_path, breakage, expected):
-    model = onnx.load(str(int8_dir / f"model-int8-{TILE}x{TILE}.onnx"))
+    stem = "int8cpu" if "cpu form" in breakage else "int8"
+    model = onnx.load(str(int8_dir / f"model-{stem}-{TILE}x{TILE}.onnx"))
     g = model.graph
+    inits = {t.name: t for t in g.initializer}
     if breakage == "nonzero zero point":
         _zero_point_of(model).CopyFrom(numpy_helper.from_array(np.array(3, np.int8), _zero_point_of(model).name))
     elif breakage == "uint8 zero point":
         _zero_point_of(model).CopyFrom(numpy_helper.from_array(np.array(0, np.uint8), _zero_point_of(model).name))
-    elif breakage == "float16 scale":
-        node = next(n for n in g.node if n.op_type == "QuantizeLinear")
-        t = next(t for t in g.initializer if t.name == node.input[1])
-        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    elif breakage in ("float16 scale in the cpu form", "float32 scale for an fp16 conv"):
+        op, dtype = ("QuantizeLinear", np.float16) if "cpu" in breakage else ("DequantizeLinear", np.float32)
+        node = next(n for n in g.node if n.op_type == op and n.input[0] in inits) if op == "DequantizeLinear" \
+            else next(n for n in g.node if n.op_type == op)
+        t = inits[node.input[1]]
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(dtype), t.name))
+    elif breakage == "fp16 scales at opset 18":
+        next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = 18
     else:  # a Q/DQ pair whose output a non-conv node reads
         conv = next(n for n in g.node if n.op_type == "Conv" and n.name != g.node[0].name)
         reader = next(n for n in g.node if n.op_type in ("Add", "Mul") and any(i for i in n.input))
         source = conv.output[0] if breakage == "output Q in the qdq form" else reader.output[0]
-        scale = numpy_helper.from_array(np.array(0.1, np.float32), "extra_scale")
+        dtype = np.float16 if graph.tensor_types(model)[source] == TensorProto.FLOAT16 else np.float32
+        scale = numpy_helper.from_array(np.array(0.1, dtype), "extra_scale")
         zp = numpy_helper.from_array(np.array(0, np.int8), "extra_zp")
         g.initializer.extend([scale, zp])
         g.node.append(onnx.helper.make_node("QuantizeLinear", [source, "extra_scale", "extra_zp"], ["extra_q"],
@@ -168,7 +211,29 @@ def test_lint_names_each_broken_qdq_rule(int8_dir, tmp_path, breakage, expected)
     path = tmp_path / "broken.onnx"
     onnx.save(model, str(path))
     rules = next(f for f in lint_onnx(path, run=False) if f.check == "INT8 Q/DQ rules")
-    assert not rules.ok and expected in rules.detail
+    assert not rules.ok and expected in rules.detail, rules.detail
+
+
+@pytest.mark.slow
+def test_lint_finds_an_fp16_layernorm_in_the_tensorrt_form(int8_dir, tmp_path):
+    """The TensorRT form's float parts follow the FP16 rules: a LayerNorm whose Sqrt computes in FP16 (a valid graph:
+    cast to FP16 and back around it) fails them, and the graph as exported passes."""
+    path = int8_dir / f"model-int8-{TILE}x{TILE}.onnx"
+    check = "INT8 float parts (FP16, FP32 islands)"
+    assert next(f for f in lint_onnx(path, run=False) if f.check == check).ok
+    model = onnx.load(str(path))
+    g = model.graph
+    sqrt = next(n for n in g.node if n.op_type == "Sqrt")
+    src, out = sqrt.input[0], sqrt.output[0]
+    sqrt.input[0], sqrt.output[0] = "half_var", "half_std"
+    at = list(g.node).index(sqrt)
+    g.node.insert(at, onnx.helper.make_node("Cast", [src], ["half_var"], to=TensorProto.FLOAT16, name="to_half"))
+    g.node.insert(at + 2, onnx.helper.make_node("Cast", ["half_std"], [out], to=TensorProto.FLOAT, name="to_float"))
+    broken = tmp_path / "fp16-layernorm.onnx"
+    onnx.save(model, str(broken))
+    onnx.checker.check_model(str(broken), full_check=True)  # a valid graph, only placed wrong
+    finding = next(f for f in lint_onnx(broken, run=False) if f.check == check)
+    assert not finding.ok and f"Sqrt {sqrt.name} computes in ['fp16'], expected fp32" in finding.detail
 
 
 @pytest.mark.slow

@@ -66,6 +66,23 @@ def test_parity_checks_int8_whole_and_tiled_within_the_budget(int8_export, synth
 
 
 @pytest.mark.slow
+def test_parity_holds_the_tensorrt_form_to_the_budget(tiny_checkpoint, synth_root, tmp_path):
+    """Without a cpu form the onnxruntime INT8 rows run the TensorRT form (FP16 float parts, FP16 Q/DQ scales at
+    opset 19), within the export's budget."""
+    from runtime.parity import check_parity
+
+    export_model(tiny_checkpoint, tmp_path, tiles=[(TILE, TILE)], dynamic=False, int8=True, check=False,
+                 int8_options=Int8Options(crops=4, val_images=4, cpu_form="never"))
+    m = load_manifest(tmp_path)
+    assert m.artifacts[f"onnx-int8-{TILE}x{TILE}"]["int8"]["float_parts"] == "fp16-fp32-islands"
+    report = check_parity(tmp_path, synth_root, split="test", torch_precisions=(), progress=False)
+    int8 = [r for r in report.rows if r.backend == "onnxrt" and r.precision == "int8"]
+    assert int8 and all(r.passed is True and abs(r.delta_psnr) <= m.data["int8"]["budget_db"] and r.max_abs_diff > 0
+                        for r in int8), int8
+    assert report.passed
+
+
+@pytest.mark.slow
 def test_onnxruntime_runs_the_cpu_form_of_an_int8_export(int8_export):
     from runtime.models import open_runner
 
