@@ -123,6 +123,8 @@ def export_adarevd(model: AdaRevD, out_dir: str | Path, size: tuple[int, int], *
         for k in range(cfg.sub_decoders):
             outs = ["next_e3", "next_e2", "next_e1", "next_e0", "residual"]
             proto = _export(StepGraph(net, k), tuple(state), list(STATE_NAMES), outs, True, opset)
+            if precision == "fp16":  # the FFT branches' convs compute in FP32 (FP32 islands); export lint counts them
+                _set_props(proto, {"nafnet.fp32_convs": json.dumps(island_convs(net, k))})
             name = f"adarevd-step{k + 1}{suffix}.onnx"
             save_onnx(proto, out / name)
             files[name] = {"role": "step", "depth": k + 1, "precision": precision}
@@ -138,6 +140,20 @@ def export_adarevd(model: AdaRevD, out_dir: str | Path, size: tuple[int, int], *
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def island_convs(model: AdaRevD, k: int) -> list[str]:
+    """The names of sub-decoder ``k``'s convs inside FP32 islands (modules with ``fp32_island``: the FFT
+    branches), which compute in FP32 in a half model."""
+    islands = [m for m in model.subdenets[k].modules() if getattr(m, "fp32_island", False)]
+    return [f"subdenets.{k}.{name}" for name, mod in model.subdenets[k].named_modules()
+            if isinstance(mod, nn.Conv2d) and any(mod in island.modules() for island in islands)]
+
+
+def _set_props(proto, props: dict[str, str]) -> None:
+    import onnx
+
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **props})
 
 
 def _half(model: AdaRevD) -> AdaRevD:

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from nafnet_core.cli_common import SIZE, Group, preset_option, train_size_option
-from nafnet_core.errors import UserError
 
 from .formats import FORMATS
 from .int8 import CALIBRATION_METHODS, CPU_FORM_CHOICES, DEFAULT_BUDGET_DB, DEFAULT_CALIBRATION, DEFAULT_CROPS
@@ -138,8 +137,8 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
       python cli.py export runs/revd/best.pt --tile 720x1280   # AdaRevD: encoder + one graph per sub-decoder
 
     An AdaRevD checkpoint exports graph E (encoder and per-tile exit logits) and one graph per sub-decoder
-    step for images of the first --tile size (default 720x1280), fp32, which `infer -m DIR` runs with the
-    exits chosen per tile (docs/variants.md).
+    step for images of the first --tile size (default 720x1280), fp32 (and FP16 with --fp16), which
+    `infer -m DIR` runs with the exits chosen per tile and `parity DIR` checks (docs/variants.md).
     """
     from .api import export_model
     from .int8 import Int8Options
@@ -179,8 +178,6 @@ def _export_adarevd(checkpoint: Path, preset, out_dir, tiles, fp16: bool, opset:
     ckpt = load_checkpoint(checkpoint, preset=preset)
     if not isinstance(ckpt.model, AdaRevD):
         return False
-    if fp16:
-        raise UserError(f"{checkpoint}: --fp16 is not available for AdaRevD models yet; export fp32 (drop --fp16)")
     size = tuple(tiles[0]) if tiles else (720, 1280)
     out_dir = out_dir or Path("exported") / checkpoint.stem
     click.echo(f"exporting AdaRevD for {size[0]}x{size[1]} images: graph E and {ckpt.config.sub_decoders} "

@@ -148,7 +148,8 @@ def node_precisions(model: onnx.ModelProto) -> dict[str, Counter]:
 
 def fp16_placement_problems(model: onnx.ModelProto, fp32_convs: int = 0) -> list[str]:
     """What is wrong with an FP16 graph's placement: FP32 graph I/O, every Conv in FP16 (weights too) except
-    exactly ``fp32_convs`` FP32 ones (the convs around an FP32 residual stream, ``export.fp16_stream``), and every
+    exactly ``fp32_convs`` FP32 ones (the convs around an FP32 residual stream, ``export.fp16_stream``, or inside
+    an FP32 island such as AdaRevD's FFT branches, ``export.adarevd``), and every
     LayerNorm/pooling/CumSum op (:data:`FP32_OPS`) computing in FP32. Empty list: fine."""
     types = tensor_types(model)
     problems = []
@@ -168,9 +169,10 @@ def fp16_placement_problems(model: onnx.ModelProto, fp32_convs: int = 0) -> list
     for n, kinds in not_fp16:
         if kinds != {"fp32"} or len(fp32) != fp32_convs:
             problems.append(f"Conv {n.name} computes in {sorted(map(str, kinds))}, expected fp16"
-                            + (f" ({fp32_convs} FP32 stream convs expected, {len(fp32)} found)" if fp32_convs else ""))
+                            + (f" ({fp32_convs} FP32 convs expected, {len(fp32)} found)" if fp32_convs else ""))
     if fp32_convs and len(fp32) < fp32_convs:
-        problems.append(f"{fp32_convs} FP32 convs (around an FP32 residual stream) expected, {len(fp32)} found")
+        problems.append(f"{fp32_convs} FP32 convs (around an FP32 residual stream or in FP32 islands) expected, "
+                        f"{len(fp32)} found")
     for n in model.graph.node:
         if n.op_type in FP32_OPS:
             kinds = {float_type(types, i) for i in n.input[:1]}

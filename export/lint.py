@@ -140,9 +140,10 @@ def lint_onnx(path: str | Path, run: bool = True) -> list[Finding]:
         prec = graph.node_precisions(model)
         fp32_ops = "/".join(sorted(op for op in graph.FP32_OPS if op in counts)) or "no LayerNorm/pooling ops"
         meta = {p.key: p.value for p in model.metadata_props}
-        stream_convs = json.loads(meta.get("nafnet.fp32_convs", "[]"))
+        stream_convs = json.loads(meta.get("nafnet.fp32_convs", "[]"))  # around an FP32 stream, or in FP32 islands
         if stream_convs:
-            fp32_ops += f", stream convs {'/'.join(stream_convs)}"
+            fp32_ops += (f", FP32 convs {'/'.join(stream_convs)}" if len(stream_convs) <= 4
+                         else f", {len(stream_convs)} FP32 convs ({stream_convs[0]}, ...)")
         add("FP16 placement", graph.fp16_placement_problems(model, len(stream_convs)),
             f"Conv fp16 x{prec.get('Conv', {}).get('fp16', 0)}; {fp32_ops} fp32; I/O fp32")
     if precision == "int8":

@@ -12,6 +12,7 @@ the reference: every step on every tile, then each tile's own depth selected.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,7 @@ class AdaRevDRuntime:
         h, w = x.shape[-2:]
         if [h, w] != self.manifest["size"]:
             raise UserError(f"{self.dir}: exported for {self.manifest['size'][0]}x{self.manifest['size'][1]} images, "
-                            f"got {h}x{w}; export again with --size {h}x{w}")
+                            f"got {h}x{w}; export again with --tile {h}x{w}")
         xp = pad_reflect(x, self.config.pad_multiple)
         outs = self.encoder.run(None, {"input": xp.numpy()})
         features = [torch.from_numpy(f) for f in outs[:5]]
@@ -185,7 +186,8 @@ def infer_images(export_dir: str | Path, input_path: str | Path, out_dir: str | 
     for path in files:
         rel = path.name if input_path.is_file() else path.relative_to(input_path)
         target = out_dir / rel
-        if target.exists() and not overwrite:
+        if target.exists() and not overwrite:  # an interrupted run resumes
+            say(f"{rel}: {target} exists, skipped (--overwrite replaces it)")
             continue
         rgb = read_rgb8(path).astype(np.float32) / 255.0
         result = runtime.run(rgb.transpose(2, 0, 1)[None], exit_mode)
@@ -201,3 +203,138 @@ def format_histogram(histogram: list[int]) -> str:
     """``depth 0: n (p%), depth 1: ...`` of tiles per exit depth."""
     n = sum(histogram) or 1
     return ", ".join(f"depth {d}: {c} ({100 * c / n:.0f}%)" for d, c in enumerate(histogram))
+
+
+# -- parity --------------------------------------------------------------------------------------------------
+
+def reference_model(manifest: dict, checkpoint: str | Path):
+    """The PyTorch fp32 AdaRevD model of an export's source ``checkpoint``, with the export's TLC."""
+    from nafnet_core.adarevd import AdaRevD
+    from nafnet_core.checkpoint import load_checkpoint
+    from nafnet_core.tlc import convert_to_tlc
+
+    model = load_checkpoint(checkpoint).model
+    if not isinstance(model, AdaRevD) or model.config.to_dict() != manifest["config"]:
+        raise UserError(f"{checkpoint}: not the AdaRevD model of this export (its config differs); pass the "
+                        "checkpoint it was exported from with --checkpoint")
+    if manifest.get("tlc_kernels"):
+        model = convert_to_tlc(model, train_size=manifest["train_size"])
+    return model.eval()
+
+
+def check_adarevd_parity(export_dir: str | Path, data_root: str | Path, *, split: str = "test",
+                         limit: int | None = None, checkpoint: str | Path | None = None, threads: int | None = None,
+                         progress: bool = True, verify: bool = True):
+    """``parity`` of an AdaRevD export: every precision's adaptive runtime against PyTorch fp32 (adaptive, the
+    same exits), the "every step on every tile, then select" reference against it, and each fixed exit
+    ``fixed:K`` against PyTorch at depth K; the limits of :data:`runtime.parity.LIMITS` per precision. Each row's
+    status says on how many tiles its exits equal PyTorch's and the exit histogram. Images of another size than
+    the export's are listed as failed (the graphs serve one size)."""
+    from tqdm import tqdm
+
+    import nafnet_core as nc
+    from nafnet_core.fileio import sha256_file
+
+    from .parity import ParityReport, ParityRow, _Case, _finish, _score, load_split
+
+    export_dir = Path(export_dir)
+    runtimes = {p: AdaRevDRuntime(export_dir, p, threads) for p in ("fp32", "fp16")
+                if p in _manifest(export_dir)["precisions"]}
+    manifest = runtimes["fp32"].manifest
+    if verify:
+        bad = [n for n, rec in manifest["files"].items() if sha256_file(export_dir / n) != rec["sha256"]]
+        if bad:
+            raise UserError(f"{export_dir}: {', '.join(bad)} changed since export (sha256); export again")
+    source = checkpoint or manifest.get("source", {}).get("checkpoint")
+    if not source or not Path(source).is_file():
+        raise UserError(f"{export_dir}: the PyTorch reference needs the source checkpoint "
+                        f"({source or 'none recorded'} not found); pass --checkpoint")
+    model = reference_model(manifest, source)
+    depth = manifest["depth"]
+    exits = ["auto"] + [f"fixed:{k}" for k in range(depth + 1)]
+
+    def label(e: str) -> str:
+        return "adaptive" if e == "auto" else e
+
+    refs = {e: _Case(ParityRow("torch", "fp32", label(e), status="reference" + ("" if e == "auto" else
+                                                                                f" of the {e} rows")), None, None)
+            for e in exits}
+    cases: list[tuple[_Case, str, str]] = []  # (case, its exit mode, its reference's exit mode)
+    for p in runtimes:
+        for e in exits:
+            cases.append((_Case(ParityRow("onnxruntime", p, label(e)), None, None), e, e))
+        cases.append((_Case(ParityRow("onnxruntime", p, "every depth, select"), None, None), "select", "auto"))
+    tiles_total = {id(c): [0, 0] for c, _, _ in cases}  # tiles whose exits equal PyTorch's, tiles
+    select_gap = {p: 0.0 for p in runtimes}  # max |every depth, select - adaptive| per precision
+    histograms = {id(c): [0] * (depth + 1) for c, _, _ in cases}
+    failed: dict[str, str] = {}
+    pairs, count = load_split(data_root, split, limit, failed)
+    size = manifest["size"]
+    n = 0
+    for name, blur, sharp in tqdm(pairs, total=count, desc="parity", unit="img", disable=not progress):
+        if list(blur.shape[-2:]) != size:
+            failed[name] = (f"{name}: {blur.shape[-2]}x{blur.shape[-1]}, the export serves {size[0]}x{size[1]} images "
+                            f"(export again with --tile {blur.shape[-2]}x{blur.shape[-1]})")
+            continue
+        n += 1
+        gt = nc.quantize(sharp)
+        with torch.no_grad():
+            t = time.perf_counter()
+            adaptive, torch_depths = model(blur, return_depths=True)
+            refs["auto"].seconds += time.perf_counter() - t
+            every = model(blur, all_depths=True)[0]
+        want = {"auto": adaptive.clamp(0, 1), "fixed:0": blur.clamp(0, 1)}
+        want.update({f"fixed:{k + 1}": every[k:k + 1].clamp(0, 1) for k in range(depth)})
+        for e in exits:
+            _score(refs[e], want[e], gt, want[e])
+        got_adaptive = {}
+        for case, e, ref_e in cases:
+            runtime = runtimes[case.row.precision]
+            t = time.perf_counter()
+            result = (runtime.run_all_select(blur.numpy()) if e == "select" else runtime.run(blur.numpy(), e))
+            case.seconds += time.perf_counter() - t
+            out = torch.from_numpy(result.image).clamp(0, 1)
+            if e == "auto":
+                got_adaptive[case.row.precision] = out
+            if e == "select":
+                gap = (out - got_adaptive[case.row.precision]).abs().max().item()
+                select_gap[case.row.precision] = max(select_gap[case.row.precision], gap)
+            _score(case, out, gt, want[ref_e])
+            want_depths = torch_depths.tolist() if e in ("auto", "select") else [int(e[6:])] * len(result.depths)
+            same = sum(a == b for a, b in zip(result.depths, want_depths))
+            tiles_total[id(case)][0] += same
+            tiles_total[id(case)][1] += len(result.depths)
+            histograms[id(case)] = [a + b for a, b in zip(histograms[id(case)], result.histogram)]
+    if n == 0:
+        raise UserError(f"parity: no image pairs of {size[0]}x{size[1]} to compare in {data_root} ({split} split)"
+                        + (f"; {next(iter(failed.values()))}" if failed else ""))
+    rows = [_finish(refs["auto"], n, refs["auto"])]
+    for e in exits[1:]:  # the fixed exits' references come from one pass at every depth: no time of their own
+        rows.append(_finish(refs[e], n, refs[e]))
+        rows[-1].ms_per_image = None
+    for case, e, ref_e in cases:
+        row = _finish(case, n, refs[ref_e])
+        same, total = tiles_total[id(case)]
+        notes = [f"exits = PyTorch's on {same}/{total} tiles" if same < total else f"exits = PyTorch's ({total} tiles)"]
+        if e == "select":
+            gap = select_gap[row.precision]
+            ok = gap <= SELECT_ATOL
+            notes.append(f"max |Δ| vs the adaptive run {gap:.1e} (<= {SELECT_ATOL:g})")
+            row.passed = bool(row.passed and ok)
+        if e in ("auto", "select"):
+            notes.append(format_histogram(histograms[id(case)]))
+        row.status = ("ok" if row.passed else "outside the limit") + "; " + "; ".join(notes)
+        rows.append(row)
+    report = ParityReport(rows, n, str(export_dir), failed)
+    return report
+
+
+#: max |Δ| between "every depth, select" and the adaptive run of the same graphs (only batch composition differs).
+SELECT_ATOL = 1e-5
+
+
+def _manifest(export_dir: Path) -> dict:
+    try:
+        return json.loads((export_dir / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{export_dir}: no readable manifest.json ({e}); export the model first") from None

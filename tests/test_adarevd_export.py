@@ -100,3 +100,57 @@ def test_export_and_infer_cli(tmp_path):
     assert r.exit_code == 0, r.output
     assert "exits over all tiles depth 0: 0 (0%), depth 1: 0 (0%), depth 2: 4 (100%)" in r.output
     assert read_rgb8(tmp_path / "o" / "p0.png").shape == (48, 80, 3)
+
+
+@pytest.mark.slow
+def test_tiny_adarevd_trains_both_stages_exports_fp16_passes_parity_and_infers(tmp_path):
+    """The whole path on the synthetic set: stage 1, stage 2, export (fp32 + FP16) at the set's image size, lint,
+    `parity` (adaptive, every fixed exit, every depth select; both precisions), `infer` with the histogram."""
+    from click.testing import CliRunner
+
+    from cli import main
+    from export.lint import lint_path
+    from nafnet_core.images import read_rgb8
+    from nafnet_core.synth import ensure_synthetic
+    from tests.helpers import short_cfg
+    from train.loop import train
+
+    base = dict(model="tiny-adarevd", dropout=0.0, steps=6, crop=64, batch=2, val_every=6)
+    train(short_cfg(loss="l1freq", **base), tmp_path / "s1", progress=False)
+    train(short_cfg(stage=2, lr=1e-2, init=str(tmp_path / "s1" / "last.pt"), **base), tmp_path / "s2",
+          progress=False)
+    out = tmp_path / "e"
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "s2" / "best.pt"), "--tile", "192x256", "--fp16",
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precisions"] == ["fp32", "fp16"] and len(manifest["files"]) == 8
+    findings = lint_path(out)
+    assert all(f.ok for f in findings), [f for f in findings if not f.ok]
+    placement = [f for f in findings if f.check == "FP16 placement"]
+    assert len(placement) == 4 and all("16 FP32 convs (subdenets." in f.detail for f in placement[1:])
+    r = CliRunner().invoke(main, ["parity", str(out), "-q", "--json", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "p.json").read_text())
+    rows = {(row["backend"], row["precision"], row["mode"]): row for row in report["rows"]}
+    assert report["pass"] and report["images"] == 4
+    for precision in ("fp32", "fp16"):
+        for mode in ("adaptive", "every depth, select", "fixed:0", "fixed:1", "fixed:2", "fixed:3"):
+            assert rows[("onnxruntime", precision, mode)]["pass"] is True, rows[("onnxruntime", precision, mode)]
+    assert "exits = PyTorch's (80 tiles)" in rows[("onnxruntime", "fp32", "adaptive")]["status"]
+    photos = ensure_synthetic(progress=False) / "test" / "blur"
+    r = CliRunner().invoke(main, ["infer", str(photos), "-m", str(out), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert "exits over all tiles depth 0:" in r.output
+    written = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert written == sorted(p.name for p in photos.iterdir())
+    assert read_rgb8(tmp_path / "o" / written[0]).shape == (192, 256, 3)
+
+
+@pytest.mark.slow
+def test_parity_refuses_an_export_without_its_checkpoint(exported, tmp_path):
+    from runtime.parity import check_parity
+
+    _, out, _ = exported
+    with pytest.raises(UserError, match="the PyTorch reference needs the source checkpoint"):
+        check_parity(out, tmp_path, progress=False)
