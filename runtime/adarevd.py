@@ -12,9 +12,10 @@ the reference: every step on every tile, then each tile's own depth selected.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,8 @@ class AdaRevDResult:
     image: np.ndarray
     depths: list[int]
     histogram: list[int]
+    #: seconds of graph E, of each step that ran (with its batch of tiles) and of the blend
+    seconds: dict = field(default_factory=dict)
 
 
 def parse_exit(exit_mode: str, depth: int) -> int | None:
@@ -92,7 +95,9 @@ class AdaRevDRuntime:
             raise UserError(f"{self.dir}: exported for {self.manifest['size'][0]}x{self.manifest['size'][1]} images, "
                             f"got {h}x{w}; export again with --tile {h}x{w}")
         xp = pad_reflect(x, self.config.pad_multiple)
+        start = time.perf_counter()
         outs = self.encoder.run(None, {"input": xp.numpy()})
+        self._seconds = {"encoder": time.perf_counter() - start, "steps": []}
         features = [torch.from_numpy(f) for f in outs[:5]]
         logits = outs[5] if len(outs) > 5 else None
         t = self.manifest["tiles"]
@@ -101,14 +106,19 @@ class AdaRevDRuntime:
         return x, xp, [s.numpy() for s in tiles[::-1]], logits  # state (e4, e3, e2, e1, e0)
 
     def _step(self, k: int, state: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        start = time.perf_counter()
         e3, e2, e1, e0, residual = self.steps[k].run(None, dict(zip(("e4", "e3", "e2", "e1", "e0"), state)))
+        self._seconds["steps"].append({"depth": k + 1, "tiles": len(state[0]),
+                                       "seconds": time.perf_counter() - start})
         return [state[0], e3, e2, e1, e0], residual
 
     def _finish(self, x, xp, residual: np.ndarray, depths: list[int]) -> AdaRevDResult:
         h, w = x.shape[-2:]
+        start = time.perf_counter()
         out = (blend(torch.from_numpy(residual), 1, tuple(xp.shape[-2:]), self.config) + xp)[:, :, :h, :w]
         counts = Counter(depths)
-        return AdaRevDResult(out.numpy(), depths, [counts.get(d, 0) for d in range(self.depth + 1)])
+        seconds = {**self._seconds, "blend": time.perf_counter() - start}
+        return AdaRevDResult(out.numpy(), depths, [counts.get(d, 0) for d in range(self.depth + 1)], seconds)
 
     def depths_of(self, logits: np.ndarray | None, n_tiles: int, fixed: int | None) -> list[int]:
         if fixed is not None:
@@ -158,6 +168,69 @@ class AdaRevDRuntime:
         return self._finish(x, xp, residual, depths)
 
 
+def bench_adarevd(export_dir: str | Path, *, precisions: tuple[str, ...] = ("fp32",), rounds: int = 3,
+                  warmup: int = 1, threads: int | None = None, progress: bool = True) -> dict:
+    """``bench`` of an AdaRevD export at its image size: the adaptive path and every fixed exit ``fixed:K``, per
+    precision, timed in interleaved rounds (every row once per round, medians), with each row's share of tiles
+    at each exit and the median seconds of graph E, of each step (with its batch of tiles) and of the blend."""
+    from tqdm import tqdm
+
+    from .bench import blurred, matmul_gflops
+
+    runtimes = {p: AdaRevDRuntime(export_dir, p, threads) for p in precisions}
+    first = next(iter(runtimes.values()))
+    h, w = first.manifest["size"]
+    x = blurred(torch.rand(1, first.config.img_channel, h, w, generator=torch.Generator().manual_seed(0))).numpy()
+    modes = ["auto"] + [f"fixed:{k}" for k in range(first.depth + 1)]
+    keys = [(p, m) for p in runtimes for m in modes]
+    results: dict[tuple[str, str], list[AdaRevDResult]] = {k: [] for k in keys}
+    total = (warmup + rounds) * len(keys)
+    with tqdm(total=total, desc="bench", unit="run", disable=not progress) as bar:
+        for r in range(warmup + rounds):
+            for p, m in keys:
+                start = time.perf_counter()
+                result = runtimes[p].run(x, m)
+                result.seconds["total"] = time.perf_counter() - start
+                if r >= warmup:
+                    results[(p, m)].append(result)
+                bar.update()
+    rows = []
+    for (p, m), runs in results.items():
+        med = statistics.median
+        steps = [{"depth": s["depth"], "tiles": s["tiles"],
+                  "ms": round(1e3 * med(r.seconds["steps"][i]["seconds"] for r in runs), 1)}
+                 for i, s in enumerate(runs[0].seconds["steps"])]
+        n = sum(runs[0].histogram)
+        rows.append({"precision": p, "mode": "adaptive" if m == "auto" else m,
+                     "median_ms": round(1e3 * med(r.seconds["total"] for r in runs), 1),
+                     "min_ms": round(1e3 * min(r.seconds["total"] for r in runs), 1),
+                     "encoder_ms": round(1e3 * med(r.seconds["encoder"] for r in runs), 1),
+                     "blend_ms": round(1e3 * med(r.seconds["blend"] for r in runs), 1),
+                     "steps": steps, "histogram": runs[0].histogram,
+                     "exit_shares": [round(c / n, 4) for c in runs[0].histogram]})
+    from .models import machine_id
+
+    return {"format": "adarevd-bench", "export": str(export_dir), "size": f"{h}x{w}", "rounds": rounds,
+            "warmup": warmup, "threads": threads, "tiles": sum(results[keys[0]][0].histogram),
+            "tile": first.manifest["tiles"]["k"], "machine": machine_id(),
+            "matmul_gflops": round(matmul_gflops(threads=threads), 1), "rows": rows}
+
+
+def adarevd_bench_table(result: dict) -> str:
+    """The rows of :func:`bench_adarevd` as a text table."""
+    from nafnet_core.cli_common import fmt, text_table
+
+    head = ["precision", "exit", "median ms", "min", "graph E ms", "steps ms (tiles)", "blend ms", "tiles per exit"]
+    lines = [[r["precision"], r["mode"], fmt(r["median_ms"], ".0f"), fmt(r["min_ms"], ".0f"),
+              fmt(r["encoder_ms"], ".0f"), " + ".join(f"{s['ms']:.0f} ({s['tiles']})" for s in r["steps"]) or "-",
+              fmt(r["blend_ms"], ".0f"), format_shares(r["histogram"])] for r in result["rows"]]
+    return "\n".join([text_table(head, lines),
+                      f"{result['size']} images, {result['tiles']} tiles of {result['tile'][0]}x{result['tile'][1]}; "
+                      f"median of {result['rounds']} interleaved rounds after {result['warmup']} warm-up; this "
+                      f"machine's fp32 matmul roof {result['matmul_gflops']} GFLOP/s; CPU {result['machine']['cpu']}, "
+                      f"{result['machine']['cores']} cores"])
+
+
 def is_adarevd_export(path: str | Path) -> bool:
     """True for a folder that :func:`export.adarevd.export_adarevd` wrote."""
     manifest = Path(path) / "manifest.json"
@@ -197,6 +270,12 @@ def infer_images(export_dir: str | Path, input_path: str | Path, out_dir: str | 
         total = [a + b for a, b in zip(total, result.histogram)]
         say(f"{rel}: exits {format_histogram(result.histogram)}")
     return total
+
+
+def format_shares(histogram: list[int]) -> str:
+    """``depth: share`` of the exits that some tile took, e.g. ``1: 25%, 4: 75%``."""
+    n = sum(histogram) or 1
+    return ", ".join(f"{d}: {100 * c / n:.0f}%" for d, c in enumerate(histogram) if c)
 
 
 def format_histogram(histogram: list[int]) -> str:

@@ -271,11 +271,24 @@ def bench(export_dir: Path, size, repeats: int, warmup: int, threads: int | None
       python cli.py bench runs/demo/export --size 256x256
       python cli.py bench exported/ --size 720x1280 --big 2160x3840 --json bench.json
       python cli.py bench exported/ --repeats 1 --rounds 3     # interleaved: A B C, A B C, A B C
+      python cli.py bench exported/revd --rounds 3             # AdaRevD: adaptive and every fixed exit
+
+    An AdaRevD export is timed at its own image size (--size does not apply): the adaptive path and each
+    fixed exit depth, with the time of graph E and of each sub-decoder step and the share of tiles per exit.
     """
     from nafnet_core.fileio import atomic_write_text
 
+    from .adarevd import adarevd_bench_table, bench_adarevd, is_adarevd_export
     from .bench import bench_export, bench_table
 
+    if is_adarevd_export(export_dir):  # its own image size; the adaptive path and every fixed exit
+        result = bench_adarevd(export_dir, precisions=("fp32", "fp16") if include_fp16 else ("fp32",),
+                               rounds=max(rounds, repeats), warmup=warmup, threads=threads, progress=not quiet)
+        click.echo(adarevd_bench_table(result))
+        if json_path is not None:
+            atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+            click.echo(f"wrote {json_path}")
+        return
     result = bench_export(export_dir, size, repeats=repeats, warmup=warmup, threads=threads,
                           include_torch=not no_torch, include_fp16=include_fp16, big=big, progress=not quiet,
                           rounds=rounds, include_openvino=not no_openvino, include_bf16=not no_bf16,

@@ -154,3 +154,20 @@ def test_parity_refuses_an_export_without_its_checkpoint(exported, tmp_path):
     _, out, _ = exported
     with pytest.raises(UserError, match="the PyTorch reference needs the source checkpoint"):
         check_parity(out, tmp_path, progress=False)
+
+
+@pytest.mark.slow
+def test_bench_runs_each_step_on_the_tiles_deeper_than_it(exported):
+    from runtime.adarevd import adarevd_bench_table, bench_adarevd
+
+    _, out, _ = exported
+    result = bench_adarevd(out, rounds=1, warmup=0, threads=1, progress=False)
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert list(rows) == ["adaptive", "fixed:0", "fixed:1", "fixed:2", "fixed:3"] and result["tiles"] == 6
+    # forced depths 3, 2, 1, 0, 3, 2: step 1 on the 5 tiles deeper than 0, step 2 on 4, step 3 on 2
+    assert [(s["depth"], s["tiles"]) for s in rows["adaptive"]["steps"]] == [(1, 5), (2, 4), (3, 2)]
+    assert rows["adaptive"]["histogram"] == [1, 1, 2, 2] and rows["adaptive"]["exit_shares"][0] == round(1 / 6, 4)
+    assert rows["fixed:0"]["steps"] == [] and [s["tiles"] for s in rows["fixed:3"]["steps"]] == [6, 6, 6]
+    assert all(r["median_ms"] > 0 and r["encoder_ms"] > 0 for r in result["rows"])
+    table = adarevd_bench_table(result)
+    assert "0: 17%, 1: 17%, 2: 33%, 3: 33%" in table and "6 tiles of 64x64" in table
