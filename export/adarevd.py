@@ -80,7 +80,8 @@ def _export(module: nn.Module, args: tuple, names_in: list[str], names_out: list
 
 
 def export_adarevd(model: AdaRevD, out_dir: str | Path, size: tuple[int, int], *, fp16: bool = False,
-                   train_size: int = 256, opset: int = DEFAULT_OPSET, source: dict | None = None) -> dict:
+                   train_size: int = 256, opset: int = DEFAULT_OPSET, source: dict | None = None,
+                   trt: bool = False, trt_options=None, progress: bool = False) -> dict:
     """Writes graph E, one graph per sub-decoder step and ``manifest.json`` (last) into ``out_dir`` for images of
     ``size`` = (H, W); returns the manifest. ``model`` gets TLC (``train_size``) unless it has it already.
 
@@ -92,6 +93,11 @@ def export_adarevd(model: AdaRevD, out_dir: str | Path, size: tuple[int, int], *
         train_size: TLC training size of the encoder (the NAFNet's crops).
         opset: ONNX opset.
         source: what the model came from (recorded in the manifest).
+        trt: also build a TensorRT engine from each FP16 graph (implies ``fp16``; needs a CUDA GPU and the
+            tensorrt package): ``adarevd-encoder.engine`` and ``adarevd-step{k}.engine``, whose tile batch ranges
+            from 1 to every tile of the image.
+        trt_options: :class:`export.trt_plan.TrtOptions` of the builds.
+        progress: say each engine build on stderr.
     """
     if not isinstance(model, AdaRevD):
         raise TypeError(f"export_adarevd expects an AdaRevD model, got {type(model).__name__}")
@@ -105,6 +111,11 @@ def export_adarevd(model: AdaRevD, out_dir: str | Path, size: tuple[int, int], *
     rows, cols = tile_starts(hp, cfg.tile, cfg.tile_overlap), tile_starts(wp, cfg.tile, cfg.tile_overlap)
     k1, k2 = min(hp, cfg.tile), min(wp, cfg.tile)
     files: dict[str, dict] = {}
+    fp16 = fp16 or trt
+    if trt:
+        from .tensorrt_build import import_tensorrt
+
+        import_tensorrt(out)  # fail before the long ONNX exports
     precisions = ["fp32", "fp16"] if fp16 else ["fp32"]
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, cfg.img_channel, hp, wp, generator=g)
@@ -128,6 +139,9 @@ def export_adarevd(model: AdaRevD, out_dir: str | Path, size: tuple[int, int], *
             name = f"adarevd-step{k + 1}{suffix}.onnx"
             save_onnx(proto, out / name)
             files[name] = {"role": "step", "depth": k + 1, "precision": precision}
+    if trt:
+        files.update(_build_engines(out, files, tuple(x.shape), [tuple(t.shape[1:]) for t in state],
+                                    len(rows) * len(cols), trt_options, progress))
     for name in files:
         files[name]["sha256"] = sha256_file(out / name)
     manifest = {
@@ -140,6 +154,35 @@ def export_adarevd(model: AdaRevD, out_dir: str | Path, size: tuple[int, int], *
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _build_engines(out: Path, files: dict[str, dict], image_shape: tuple, tile_shapes: list[tuple], n_tiles: int,
+                   options, progress: bool) -> dict:
+    """A TensorRT engine per FP16 graph: the encoder's for the one padded image, each step's for a batch of 1 to
+    ``n_tiles`` tiles (``tile_shapes``: each state tensor's (C, h, w))."""
+    import sys
+
+    from .shapes import Profile
+    from .tensorrt_build import build_engine
+    from .trt_plan import TrtOptions
+
+    options = options or TrtOptions()
+    engines = {}
+    for name, rec in list(files.items()):
+        if rec["precision"] != "fp16":
+            continue
+        engine = name.replace("-fp16.onnx", ".engine")
+        if rec["role"] == "encoder":
+            s = tuple(image_shape)
+            profile, input_name = Profile(s, s, s), "input"
+        else:
+            profile = {n: Profile((1, *s), (n_tiles, *s), (n_tiles, *s)) for n, s in zip(STATE_NAMES, tile_shapes)}
+            input_name = STATE_NAMES[0]
+        if progress:
+            print(f"building TensorRT engine {engine} ...", file=sys.stderr)
+        trt_rec = build_engine(out / name, out / engine, profile, input_name, options, out)
+        engines[engine] = {**{k: v for k, v in rec.items() if k != "sha256"}, "built_from": name, "tensorrt": trt_rec}
+    return engines
 
 
 def island_convs(model: AdaRevD, k: int) -> list[str]:

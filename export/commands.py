@@ -137,19 +137,20 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
       python cli.py export runs/revd/best.pt --tile 720x1280   # AdaRevD: encoder + one graph per sub-decoder
 
     An AdaRevD checkpoint exports graph E (encoder and per-tile exit logits) and one graph per sub-decoder
-    step for images of the first --tile size (default 720x1280), fp32 (and FP16 with --fp16), which
-    `infer -m DIR` runs with the exits chosen per tile and `parity DIR` checks (docs/variants.md).
+    step for images of the first --tile size (default 720x1280), fp32 (and FP16 with --fp16; --trt builds an
+    engine from each FP16 graph), which `infer -m DIR` runs with the exits chosen per tile and `parity DIR`
+    checks (docs/variants.md).
     """
     from .api import export_model
     from .int8 import Int8Options
     from .trt_plan import TrtOptions
 
-    if _export_adarevd(checkpoint, preset, out_dir, tiles, fp16, opset, train_size):
+    options = TrtOptions(workspace_gib=workspace, opt_level=opt_level, timing_cache=timing_cache, profile_hw=profile_hw)
+    if _export_adarevd(checkpoint, preset, out_dir, tiles, fp16, opset, train_size, trt and options):
         return
     if not tiles and not dynamic:
         tiles, dynamic = (DEFAULT_TILE,), True
     out_dir = out_dir or Path("exported") / checkpoint.stem
-    options = TrtOptions(workspace_gib=workspace, opt_level=opt_level, timing_cache=timing_cache, profile_hw=profile_hw)
     manifest = export_model(checkpoint, out_dir, preset=preset, tiles=list(tiles), dynamic=dynamic, batch=batch,
                             fp16=fp16, trt=trt, tlc=tlc, fold=fold, opset=opset, train_size=train_size,
                             trt_options=options, check=check, progress=True, openvino=openvino, int8=int8,
@@ -167,8 +168,9 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
         _print_repository(write_repository(out_dir, triton_repo, RepoOptions(profile_hw=profile_hw), overwrite=True))
 
 
-def _export_adarevd(checkpoint: Path, preset, out_dir, tiles, fp16: bool, opset: int, train_size) -> bool:
-    """Exports an AdaRevD checkpoint (:mod:`export.adarevd`); False for any other model."""
+def _export_adarevd(checkpoint: Path, preset, out_dir, tiles, fp16: bool, opset: int, train_size, trt) -> bool:
+    """Exports an AdaRevD checkpoint (:mod:`export.adarevd`); False for any other model. ``trt``: the TrtOptions
+    of the engines to build, or False."""
     from nafnet_core.adarevd import AdaRevD
     from nafnet_core.checkpoint import load_checkpoint
     from nafnet_core.fileio import sha256_file
@@ -184,7 +186,8 @@ def _export_adarevd(checkpoint: Path, preset, out_dir, tiles, fp16: bool, opset:
                "sub-decoder graphs", err=True)
     manifest = export_adarevd(ckpt.model, out_dir, size, fp16=fp16, opset=opset,
                               train_size=train_size or ckpt.train_size,
-                              source={"checkpoint": str(checkpoint), "sha256": sha256_file(checkpoint)})
+                              source={"checkpoint": str(checkpoint), "sha256": sha256_file(checkpoint)},
+                              trt=bool(trt), trt_options=trt or None, progress=True)
     for name in manifest["files"]:
         click.echo(f"{name}: {Path(out_dir) / name}")
     click.echo(f"manifest: {Path(out_dir) / 'manifest.json'} (exit table {manifest['exits']}, tiles "

@@ -42,10 +42,12 @@ def gpu_info() -> tuple[str, str]:
     return torch.cuda.get_device_name(0), f"{major}.{minor}"
 
 
-def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: Profile, input_name: str,
-                 options: TrtOptions, out_dir: str | Path | None = None) -> dict[str, Any]:
+def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: Profile | dict[str, Profile],
+                 input_name: str, options: TrtOptions, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Builds ``engine_path`` from ``onnx_path`` as written (strongly typed); returns the manifest's
-    ``tensorrt`` record."""
+    ``tensorrt`` record. ``profile``: the optimisation profile of input ``input_name``, or one per input name
+    (graphs with several inputs, e.g. AdaRevD's sub-decoder steps)."""
+    profiles = profile if isinstance(profile, dict) else {input_name: profile}
     trt = import_tensorrt(out_dir)
     gpu, cc = gpu_info()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -74,7 +76,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: Profil
     cache_path = Path(options.timing_cache or default_timing_cache(trt.__version__, gpu, cc))
     cache_reused = _use_timing_cache(config, cache_path)
     trt_profile = builder.create_optimization_profile()
-    trt_profile.set_shape(input_name, profile.min, profile.opt, profile.max)
+    for name, p in profiles.items():
+        trt_profile.set_shape(name, p.min, p.opt, p.max)
     config.add_optimization_profile(trt_profile)
 
     start = time.perf_counter()
@@ -84,7 +87,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profile: Profil
         raise RuntimeError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
     atomic_write_bytes(engine_path, bytes(plan))
     _save_timing_cache(config, cache_path)  # best effort: the engine is written, nothing may fail now
-    return {"version": trt.__version__, "gpu": gpu, "compute_capability": cc, "profile": profile.to_dict(),
+    shapes = profile.to_dict() if isinstance(profile, Profile) else {n: p.to_dict() for n, p in profiles.items()}
+    return {"version": trt.__version__, "gpu": gpu, "compute_capability": cc, "profile": shapes,
             "workspace_bytes": options.workspace_bytes, "builder_optimization_level": options.opt_level,
             "strongly_typed": True, "tf32": False, "timing_cache": str(cache_path),
             "timing_cache_reused": cache_reused, "build_seconds": round(seconds, 2)}

@@ -40,6 +40,19 @@ class AdaRevDResult:
     seconds: dict = field(default_factory=dict)
 
 
+class _EngineGraph:
+    """A TensorRT engine called as an onnxruntime session is (``run(None, feed)`` -> outputs in graph order)."""
+
+    def __init__(self, path: Path):
+        from .trt import EngineSession
+
+        self.session = EngineSession(path)
+
+    def run(self, _names, feed: dict) -> list[np.ndarray]:
+        outs = self.session.run_named(feed)
+        return [outs[n].numpy() for n in self.session.outputs]
+
+
 def parse_exit(exit_mode: str, depth: int) -> int | None:
     """``auto`` -> None (the classifier decides); ``fixed:K`` -> K (0..depth)."""
     if exit_mode == "auto":
@@ -56,11 +69,12 @@ class AdaRevDRuntime:
         export_dir: what :func:`export.adarevd.export_adarevd` wrote.
         precision: ``fp32`` or ``fp16`` (the FP16 graphs, where exported).
         threads: onnxruntime intra-op threads (None: its default).
+        backend: ``onnxruntime`` (CPU), or ``tensorrt``: the engines built from the FP16 graphs (``export
+            --trt``; a CUDA GPU and the tensorrt package).
     """
 
-    def __init__(self, export_dir: str | Path, precision: str = "fp32", threads: int | None = None):
-        import onnxruntime as ort
-
+    def __init__(self, export_dir: str | Path, precision: str = "fp32", threads: int | None = None,
+                 backend: str = "onnxruntime"):
         self.dir = Path(export_dir)
         try:
             self.manifest = json.loads((self.dir / "manifest.json").read_text())
@@ -73,16 +87,26 @@ class AdaRevDRuntime:
             raise UserError(f"{self.dir}: no {precision} graphs (exported: {', '.join(self.manifest['precisions'])})")
         self.config = ModelConfig.from_dict(self.manifest["config"])
         self.depth = self.manifest["depth"]
+        self.backend = backend
         suffix = "" if precision == "fp32" else "-fp16"
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        names = [f"adarevd-encoder{suffix}"] + [f"adarevd-step{k + 1}{suffix}" for k in range(self.depth)]
+        if backend == "tensorrt":
+            engines = [n.replace("-fp16", "") + ".engine" for n in names]
+            if precision != "fp16" or any(e not in self.manifest["files"] for e in engines):
+                raise UserError(f"{self.dir}: no TensorRT engines for {precision} (built from the FP16 graphs by "
+                                "`export --fp16 --trt` on a machine with an NVIDIA GPU)")
+            sessions = [_EngineGraph(self.dir / e) for e in engines]
+        elif backend == "onnxruntime":
+            import onnxruntime as ort
 
-        def session(name: str):
-            return ort.InferenceSession(str(self.dir / name), opts, providers=["CPUExecutionProvider"])
-
-        self.encoder = session(f"adarevd-encoder{suffix}.onnx")
-        self.steps = [session(f"adarevd-step{k + 1}{suffix}.onnx") for k in range(self.depth)]
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = threads
+            sessions = [ort.InferenceSession(str(self.dir / f"{n}.onnx"), opts, providers=["CPUExecutionProvider"])
+                        for n in names]
+        else:
+            raise UserError(f"AdaRevD backend {backend!r}: use onnxruntime or tensorrt")
+        self.encoder, self.steps = sessions[0], sessions[1:]
 
     # ---------------------------------------------------------------------------------------------------
 
@@ -244,12 +268,12 @@ def is_adarevd_export(path: str | Path) -> bool:
 
 def infer_images(export_dir: str | Path, input_path: str | Path, out_dir: str | Path, exit_mode: str = "auto",
                  precision: str = "fp32", threads: int | None = None, overwrite: bool = False,
-                 say=print) -> list[int]:
+                 say=print, backend: str = "onnxruntime") -> list[int]:
     """Deblurs an image or the images of a folder tree with an AdaRevD export into ``out_dir`` (same relative
     paths, PNG/JPEG as the input); says each image's exit histogram; returns the total histogram."""
     from nafnet_core.images import IMAGE_SUFFIXES, read_rgb8, write_rgb8
 
-    runtime = AdaRevDRuntime(export_dir, precision, threads)
+    runtime = AdaRevDRuntime(export_dir, precision, threads, backend)
     input_path, out_dir = Path(input_path), Path(out_dir)
     files = [input_path] if input_path.is_file() else sorted(
         p for p in input_path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -314,16 +338,23 @@ def check_adarevd_parity(export_dir: str | Path, data_root: str | Path, *, split
     import nafnet_core as nc
     from nafnet_core.fileio import sha256_file
 
+    from .errors import RunnerError
     from .parity import ParityReport, ParityRow, _Case, _finish, _score, load_split
 
     export_dir = Path(export_dir)
-    runtimes = {p: AdaRevDRuntime(export_dir, p, threads) for p in ("fp32", "fp16")
-                if p in _manifest(export_dir)["precisions"]}
-    manifest = runtimes["fp32"].manifest
+    manifest = _manifest(export_dir)
+    runtimes = {("onnxruntime", p): AdaRevDRuntime(export_dir, p, threads) for p in manifest["precisions"]}
+    blocked: list[ParityRow] = []  # rows that cannot run here, with why
+    if any(name.endswith(".engine") for name in manifest["files"]):
+        try:
+            runtimes[("tensorrt", "fp16")] = AdaRevDRuntime(export_dir, "fp16", backend="tensorrt")
+        except (RunnerError, UserError, ImportError, OSError) as e:
+            blocked.append(ParityRow("tensorrt", "fp16", "-", status=f"cannot run here: {e}"))
     if verify:
-        bad = [n for n, rec in manifest["files"].items() if sha256_file(export_dir / n) != rec["sha256"]]
+        bad = [n for n, rec in manifest["files"].items()
+               if not (export_dir / n).is_file() or sha256_file(export_dir / n) != rec["sha256"]]
         if bad:
-            raise UserError(f"{export_dir}: {', '.join(bad)} changed since export (sha256); export again")
+            raise UserError(f"{export_dir}: {', '.join(bad)} missing or changed since export (sha256); export again")
     source = checkpoint or manifest.get("source", {}).get("checkpoint")
     if not source or not Path(source).is_file():
         raise UserError(f"{export_dir}: the PyTorch reference needs the source checkpoint "
@@ -339,12 +370,12 @@ def check_adarevd_parity(export_dir: str | Path, data_root: str | Path, *, split
                                                                                 f" of the {e} rows")), None, None)
             for e in exits}
     cases: list[tuple[_Case, str, str]] = []  # (case, its exit mode, its reference's exit mode)
-    for p in runtimes:
+    for backend, p in runtimes:
         for e in exits:
-            cases.append((_Case(ParityRow("onnxruntime", p, label(e)), None, None), e, e))
-        cases.append((_Case(ParityRow("onnxruntime", p, "every depth, select"), None, None), "select", "auto"))
+            cases.append((_Case(ParityRow(backend, p, label(e)), None, None), e, e))
+        cases.append((_Case(ParityRow(backend, p, "every depth, select"), None, None), "select", "auto"))
     tiles_total = {id(c): [0, 0] for c, _, _ in cases}  # tiles whose exits equal PyTorch's, tiles
-    select_gap = {p: 0.0 for p in runtimes}  # max |every depth, select - adaptive| per precision
+    select_gap = {key: 0.0 for key in runtimes}  # max |every depth, select - adaptive| per runtime
     histograms = {id(c): [0] * (depth + 1) for c, _, _ in cases}
     failed: dict[str, str] = {}
     pairs, count = load_split(data_root, split, limit, failed)
@@ -368,16 +399,16 @@ def check_adarevd_parity(export_dir: str | Path, data_root: str | Path, *, split
             _score(refs[e], want[e], gt, want[e])
         got_adaptive = {}
         for case, e, ref_e in cases:
-            runtime = runtimes[case.row.precision]
+            key = (case.row.backend, case.row.precision)
+            runtime = runtimes[key]
             t = time.perf_counter()
             result = (runtime.run_all_select(blur.numpy()) if e == "select" else runtime.run(blur.numpy(), e))
             case.seconds += time.perf_counter() - t
             out = torch.from_numpy(result.image).clamp(0, 1)
             if e == "auto":
-                got_adaptive[case.row.precision] = out
+                got_adaptive[key] = out
             if e == "select":
-                gap = (out - got_adaptive[case.row.precision]).abs().max().item()
-                select_gap[case.row.precision] = max(select_gap[case.row.precision], gap)
+                select_gap[key] = max(select_gap[key], (out - got_adaptive[key]).abs().max().item())
             _score(case, out, gt, want[ref_e])
             want_depths = torch_depths.tolist() if e in ("auto", "select") else [int(e[6:])] * len(result.depths)
             same = sum(a == b for a, b in zip(result.depths, want_depths))
@@ -396,7 +427,7 @@ def check_adarevd_parity(export_dir: str | Path, data_root: str | Path, *, split
         same, total = tiles_total[id(case)]
         notes = [f"exits = PyTorch's on {same}/{total} tiles" if same < total else f"exits = PyTorch's ({total} tiles)"]
         if e == "select":
-            gap = select_gap[row.precision]
+            gap = select_gap[(row.backend, row.precision)]
             ok = gap <= SELECT_ATOL
             notes.append(f"max |Δ| vs the adaptive run {gap:.1e} (<= {SELECT_ATOL:g})")
             row.passed = bool(row.passed and ok)
@@ -404,7 +435,7 @@ def check_adarevd_parity(export_dir: str | Path, data_root: str | Path, *, split
             notes.append(format_histogram(histograms[id(case)]))
         row.status = ("ok" if row.passed else "outside the limit") + "; " + "; ".join(notes)
         rows.append(row)
-    report = ParityReport(rows, n, str(export_dir), failed)
+    report = ParityReport(rows + blocked, n, str(export_dir), failed)
     return report
 
 

@@ -120,8 +120,10 @@ def infer(input_path: Path, model: Path | None, server: str | None, model_name: 
 
     if model is not None and is_adarevd_export(model):
         out = out_dir or default_output(input_path)
-        total = infer_images(model, input_path, out, exit_mode, precision or "fp32", threads, overwrite,
-                             say=lambda line: click.echo(line, err=True))
+        trt = backend == "trt"  # the engines of `export --trt`; else onnxruntime on this CPU
+        total = infer_images(model, input_path, out, exit_mode, precision or ("fp16" if trt else "fp32"), threads,
+                             overwrite, say=lambda line: click.echo(line, err=True),
+                             backend="tensorrt" if trt else "onnxruntime")
         click.echo(f"AdaRevD {model} -> {out}: exits over all tiles {format_histogram(total)}")
         return
     from .models import open_runner
@@ -205,7 +207,14 @@ def parity(export_dir: Path, data_root: Path | None, split: str, limit: int | No
     Examples:
       python cli.py parity runs/demo/export
       python cli.py parity exported/ --data DBlur/Gopro --split test --limit 50 --json parity.json
+      python cli.py parity exported/revd   # AdaRevD: adaptive, each fixed exit, every depth + select
+
+    An AdaRevD export is checked per exit: the adaptive runtime against PyTorch's adaptive result (same
+    exits), "every sub-decoder on every tile, then select" against the adaptive run, and each fixed:K
+    against PyTorch at depth K, per precision and backend (--torch-precisions, --tile and --overlap do not
+    apply; its images must have the exported size).
     """
+    from .adarevd import check_adarevd_parity, is_adarevd_export
     from .parity import check_parity
 
     if data_root is None:
@@ -216,10 +225,14 @@ def parity(export_dir: Path, data_root: Path | None, split: str, limit: int | No
     bad = [p for p in precisions if p not in ("fp32", "fp16", "bf16")]
     if bad:
         raise UserError(f"--torch-precisions: unknown precision {bad[0]!r}; use fp16, bf16")
-    report = check_parity(export_dir, data_root, split=split, limit=limit, checkpoint=checkpoint,
-                          torch_precisions=precisions, tile=tile, overlap=overlap,
-                          device="cpu" if device == "auto" else device, threads=threads, progress=not quiet,
-                          verify=verify, reuse_memory=True)
+    if is_adarevd_export(export_dir):  # adaptive, every fixed exit, "every depth, select"
+        report = check_adarevd_parity(export_dir, data_root, split=split, limit=limit, checkpoint=checkpoint,
+                                      threads=threads, progress=not quiet, verify=verify)
+    else:
+        report = check_parity(export_dir, data_root, split=split, limit=limit, checkpoint=checkpoint,
+                              torch_precisions=precisions, tile=tile, overlap=overlap,
+                              device="cpu" if device == "auto" else device, threads=threads, progress=not quiet,
+                              verify=verify, reuse_memory=True)
     click.echo(report.table())
     if json_path is not None:
         report.write_json(json_path)

@@ -325,13 +325,7 @@ def check_parity(export_dir: str | Path, data_root: str | Path, *, split: str = 
                  verify: bool = True, reuse_memory: bool = False) -> ParityReport:
     """The ``parity`` command: verifies the export's files (sha256; ``verify=False`` skips it), then runs every
     row on the split. ``reuse_memory``: the PyTorch rows keep freed memory in the process (see ``TorchRunner``).
-    An AdaRevD export has rows of its own (:func:`runtime.adarevd.check_adarevd_parity`: adaptive, every fixed
-    exit, "every depth, select"); ``torch_precisions``, ``tile``, ``overlap`` and ``device`` do not apply there."""
-    from .adarevd import check_adarevd_parity, is_adarevd_export
-
-    if is_adarevd_export(export_dir):
-        return check_adarevd_parity(export_dir, data_root, split=split, limit=limit, checkpoint=checkpoint,
-                                    threads=threads, progress=progress, verify=verify)
+    An AdaRevD export has rows of its own: :func:`runtime.adarevd.check_adarevd_parity`."""
     info = read_export(export_dir, verify_files=verify)
     if checkpoint is not None:
         info.checkpoint, info.checkpoint_note = Path(checkpoint), ""

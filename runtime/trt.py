@@ -50,7 +50,8 @@ def current_env() -> dict[str, str]:
 
 
 class EngineSession:
-    """A deserialized engine and one execution context; one input, one output (fixed or dynamic batch)."""
+    """A deserialized engine and one execution context: :meth:`run` for one input and one output (fixed or
+    dynamic batch), :meth:`run_named` for any inputs and outputs by name (AdaRevD's step graphs)."""
 
     def __init__(self, path: Path):
         trt = import_tensorrt()
@@ -58,6 +59,7 @@ class EngineSession:
             raise RunnerError(f"{path}: a TensorRT engine needs a CUDA GPU; torch sees none")
         if not path.is_file():
             raise RunnerError(f"{path}: no such engine file")
+        self.path = path
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -67,30 +69,39 @@ class EngineSession:
                               "version or GPU?); rebuild it with `python cli.py export ... --trt` on this machine")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise RunnerError(f"{path}: expected one input and one output, got {inputs} / {outputs}")
-        self.input, self.output = inputs[0], outputs[0]
-        shape = tuple(self.engine.get_tensor_shape(self.input))
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        single = len(self.inputs) == 1 and len(self.outputs) == 1
+        self.input, self.output = (self.inputs[0], self.outputs[0]) if single else (None, None)
+        shape = tuple(self.engine.get_tensor_shape(self.inputs[0]))
         self.fixed_shape = None if -1 in shape[-2:] else (int(shape[-2]), int(shape[-1]))
         self.fixed_batch = None if shape[0] == -1 else int(shape[0])
-        self._dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in (self.input, self.output)}
+        self._dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in self.inputs + self.outputs}
         self.stream = torch.cuda.Stream()
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        xin = x.to("cuda", self._dtypes[self.input]).contiguous()
-        if not self.context.set_input_shape(self.input, tuple(xin.shape)):
-            raise RunnerError(f"TensorRT engine rejects input shape {tuple(xin.shape)} (outside its profile)")
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self._dtypes[self.output],
-                          device="cuda")
-        self.context.set_tensor_address(self.input, xin.data_ptr())
-        self.context.set_tensor_address(self.output, out.data_ptr())
+        if self.input is None:
+            raise RunnerError(f"{self.path}: expected one input and one output, got {self.inputs} / {self.outputs}")
+        return self.run_named({self.input: x})[self.output]
+
+    def run_named(self, feed: dict) -> dict[str, torch.Tensor]:
+        """Every output (float32 CPU tensors, by name) for ``feed``: input name -> tensor or array."""
+        held = {}
+        for name in self.inputs:
+            held[name] = torch.as_tensor(feed[name]).to("cuda", self._dtypes[name]).contiguous()
+            if not self.context.set_input_shape(name, tuple(held[name].shape)):
+                raise RunnerError(f"TensorRT engine rejects input {name} of shape {tuple(held[name].shape)} "
+                                  "(outside its profile)")
+            self.context.set_tensor_address(name, held[name].data_ptr())
+        outs = {name: torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self._dtypes[name],
+                                  device="cuda") for name in self.outputs}
+        for name, out in outs.items():
+            self.context.set_tensor_address(name, out.data_ptr())
         self.stream.wait_stream(torch.cuda.current_stream())
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
         self.stream.synchronize()
-        return out.float().cpu()
+        return {name: out.float().cpu() for name, out in outs.items()}
 
     def close(self) -> None:
         self.context = None

@@ -149,11 +149,11 @@ def test_tiny_adarevd_trains_both_stages_exports_fp16_passes_parity_and_infers(t
 
 @pytest.mark.slow
 def test_parity_refuses_an_export_without_its_checkpoint(exported, tmp_path):
-    from runtime.parity import check_parity
+    from runtime.adarevd import check_adarevd_parity
 
     _, out, _ = exported
     with pytest.raises(UserError, match="the PyTorch reference needs the source checkpoint"):
-        check_parity(out, tmp_path, progress=False)
+        check_adarevd_parity(out, tmp_path, progress=False)
 
 
 @pytest.mark.slow
@@ -171,3 +171,31 @@ def test_bench_runs_each_step_on_the_tiles_deeper_than_it(exported):
     assert all(r["median_ms"] > 0 and r["encoder_ms"] > 0 for r in result["rows"])
     table = adarevd_bench_table(result)
     assert "0: 17%, 1: 17%, 2: 33%, 3: 33%" in table and "6 tiles of 64x64" in table
+
+
+def test_engines_of_the_step_graphs_take_one_to_all_tiles(monkeypatch, tmp_path):
+    """What ``export --trt`` asks of TensorRT for an AdaRevD export (a recording stand-in: no GPU here): one
+    engine per FP16 graph, the encoder's for the padded image, each step's five inputs batched 1..tiles."""
+    import sys
+
+    from export.adarevd import STATE_NAMES, _build_engines
+    from export.trt_plan import TrtOptions
+    from tests.test_tensorrt_build_contract import fake_tensorrt
+
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+    files = {"adarevd-encoder-fp16.onnx": {"role": "encoder", "precision": "fp16"},
+             "adarevd-step1-fp16.onnx": {"role": "step", "depth": 1, "precision": "fp16"},
+             "adarevd-step1.onnx": {"role": "step", "depth": 1, "precision": "fp32"}}
+    tile_shapes = [(64, 4, 4), (32, 8, 8), (16, 16, 16), (8, 32, 32), (4, 64, 64)]
+    engines = _build_engines(tmp_path, files, (1, 3, 96, 160), tile_shapes, 6,
+                             TrtOptions(timing_cache=tmp_path / "cache.bin"), False)
+    assert sorted(engines) == ["adarevd-encoder.engine", "adarevd-step1.engine"]
+    assert engines["adarevd-step1.engine"]["built_from"] == "adarevd-step1-fp16.onnx"
+    assert (tmp_path / "adarevd-step1.engine").read_bytes() == b"PLAN"
+    profiles = [c[1] for c in calls if c[0] == "profile"]
+    assert ("input", (1, 3, 96, 160), (1, 3, 96, 160), (1, 3, 96, 160)) in profiles
+    for name, s in zip(STATE_NAMES, tile_shapes):
+        assert (name, (1, *s), (6, *s), (6, *s)) in profiles
+    assert engines["adarevd-step1.engine"]["tensorrt"]["profile"]["e0"]["max"] == [6, 4, 64, 64]
+    assert not [c for c in calls if c[0] == "set_flag"]  # strongly typed: no precision flags

@@ -65,11 +65,14 @@ def fake_tensorrt(calls: list, parse_ok: bool = True, plan: bytes | None = b"PLA
             return None if no_cache_after_build else Cache()
 
         def add_optimization_profile(self, profile):
-            calls.append(("profile", profile.shapes))
+            calls.extend(("profile", shapes) for shapes in profile.shapes)
 
     class OptProfile:
+        def __init__(self):
+            self.shapes = []
+
         def set_shape(self, name, lo, opt, hi):
-            self.shapes = (name, lo, opt, hi)
+            self.shapes.append((name, lo, opt, hi))
 
     class Builder:
         def __init__(self, logger):
