@@ -11,6 +11,7 @@ trained classifier gives other shares, whose cost follows from the per-step figu
 E + sum over k of (tiles deeper than k) / tiles * step_k.
 
     python -m benchmarks.adarevd_cost --rounds 2 --work /tmp/adarevd-cost
+    python -m benchmarks.adarevd_cost --rounds 2 --warmup 0 --exits auto fixed:0 fixed:2 fixed:4
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/adarevd-cost"), help="where the exports go")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exits", nargs="+", default=None,
+                        help="AdaRevD rows: auto and/or fixed:K (default: auto and every fixed:K)")
     args = parser.parse_args(argv)
     h, w = (int(v) for v in args.size.lower().split("x"))
     import onnxruntime as ort
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         opts.intra_op_num_threads = args.threads
     naf = ort.InferenceSession(str(naf_file), opts, providers=["CPUExecutionProvider"])
     x = blurred(photo(h, w)).numpy()
-    modes = ["auto"] + [f"fixed:{k}" for k in range(runtime.depth + 1)]
+    modes = args.exits or ["auto"] + [f"fixed:{k}" for k in range(runtime.depth + 1)]
     calls = {"nafnet-width64": lambda: naf.run(None, {naf.get_inputs()[0].name: x})}
     calls.update({m: (lambda m=m: runtime.run(x, m)) for m in modes})
     results: dict[str, list] = {m: [] for m in modes}

@@ -100,6 +100,9 @@ class AdaRevDRuntime:
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
+            # no memory arena: the K + 1 graphs run one after another, and an arena per session would keep each
+            # one's peak (AdaRevD-B at 720x1280: ~6 GB per step) for the session's life, K + 1 peaks at once
+            opts.enable_cpu_mem_arena = False
             if threads:
                 opts.intra_op_num_threads = threads
             sessions = [ort.InferenceSession(str(self.dir / f"{n}.onnx"), opts, providers=["CPUExecutionProvider"])
