@@ -136,3 +136,52 @@ def test_cli_json_and_csv(trained_runs, tmp_path):
             and float(table[0]["parameters"]) == rows[0]["parameters"])
     bad = CliRunner().invoke(main, ["compare", str(tmp_path)])
     assert bad.exit_code == 1 and "not a training run" in bad.output
+
+
+def test_adarevd_runs_show_exit_depths_beside_a_nafnet_run(trained_runs, tmp_path):
+    """An AdaRevD run (2 steps of stage 1) in the same table as a NAFNet run: each exit depth's PSNR, the adaptive
+    PSNR and the exit histogram of the best validation (best_val.json, checked against what best.pt records) and
+    of the test eval; the NAFNet row has none, and a table of NAFNet runs only has no such columns."""
+    from cli import main
+    from nafnet_core import read_checkpoint
+    from train.compare import compare_csv, rows_as_dicts
+    from train.evaluate import evaluate_checkpoint
+    from train.loop import train
+
+    a, b, _, _ = trained_runs
+    revd = train(build_config("tiny-adarevd", sets={**SHORT, "steps": 2, "val_every": 2, "save_every": 2}),
+                 tmp_path / "revd", progress=False, device="cpu").run_dir
+    result, meta = evaluate_checkpoint(revd / "best.pt", split="test", max_images=2, device="cpu", progress=False)
+    result.write_json(revd / "test.json", **meta)
+    rows = summarize_runs([a, revd])
+    ra, rr = rows
+    val = read_checkpoint(revd / "best.pt")["extra"]["val"]  # what validation recorded with best.pt
+    k = 3  # tiny-adarevd: 3 sub-decoders, exit depths 0..3
+    assert rr.val_depth_psnr == pytest.approx([h["psnr"] for h in val["heads"][:k]])
+    assert rr.val_adaptive_psnr == pytest.approx(val["heads"][k]["psnr"])
+    hist = val["exit_histogram"]
+    assert len(hist) == k + 1 and sum(hist) > 0
+    assert rr.val_exit_shares == pytest.approx([100 * n / sum(hist) for n in hist], abs=0.01)
+    assert rr.best_val_psnr == pytest.approx(val["psnr"], abs=1e-5) == pytest.approx(rr.val_depth_psnr[-1], abs=1e-5)
+    test = result.summary()
+    assert rr.test_depth_psnr == pytest.approx([h["psnr"] for h in test["heads"][:k]])
+    assert rr.test_adaptive_psnr == pytest.approx(test["psnr"])  # eval reports the adaptive result
+    assert rr.test_exit_shares == pytest.approx([100 * n / sum(test["exit_histogram"])
+                                                 for n in test["exit_histogram"]], abs=0.01)
+    assert all(getattr(ra, f) is None for f in ("val_depth_psnr", "val_adaptive_psnr", "val_exit_shares",
+                                                 "test_depth_psnr", "test_adaptive_psnr", "test_exit_shares"))
+    table = compare_table(rows).splitlines()
+    assert "best val PSNR @depth 1..K" in table[0] and "test (TLC) exits % @0..K" in table[0]
+    assert "/".join(f"{p:.2f}" for p in rr.val_depth_psnr) in table[3]
+    assert "/".join(f"{s:.0f}" for s in rr.test_exit_shares) in table[3]
+    assert f"{rr.test_adaptive_psnr:.2f}" in table[3]
+    # JSON and CSV carry the same figures; a table of NAFNet runs only keeps its columns
+    assert rows_as_dicts(rows)[1]["val_depth_psnr"] == rr.val_depth_psnr
+    csv_rows = list(csv.DictReader(io.StringIO(compare_csv(rows))))
+    assert csv_rows[0]["val_depth_psnr"] == "" and [float(v) for v in csv_rows[1]["test_exit_shares"].split("/")] \
+        == pytest.approx(rr.test_exit_shares)
+    plain = summarize_runs([a, b])
+    assert "@depth" not in compare_table(plain) and "exit_shares" not in compare_csv(plain)
+    assert not any("depth" in key for key in rows_as_dicts(plain)[0])
+    out = CliRunner().invoke(main, ["compare", str(a), str(revd)])
+    assert out.exit_code == 0 and "exits % @0..K" in out.output, out.output

@@ -241,7 +241,9 @@ def compare_cmd(run_dirs, json_path, csv_path) -> None:
     For each run: the config keys that differ between the runs, parameters, GFLOP at 256x256 and
     720x1280, best validation PSNR/SSIM (and the blurry input's), test PSNR/SSIM with TLC (from an eval
     JSON in the run folder), training images/s, and the onnxruntime fp32 latency at 720x1280 when an
-    export of the run's best.pt holds a `bench --json` result. Missing pieces are "-".
+    export of the run's best.pt holds a `bench --json` result. AdaRevD runs add the PSNR of each exit depth,
+    the adaptive PSNR and the % of tiles per exit depth, of the best validation and of the test eval.
+    Missing pieces are "-".
 
     \b
     Examples:

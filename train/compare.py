@@ -13,6 +13,9 @@ compare (a file that is missing is a ``-`` cell, never an error):
   median training throughput.
 - eval JSON files in the run directory (``python cli.py eval RUN/best.pt --json RUN/test.json``): the test
   split with TLC.
+- AdaRevD runs: the PSNR of each exit depth, of the adaptive result and the shares of tiles that left at
+  each depth 0..K (the exit histogram), of the best validation (``best_val.json``, written by training
+  beside ``best.pt``) and of the test eval JSON. These columns appear only when some run has them.
 - an export of this run's ``best.pt`` (a folder with ``manifest.json`` inside the run directory, beside
   it, or under ``./exported``, matched by the checkpoint's sha256) and a ``bench --json`` result inside
   that export folder: the onnxruntime fp32 latency at 720x1280.
@@ -57,6 +60,18 @@ class RunSummary:
     train_images_per_s: float | None = None
     export: str | None = None
     onnxrt_720p_ms: float | None = None
+    # AdaRevD: PSNR of exit depths 1..K, of the adaptive result, and % of tiles leaving at depths 0..K
+    val_depth_psnr: list[float | None] | None = None
+    val_adaptive_psnr: float | None = None
+    val_exit_shares: list[float] | None = None
+    test_depth_psnr: list[float | None] | None = None
+    test_adaptive_psnr: float | None = None
+    test_exit_shares: list[float] | None = None
+
+
+#: The AdaRevD fields of :class:`RunSummary` (listed only when some run has them), by split.
+DEPTH_FIELDS = {split: (f"{split}_depth_psnr", f"{split}_adaptive_psnr", f"{split}_exit_shares")
+                for split in ("val", "test")}
 
 
 def _read_json(path: Path) -> Any:
@@ -111,13 +126,14 @@ def _model_cost(cfg) -> tuple[int | None, float | None, float | None]:
     """Parameters and GFLOP at 256x256 and 720x1280 of ``cfg`` (a ModelConfig or None), on the meta device."""
     import torch
 
+    from nafnet_core.family import build_model
     from nafnet_core.flops import model_gflops
-    from nafnet_core.model import NAFNet, count_parameters
+    from nafnet_core.model import count_parameters
 
     if cfg is None:
         return None, None, None  # a preset this version does not know
     with torch.device("meta"):
-        params = count_parameters(NAFNet(cfg))
+        params = count_parameters(build_model(cfg))  # NAFNet, or AdaRevD (GFLOP: every tile at depth K)
     return params, round(model_gflops(cfg, 256, 256), 2), round(model_gflops(cfg, 720, 1280), 1)
 
 
@@ -138,6 +154,21 @@ def _metrics(run_dir: Path, row: RunSummary) -> None:
         row.train_images_per_s = round(statistics.median(speeds), 2)
 
 
+def _depths(data: Any, row: RunSummary, split: str) -> None:
+    """AdaRevD's figures in an eval summary (``heads``: depths 1..K then the adaptive result; ``exit_histogram``:
+    tiles per depth 0..K) into the ``split`` fields of ``row``; nothing for another model or a malformed file."""
+    heads, hist = (data.get("heads"), data.get("exit_histogram")) if isinstance(data, dict) else (None, None)
+    if not (isinstance(heads, list) and isinstance(hist, list) and len(heads) == len(hist) >= 2
+            and all(isinstance(h, dict) for h in heads) and all(_float(n) is not None for n in hist)):
+        return
+    psnrs = [_float(h.get("psnr")) for h in heads]
+    total = sum(float(n) for n in hist) or 1.0
+    depth_psnr, adaptive, shares = DEPTH_FIELDS[split]
+    setattr(row, depth_psnr, psnrs[:-1])
+    setattr(row, adaptive, psnrs[-1])
+    setattr(row, shares, [round(100 * float(n) / total, 2) for n in hist])
+
+
 def _test_eval(run_dir: Path, row: RunSummary) -> None:
     """The newest eval JSON in the run directory that scored the test split with TLC."""
     found = []
@@ -149,6 +180,14 @@ def _test_eval(run_dir: Path, row: RunSummary) -> None:
         data = max(found, key=lambda t: t[0])[1]
         row.test_psnr, row.test_ssim = _float(data.get("psnr")), _float(data.get("ssim"))
         row.test_input_psnr = _float(data.get("input_psnr"))
+        _depths(data, row, "test")
+
+
+def _best_val(run_dir: Path, row: RunSummary) -> None:
+    """``best_val.json``: the validation ``best.pt`` was saved at (its AdaRevD figures)."""
+    path = run_dir / "best_val.json"
+    if path.is_file():
+        _depths(_read_json(path), row, "val")
 
 
 def _export_of(run_dir: Path) -> Path | None:
@@ -224,6 +263,7 @@ def summarize_runs(run_dirs: list[str | Path]) -> list[RunSummary]:
                                   **{f"model.{k}": mdict.get(k) for k in model_differing}})
         row.parameters, row.gflop_256, row.gflop_720p = _model_cost(cfg)
         _metrics(d, row)
+        _best_val(d, row)
         _test_eval(d, row)
         export_dir = _export_of(d)
         if export_dir is not None:
@@ -246,30 +286,65 @@ def _differs_text(differs: dict[str, Any]) -> str:
                     for k, v in differs.items()) or "-"
 
 
+def _series(values: list[float | None] | None, spec: str) -> str:
+    """``a/b/c`` of a per-depth list (``-`` for a missing one)."""
+    return "-" if values is None else "/".join(_cell(v, spec) for v in values)
+
+
+def depth_splits(rows: list[RunSummary]) -> list[str]:
+    """The splits (``val``, ``test``) some run has AdaRevD figures of."""
+    return [s for s, (psnrs, _, _) in DEPTH_FIELDS.items() if any(getattr(r, psnrs) is not None for r in rows)]
+
+
 def compare_table(rows: list[RunSummary]) -> str:
-    """The plain-text experiment table (one line per run)."""
+    """The plain-text experiment table (one line per run); with an AdaRevD run, also the PSNR of each exit depth,
+    the adaptive PSNR and the exit histogram (% of tiles leaving at depth 0..K), of the best validation and of
+    the test eval."""
     from nafnet_core.cli_common import text_table
 
+    splits = depth_splits(rows)
+    label = {"val": "best val", "test": "test (TLC)"}
     head = ["run", "model", "params", "GFLOP 256²", "GFLOP 720p", "best val PSNR/SSIM", "@step",
-            "input val", "test PSNR/SSIM (TLC)", "img/s", "ORT 720p s", "config differs"]
-    body = [[r.run, _cell(r.model), _cell(r.parameters, ","), _cell(r.gflop_256, ".2f"), _cell(r.gflop_720p, ".1f"),
-             _pair(r.best_val_psnr, r.best_val_ssim, ".2f", ".4f"), _cell(r.best_step),
-             _pair(r.val_input_psnr, r.val_input_ssim, ".2f", ".4f"),
-             _pair(r.test_psnr, r.test_ssim, ".2f", ".4f"), _cell(r.train_images_per_s, ".2f"),
-             "-" if r.onnxrt_720p_ms is None else f"{r.onnxrt_720p_ms / 1e3:.2f}", _differs_text(r.differs)]
-            for r in rows]
+            "input val", "test PSNR/SSIM (TLC)"]
+    head += [h for s in splits for h in (f"{label[s]} PSNR @depth 1..K", f"{label[s]} adaptive",
+                                         f"{label[s]} exits % @0..K")]
+    head += ["img/s", "ORT 720p s", "config differs"]
+    body = []
+    for r in rows:
+        line = [r.run, _cell(r.model), _cell(r.parameters, ","), _cell(r.gflop_256, ".2f"), _cell(r.gflop_720p, ".1f"),
+                _pair(r.best_val_psnr, r.best_val_ssim, ".2f", ".4f"), _cell(r.best_step),
+                _pair(r.val_input_psnr, r.val_input_ssim, ".2f", ".4f"), _pair(r.test_psnr, r.test_ssim, ".2f", ".4f")]
+        for s in splits:
+            psnrs, adaptive, shares = (getattr(r, f) for f in DEPTH_FIELDS[s])
+            line += [_series(psnrs, ".2f"), _cell(adaptive, ".2f"), _series(shares, ".0f")]
+        line += [_cell(r.train_images_per_s, ".2f"),
+                 "-" if r.onnxrt_720p_ms is None else f"{r.onnxrt_720p_ms / 1e3:.2f}", _differs_text(r.differs)]
+        body.append(line)
     return text_table(head, body)
 
 
+def _fields(rows: list[RunSummary]) -> list[str]:
+    """The :class:`RunSummary` fields of the JSON and CSV: all but the AdaRevD ones no run has."""
+    present = {f for s in depth_splits(rows) for f in DEPTH_FIELDS[s]}
+    absent = {f for fields in DEPTH_FIELDS.values() for f in fields} - present
+    return [f for f in RunSummary.__dataclass_fields__ if f not in absent]
+
+
 def rows_as_dicts(rows: list[RunSummary]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in rows]
+    fields = _fields(rows)
+    return [{k: v for k, v in asdict(r).items() if k in fields} for r in rows]
 
 
 def compare_csv(rows: list[RunSummary]) -> str:
-    """CSV: one column per :class:`RunSummary` field; ``differs`` as ``key=value`` text."""
+    """CSV: one column per :class:`RunSummary` field (the AdaRevD ones when some run has them); ``differs`` as
+    ``key=value`` text, a per-depth list as ``a/b/c``."""
     from .report import csv_text
 
     dicts = rows_as_dicts(rows)
     for d in dicts:
         d["differs"] = _differs_text(d["differs"])
-    return csv_text(list(RunSummary.__dataclass_fields__), dicts, ".6g")
+        for s in depth_splits(rows):
+            psnrs, _, shares = DEPTH_FIELDS[s]
+            for k in (psnrs, shares):
+                d[k] = None if d[k] is None else "/".join("" if v is None else format(v, ".6g") for v in d[k])
+    return csv_text(_fields(rows), dicts, ".6g")

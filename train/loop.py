@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=2 cli.py train --preset tiny  # DDP, same result as one process
 
 A run directory holds ``config.json``, ``splits/{train,val,test}.txt``, ``last.pt`` (everything needed
-to resume exactly), ``best.pt`` (best validation PSNR), ``metrics.csv``, ``curves.png`` and
+to resume exactly), ``best.pt`` (best validation PSNR), ``best_val.json`` (that validation, per image and
+per output, as ``eval --json`` writes it), ``metrics.csv``, ``curves.png`` and
 ``samples.png`` (blur | output | sharp), and TensorBoard event files (:mod:`train.dashboard`). Every file
 is written atomically, except the event files, which are append-only logs. While a run goes on, rank 0
 holds the directory (:func:`hold_run_dir`): a second trainer on it stops before any work.
@@ -230,6 +231,7 @@ class Trainer:
         self.main, self.dev = info.is_main, info.device
         self.resuming, self.progress, self.stop_at = resume, progress, stop_at
         self.last_path, self.best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
+        self.best_val_path = self.run_dir / "best_val.json"  # the validation best.pt was saved at
         # What last.pt stores besides the weights and optimizer state.
         self.step, self.best_psnr, self.best_step, self.bad_vals = 0, -math.inf, -1, 0
         self.lr = cfg.lr
@@ -545,6 +547,9 @@ class Trainer:
                 self.best_psnr, self.best_step, self.bad_vals = row["psnr"], step, 0
                 save_checkpoint(self.best_path, scored, train_size=cfg.crop, train_config=cfg.to_dict(), step=step,
                                 val=row)
+                # the same validation as `eval --json` writes it (AdaRevD: every exit depth, the exit histogram)
+                res.write_json(self.best_val_path, split="val", step=step, checkpoint=str(self.best_path),
+                               train_size=cfg.crop)
             else:
                 self.bad_vals += 1
             write_sample_grid(res.samples, self.run_dir / "samples.png")
