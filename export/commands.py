@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from nafnet_core.cli_common import SIZE, Group, preset_option, train_size_option
+from nafnet_core.errors import UserError
 
 from .formats import FORMATS
 from .int8 import CALIBRATION_METHODS, CPU_FORM_CHOICES, DEFAULT_BUDGET_DB, DEFAULT_CALIBRATION, DEFAULT_CROPS
@@ -146,7 +147,9 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
     from .trt_plan import TrtOptions
 
     options = TrtOptions(workspace_gib=workspace, opt_level=opt_level, timing_cache=timing_cache, profile_hw=profile_hw)
-    if _export_adarevd(checkpoint, preset, out_dir, tiles, fp16, opset, train_size, trt and options):
+    unsupported = [flag for flag, on in (("--int8", int8), ("--openvino", openvino), ("--dynamic", dynamic),
+                                         ("--triton-repo", triton_repo is not None)) if on]
+    if _export_adarevd(checkpoint, preset, out_dir, tiles, fp16, opset, train_size, trt and options, unsupported):
         return
     if not tiles and not dynamic:
         tiles, dynamic = (DEFAULT_TILE,), True
@@ -168,9 +171,10 @@ def model_cmd(checkpoint: Path, preset, train_size, out_dir, tiles, dynamic, bat
         _print_repository(write_repository(out_dir, triton_repo, RepoOptions(profile_hw=profile_hw), overwrite=True))
 
 
-def _export_adarevd(checkpoint: Path, preset, out_dir, tiles, fp16: bool, opset: int, train_size, trt) -> bool:
+def _export_adarevd(checkpoint: Path, preset, out_dir, tiles, fp16: bool, opset: int, train_size, trt,
+                    unsupported: list[str]) -> bool:
     """Exports an AdaRevD checkpoint (:mod:`export.adarevd`); False for any other model. ``trt``: the TrtOptions
-    of the engines to build, or False."""
+    of the engines to build, or False; ``unsupported``: the options given that an AdaRevD export refuses."""
     from nafnet_core.adarevd import AdaRevD
     from nafnet_core.checkpoint import load_checkpoint
     from nafnet_core.fileio import sha256_file
@@ -180,6 +184,9 @@ def _export_adarevd(checkpoint: Path, preset, out_dir, tiles, fp16: bool, opset:
     ckpt = load_checkpoint(checkpoint, preset=preset)
     if not isinstance(ckpt.model, AdaRevD):
         return False
+    if unsupported:
+        raise UserError(f"{checkpoint}: {', '.join(unsupported)} not available for AdaRevD models (graph E and one "
+                        "graph per sub-decoder step, fp32/--fp16/--trt, one image size: --tile HxW)")
     size = tuple(tiles[0]) if tiles else (720, 1280)
     out_dir = out_dir or Path("exported") / checkpoint.stem
     click.echo(f"exporting AdaRevD for {size[0]}x{size[1]} images: graph E and {ckpt.config.sub_decoders} "

@@ -634,8 +634,8 @@ def test_tile_runtime_refuses_adarevd_with_one_line(tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0
     assert "does not take AdaRevD models" in result.output and "Traceback" not in result.output, result.output
-    result = CliRunner().invoke(main, ["export", str(tmp_path / "a.pt"), "--fp16", "--out", str(tmp_path / "e")])
-    assert result.exit_code != 0 and "--fp16 is not available for AdaRevD" in result.output, result.output
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "a.pt"), "--int8", "--out", str(tmp_path / "e")])
+    assert result.exit_code != 0 and "--int8 not available for AdaRevD models" in result.output, result.output
     assert not (tmp_path / "e" / "manifest.json").exists()
 
 
