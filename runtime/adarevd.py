@@ -76,10 +76,7 @@ class AdaRevDRuntime:
     def __init__(self, export_dir: str | Path, precision: str = "fp32", threads: int | None = None,
                  backend: str = "onnxruntime"):
         self.dir = Path(export_dir)
-        try:
-            self.manifest = json.loads((self.dir / "manifest.json").read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{self.dir}: no readable manifest.json ({e}); export the model first") from None
+        self.manifest = _manifest(self.dir)
         if self.manifest.get("format") != FORMAT:
             raise UserError(f"{self.dir}: not an AdaRevD export (manifest format "
                             f"{self.manifest.get('format')!r})")
